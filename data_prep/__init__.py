@@ -1,0 +1,1 @@
+"""Dataset preparation: synthetic dataset generator and converters to FFCV / WebDataset shards."""

@@ -1,0 +1,1 @@
+"""Thin entry points started by torchrun, srun and the deepspeed launcher."""

@@ -1,0 +1,1 @@
+"""Standalone solver for QPM's binary quadratic selection/assignment problem (library, CLI and HTTP service)."""
