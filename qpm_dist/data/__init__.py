@@ -1,0 +1,1 @@
+"""qpm_dist.data"""
