@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import multiprocessing
@@ -96,15 +97,16 @@ class PartType(NamedTuple):
         return f"{self.colour} {self.texture} {self.shape}"
 
 
+def part_type(part: int) -> PartType:
+    """Attributes of 0-based part id ``part`` (see the comment on SHAPES)."""
+    return PartType(SHAPES[part % len(SHAPES)], list(COLOURS)[part % len(COLOURS)], TEXTURES[part % len(TEXTURES)])
+
+
 def part_vocabulary(num_parts: int) -> list[PartType]:
     """The first ``num_parts`` part types, spread evenly over the attributes."""
     if not 1 <= num_parts <= MAX_PARTS:
         raise ValueError(f"number of parts must be in 1..{MAX_PARTS}, got {num_parts}")
-    colours = list(COLOURS)
-    return [
-        PartType(SHAPES[i % len(SHAPES)], colours[i % len(colours)], TEXTURES[i % len(TEXTURES)])
-        for i in range(num_parts)
-    ]
+    return [part_type(i) for i in range(num_parts)]
 
 
 @dataclass(frozen=True)
@@ -213,8 +215,6 @@ def design_classes(classes: int, parts: int, parts_per_class: int, seed: int) ->
     if remaining > 0 and remaining > (total - len(used)) // 2:
         # Dense case (C close to binom(P, k)): rejection sampling would stall, so
         # enumerate all subsets. Only reachable when binom(P, k) < 2C, i.e. small.
-        import itertools
-
         free = [s for s in itertools.combinations(range(P), k) if s not in used]
         sets += [free[i] for i in sorted(rng.choice(len(free), remaining, replace=False))]
     else:
@@ -395,7 +395,7 @@ def _shape_mask(shape: str, cx: float, cy: float, r: float, angle: float, crop) 
 
 def _rasterise(inst: Instance, W: int, H: int) -> None:
     """Compute the instance's coverage mask and tight box (needed for annotations)."""
-    shape = SHAPES[inst.part % len(SHAPES)]
+    shape = part_type(inst.part).shape
     crop = (
         max(0, math.floor(inst.cx - inst.radius) - 1),
         max(0, math.floor(inst.cy - inst.radius) - 1),
@@ -519,9 +519,8 @@ def render_image(layout: Layout, params: SyntheticParams) -> Image.Image:
     )
     a = np.asarray(body, dtype=np.float32)[..., None] / 255.0
     img = img * (1 - a) + _muted_colour(rng, val=(0.2, 0.85)) * a
-    vocab = part_vocabulary(params.parts)
     for inst in layout.instances:
-        ptype = vocab[inst.part]
+        ptype = part_type(inst.part)
         colour = np.array(COLOURS[ptype.colour], dtype=np.float32) * rng.uniform(0.85, 1.1)
         fill = np.clip(_texture(ptype.texture, colour, inst, rng), 0, 255)
         cx0, cy0, cx1, cy1 = inst.crop
@@ -726,20 +725,27 @@ def generate(
     return out
 
 
+def _usable_cpus() -> int:
+    """CPUs this process may run on (os.cpu_count() ignores affinity masks, e.g. under Slurm)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def _render_all(out: Path, p: SyntheticParams, class_parts, workers, skip_existing, progress) -> dict[str, int]:
     """Render all images (in parallel) and stream their annotations to temp files in id order."""
     from tqdm import tqdm
 
-    workers = max(1, min(workers or os.cpu_count() or 1, p.num_images))
+    workers = max(1, min(workers or _usable_cpus(), p.num_images))
     ids = range(1, p.num_images + 1)
     init_args = (str(out), p, class_parts, skip_existing)
     handles = {name: open(out / (name + ".tmp"), "w") for name in STREAMED_FILES}
     counts = {"part_instances": 0, "distractors": 0, "missing_parts": 0}
+    pool = None
     try:
         if workers == 1:
             _init_worker(*init_args)
             results = map(_process_image, ids)
-            pool = None
         else:
             # spawn, not fork: safe even if the caller has threads (e.g. torch) running.
             pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, init_args)
@@ -755,8 +761,8 @@ def _render_all(out: Path, p: SyntheticParams, class_parts, workers, skip_existi
         if pool is not None:
             pool.close()
             pool.join()
-    except BaseException:
-        if workers > 1 and pool is not None:
+    except BaseException:  # incl. KeyboardInterrupt: leave no temp files, keep finished JPEGs
+        if pool is not None:
             pool.terminate()
         for f in handles.values():
             f.close()
