@@ -686,7 +686,9 @@ def generate(
     ``params`` are the fields of SyntheticParams. Does nothing if ``out_dir``
     already holds a complete dataset with the same parameters; resumes an
     interrupted run with the same parameters; refuses to replace anything
-    else unless ``force``. ``workers`` (default: CPU count) never changes the output.
+    else unless ``force``. ``workers`` (default: CPU count) never changes the output;
+    with workers > 1 the pool uses the spawn start method, so a calling script
+    needs the usual ``if __name__ == "__main__":`` guard.
     """
     p = resolve_params(**params)
     out = Path(out_dir)
@@ -828,6 +830,9 @@ def run_cli(args: argparse.Namespace) -> int:
     except (ValueError, FileExistsError) as e:
         print(f"make-synthetic: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"make-synthetic: interrupted; rerun the same command to resume {args.out_dir}", file=sys.stderr)
+        return 130
     meta = json.loads((out / META_FILE).read_text())
     n = meta["counts"]["images"]
     if not args.quiet:
