@@ -1,1 +1,0 @@
-"""Thin entry points started by torchrun, srun and the deepspeed launcher."""

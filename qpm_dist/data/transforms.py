@@ -1,0 +1,58 @@
+"""Train and test transforms on uint8 CHW tensors (torchvision.transforms.v2).
+
+Recipes (`data.augment`):
+* none     – the test transform (deterministic);
+* light    – squash to size x size, RandomCrop(size, padding=size//16), horizontal flip (synthetic data:
+             no colour changes, because colour identifies a part);
+* cub      – the reference's CUB/Cars recipe: squash (or, with crop_to_box=False, resize shorter side +
+             RandomCrop(padding 4)), flip, ColorJitter(0.1, 0.1, 0.1), TrivialAugmentWide;
+* imagenet – RandomResizedCrop(size), flip, ColorJitter(0.1, 0.1, 0.1). Unlike the reference we always
+             normalise (spec bug 4: ImageNet-pretrained weights expect normalised input).
+Test: squash to size x size for `cub`/`light`/`none` on box-cropped data, else resize to size*256/224 and
+centre-crop, as the reference does.
+"""
+
+from __future__ import annotations
+
+import torch
+from torchvision.transforms import v2
+
+from qpm_dist.config import DataConfig
+
+
+def _finish(cfg: DataConfig) -> list:
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=cfg.mean, std=cfg.std)]
+
+
+def _squash(cfg: DataConfig) -> bool:
+    """The reference squashes box-cropped CUB images (and our synthetic images) to a square."""
+    return cfg.dataset == "synthetic" or cfg.crop_to_box
+
+
+def test_transform(cfg: DataConfig) -> v2.Compose:
+    s = cfg.img_size
+    if _squash(cfg) or cfg.augment in ("none", "light"):
+        geometry = [v2.Resize((s, s), antialias=True)]
+    else:
+        geometry = [v2.Resize(round(s * 256 / 224), antialias=True), v2.CenterCrop(s)]
+    return v2.Compose(geometry + _finish(cfg))
+
+
+def train_transform(cfg: DataConfig) -> v2.Compose:
+    s = cfg.img_size
+    if cfg.augment == "none":
+        return test_transform(cfg)
+    if cfg.augment == "light":
+        ops = [v2.Resize((s, s), antialias=True), v2.RandomCrop(s, padding=max(1, s // 16)), v2.RandomHorizontalFlip()]
+    elif cfg.augment == "cub":
+        geometry = (
+            [v2.Resize((s, s), antialias=True)]
+            if _squash(cfg)
+            else [v2.Resize(s, antialias=True), v2.RandomCrop(s, padding=4)]
+        )
+        ops = geometry + [v2.RandomHorizontalFlip(), v2.ColorJitter(0.1, 0.1, 0.1), v2.TrivialAugmentWide()]
+    elif cfg.augment == "imagenet":
+        ops = [v2.RandomResizedCrop(s, antialias=True), v2.RandomHorizontalFlip(), v2.ColorJitter(0.1, 0.1, 0.1)]
+    else:
+        raise ValueError(f"data.augment: unknown recipe {cfg.augment!r}")
+    return v2.Compose(ops + _finish(cfg))

@@ -1,0 +1,272 @@
+"""The training loop every phase of every method uses (dense training, fine-tuning).
+
+What it guarantees:
+* the global batch (phase.batch_size) is split over ranks and accumulation steps, so results do not
+  depend on the number of processes (up to batch-norm statistics and floating-point reduction order);
+* every rank runs the same number of steps; evaluation all-reduces sums, so every test sample counts once;
+* checkpoints at epoch ends, every `checkpoint_every_steps`, and on SIGTERM/SIGUSR1 (then exit 75);
+  resuming restores model, optimizer, scheduler, grad scaler, the position inside the epoch and every
+  rank's RNG state, so an interrupted and resumed CPU run ends bitwise equal to an uninterrupted one;
+* progress bar and metrics (JSON lines, wandb) on rank 0 only.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from qpm_dist import dist
+from qpm_dist.config import EngineConfig, PhaseConfig, WandbConfig
+from qpm_dist.data.loaders import TrainLoader, eval_loader
+from qpm_dist.dist import DistInfo
+from qpm_dist.engine.checkpoint import CheckpointManager, capture_rng, restore_rng
+from qpm_dist.engine.monitor import MetricsLogger, new_run_id
+from qpm_dist.engine.optim import build_optimizer, build_scheduler
+from qpm_dist.engine.preemption import Preempted, StopRequest
+from qpm_dist.engine.strategy import DDPStrategy, DeepSpeedStrategy
+from qpm_dist.utils import atomic_open, atomic_write_text, log
+
+Criterion = Callable[[Any, torch.Tensor, nn.Module], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
+
+
+@dataclass
+class Progress:
+    epoch: int = 0  # the epoch in progress (== epochs completed when step_in_epoch == 0)
+    step_in_epoch: int = 0  # optimizer steps already taken in `epoch`
+    global_step: int = 0
+
+
+@dataclass
+class TrainerSetup:
+    """Everything a phase needs besides the model and the data."""
+
+    phase: str  # "dense", "finetune", ...
+    cfg: PhaseConfig
+    engine: EngineConfig
+    wandb: WandbConfig
+    stage_dir: Path
+    run_name: str
+    seed: int
+    num_workers: int
+    resume: str = "auto"  # "auto", "never" or a checkpoint directory
+    config_dict: dict | None = None
+
+
+class Trainer:
+    def __init__(self, setup: TrainerSetup, model: nn.Module, criterion: Criterion, train_set, test_set,
+                 info: DistInfo) -> None:
+        self.setup, self.cfg, self.info = setup, setup.cfg, info
+        self.criterion, self.test_set = criterion, test_set
+        world = info.world_size
+        if self.cfg.batch_size % (world * self.cfg.grad_accum):
+            raise ValueError(
+                f"{setup.phase}.batch_size={self.cfg.batch_size} must be divisible by world size ({world}) x "
+                f"{setup.phase}.grad_accum ({self.cfg.grad_accum})"
+            )
+        self.micro_batch = self.cfg.batch_size // (world * self.cfg.grad_accum)
+        pin = info.device.type == "cuda"
+        self.loader = TrainLoader(train_set, self.micro_batch, self.cfg.batch_size, info.rank, world, setup.seed,
+                                  setup.num_workers, pin_memory=pin)
+        self.steps_per_epoch = self.loader.batches_per_epoch // self.cfg.grad_accum
+        if model_uses_sync_bn(model) and info.device.type != "cuda" and world > 1:
+            raise ValueError("model.norm=sync_batch needs GPUs (torch's SyncBatchNorm does not run on CPU); "
+                             "use model.norm=group or batch")
+        optimizer = build_optimizer(model, self.cfg.optim)
+        scheduler = build_scheduler(optimizer, self.cfg.schedule, self.steps_per_epoch, self.cfg.epochs)
+        common = dict(info=info, precision=setup.engine.precision, channels_last=setup.engine.channels_last,
+                      grad_accum=self.cfg.grad_accum, clip_grad_norm=self.cfg.clip_grad_norm)
+        if setup.engine.strategy == "deepspeed":
+            self.strategy = DeepSpeedStrategy(model, optimizer, scheduler, config_path=setup.engine.deepspeed_config,
+                                              micro_batch=self.micro_batch, **common)
+        else:
+            self.strategy = DDPStrategy(model, optimizer, scheduler, **common)
+        self.checkpoints = CheckpointManager(setup.stage_dir / "checkpoints", setup.engine.keep_checkpoints)
+        self.progress = Progress()
+        self.run_id = dist.broadcast_object(new_run_id())
+        self.logger: MetricsLogger | None = None
+
+    @property
+    def module(self) -> nn.Module:
+        return self.strategy.module
+
+    # ------------------------------------------------------------------------------------ resume
+    def _resume(self) -> None:
+        mode = self.setup.resume
+        if mode == "never":
+            return
+        if mode == "auto":
+            path = self.checkpoints.find_resumable(self.strategy.verify)
+            if path is None:
+                return
+        else:
+            path = Path(mode)
+            if not path.is_dir():
+                raise FileNotFoundError(f"run.resume: checkpoint directory not found: {path}")
+        client = self.strategy.load(path)
+        self.progress = Progress(**client["progress"])
+        self.run_id = client["run_id"]
+        rng = client["rng"]
+        if len(rng) == self.info.world_size:
+            restore_rng(rng[self.info.rank])
+        else:
+            log.warning("checkpoint was written by %d ranks, this run has %d: data order is unchanged but "
+                        "per-rank random streams (dropout) are not restored", len(rng), self.info.world_size)
+        log.info("resumed %s from %s (epoch %d, step %d of the epoch, global step %d)", self.setup.phase, path,
+                 self.progress.epoch, self.progress.step_in_epoch, self.progress.global_step)
+
+    def save_checkpoint(self) -> Path:
+        client = {"progress": asdict(self.progress), "run_id": self.run_id, "rng": dist.all_gather_object(capture_rng())}
+        meta = {"phase": self.setup.phase, "strategy": self.strategy.name, "world_size": self.info.world_size,
+                **asdict(self.progress)}
+        return self.checkpoints.save(self.strategy, self.progress.global_step, client, meta)
+
+    # ------------------------------------------------------------------------------------ loop
+    def fit(self) -> dict:
+        start = time.time()
+        self._resume()
+        stage_dir = self.setup.stage_dir
+        self.logger = MetricsLogger(stage_dir / "metrics.jsonl", self.info.is_main, self.setup.wandb, self.run_id,
+                                    name=f"{self.setup.run_name}/{self.setup.phase}", group=self.setup.run_name,
+                                    job_type=self.setup.phase, config=self.setup.config_dict or {},
+                                    directory=stage_dir)
+        last_eval: dict = {}
+        try:
+            with StopRequest() as stop:
+                while self.progress.epoch < self.cfg.epochs:
+                    train_stats = self._train_epoch(stop)
+                    epoch = self.progress.epoch
+                    self.progress.epoch += 1
+                    self.progress.step_in_epoch = 0
+                    record = {"phase": self.setup.phase, "event": "epoch", "epoch": epoch,
+                              "global_step": self.progress.global_step, **train_stats}
+                    if (epoch + 1) % self.cfg.eval_every_epochs == 0 or self.progress.epoch == self.cfg.epochs:
+                        last_eval = self.evaluate()
+                        record.update({f"test_{k}": v for k, v in last_eval.items()})
+                    self.logger.log(record, step=self.progress.global_step)
+                    self.save_checkpoint()
+            if not last_eval:  # resumed after the last epoch had finished
+                last_eval = self.evaluate()
+            result = {"phase": self.setup.phase, "epochs": self.cfg.epochs, "global_step": self.progress.global_step,
+                      "world_size": self.info.world_size, "strategy": self.strategy.name,
+                      "seconds": round(time.time() - start, 2), "test": last_eval}
+            self._export(result)
+            return result
+        finally:
+            self.logger.close()
+
+    def _train_epoch(self, stop: StopRequest) -> dict:
+        accum, device = self.cfg.grad_accum, self.info.device
+        self.loader.set_epoch(self.progress.epoch, skip_batches=self.progress.step_in_epoch * accum)
+        self.module.train()
+        sums = torch.zeros(5, device=device, dtype=torch.float64)  # loss, ce, fdl, correct, count
+        window = torch.zeros_like(sums)
+        bar = tqdm(total=self.steps_per_epoch, initial=self.progress.step_in_epoch, leave=False, dynamic_ncols=True,
+                   desc=f"{self.setup.phase} epoch {self.progress.epoch + 1}/{self.cfg.epochs}",
+                   disable=not (self.info.is_main and self.setup.engine.progress))
+        every = self.setup.engine.log_every_steps
+        tick, micro = time.perf_counter(), 0
+        batch_count = torch.tensor(float(self.micro_batch), device=device, dtype=torch.float64)
+        try:
+            for images, targets in self.loader:
+                micro += 1
+                boundary = micro % accum == 0
+                images = self.strategy.prepare(images)
+                targets = targets.to(device, non_blocking=True)
+                with self.strategy.accumulate(boundary):
+                    with self.strategy.autocast():
+                        output = self.strategy.forward(images)
+                        loss, parts = self.criterion(output, targets, self.module)
+                    self.strategy.backward(loss)
+                self.strategy.step(boundary)
+                window += torch.stack([
+                    loss.detach().double() * batch_count,
+                    parts.get("ce", loss).detach().double() * batch_count,
+                    parts.get("fdl", torch.zeros((), device=device)).detach().double() * batch_count,
+                    (output.logits.argmax(1) == targets).sum().double(),
+                    batch_count,
+                ])
+                if not boundary:
+                    continue
+                self.progress.step_in_epoch += 1
+                self.progress.global_step += 1
+                bar.update(1)
+                if every and self.progress.global_step % every == 0:
+                    sums += window
+                    stats = _summarise(dist.all_reduce(window.clone()))
+                    elapsed = time.perf_counter() - tick
+                    stats["images_per_s"] = round(stats.pop("count") / max(elapsed, 1e-9), 1)
+                    self.logger.log({"phase": self.setup.phase, "event": "step", "epoch": self.progress.epoch,
+                                     "global_step": self.progress.global_step, "lr": self.strategy.lr(), **stats},
+                                    step=self.progress.global_step)
+                    bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['acc']:.1f}")
+                    window.zero_()
+                    tick = time.perf_counter()
+                if dist.any_rank(stop.requested):
+                    path = self.save_checkpoint()
+                    log.warning("stop requested: saved %s at epoch %d step %d", path, self.progress.epoch,
+                                self.progress.step_in_epoch)
+                    raise Preempted(str(path), stop.signum or 15)
+                n_ckpt = self.setup.engine.checkpoint_every_steps
+                if n_ckpt and self.progress.global_step % n_ckpt == 0 and self.progress.step_in_epoch < self.steps_per_epoch:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+        sums += window
+        stats = _summarise(dist.all_reduce(sums))
+        stats.pop("count")
+        return {f"train_{k}": v for k, v in stats.items()}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Top-1/top-5 accuracy (percent) and mean CE over the whole test set, all-reduced over ranks."""
+        module, device = self.module, self.info.device
+        was_training = module.training
+        module.eval()
+        per_rank = max(1, self.cfg.eval_batch_size // self.info.world_size)
+        loader = eval_loader(self.test_set, per_rank, self.info.rank, self.info.world_size, self.setup.num_workers,
+                             pin_memory=device.type == "cuda")
+        sums = torch.zeros(4, device=device, dtype=torch.float64)
+        for images, targets in loader:
+            images, targets = self.strategy.prepare(images), targets.to(device, non_blocking=True)
+            with self.strategy.autocast():
+                logits = module(images).logits.float()
+            k = min(5, logits.shape[1])
+            top = logits.topk(k, dim=1).indices
+            sums += torch.stack([
+                F.cross_entropy(logits, targets, reduction="sum").double(),
+                (top[:, 0] == targets).sum().double(),
+                (top == targets[:, None]).any(dim=1).sum().double(),
+                torch.tensor(float(targets.numel()), device=device, dtype=torch.float64),
+            ])
+        loss, top1, top5, count = dist.all_reduce(sums).tolist()
+        module.train(was_training)
+        count = max(count, 1.0)
+        return {"loss": loss / count, "acc": 100.0 * top1 / count, "acc5": 100.0 * top5 / count, "count": int(count)}
+
+    def _export(self, result: dict) -> None:
+        """Write the trained weights (`model.pt`) and `result.json`; they mark the phase as finished."""
+        state = self.strategy.export_state_dict(self.checkpoints.complete()[0])
+        if self.info.is_main:
+            with atomic_open(self.setup.stage_dir / "model.pt") as fh:
+                torch.save(state, fh)
+            import json
+
+            atomic_write_text(self.setup.stage_dir / "result.json", json.dumps(result, indent=1))
+        dist.barrier()
+
+
+def model_uses_sync_bn(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+
+
+def _summarise(sums: torch.Tensor) -> dict:
+    loss, ce, fdl, correct, count = sums.tolist()
+    count = max(count, 1.0)
+    return {"loss": loss / count, "ce": ce / count, "fdl": fdl / count, "acc": 100.0 * correct / count, "count": count}

@@ -1,0 +1,69 @@
+"""The classifier: a backbone producing feature maps and a head that maps them to class logits.
+
+Every head exposes `class_weights()` (the C x F' matrix the feature diversity loss and the
+interpretability metrics read) and returns its pooled feature vector, so losses, statistics and metrics
+work the same for the dense model and for the sparse (QPM / SLDD) models added later.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from qpm_dist.config import ModelConfig
+from qpm_dist.models.backbones import build_backbone, load_backbone_weights, read_state_dict
+
+
+class ModelOutput(NamedTuple):
+    logits: torch.Tensor  # B x C
+    feature_maps: torch.Tensor  # B x F' x H x W, post-ReLU, in the head's feature space
+    features: torch.Tensor  # B x F', the vector the final linear layer reads
+
+
+class DenseHead(nn.Module):
+    """Global average pooling -> dropout -> linear layer with bias (the reference's dense configuration)."""
+
+    def __init__(self, num_features: int, num_classes: int, dropout: float = 0.2) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.linear = nn.Linear(num_features, num_classes)
+
+    def class_weights(self) -> torch.Tensor:
+        return self.linear.weight
+
+    def forward(self, feature_maps: torch.Tensor) -> ModelOutput:
+        features = self.dropout(feature_maps.mean(dim=(2, 3)))
+        return ModelOutput(self.linear(features), feature_maps, features)
+
+
+class Classifier(nn.Module):
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    @property
+    def num_features(self) -> int:
+        return self.backbone.num_features
+
+    def forward(self, images: torch.Tensor) -> ModelOutput:
+        return self.head(self.backbone(images))
+
+
+def build_model(cfg: ModelConfig, num_classes: int) -> Classifier:
+    """Build backbone + dense head; load `cfg.weights` (a local file) if given.
+
+    A torchvision checkpoint's `fc.*` initialises the head only when the class count matches (1000 for
+    ImageNet weights), as the reference does; otherwise the head keeps its random initialisation.
+    """
+    backbone = build_backbone(cfg.arch, cfg.reduced_strides, cfg.norm, cfg.tiny_width)
+    head = DenseHead(backbone.num_features, num_classes, cfg.dropout)
+    if cfg.weights:
+        state = read_state_dict(cfg.weights)
+        load_backbone_weights(backbone, state, cfg.weights)
+        fc_w, fc_b = state.get("fc.weight"), state.get("fc.bias")
+        if fc_w is not None and fc_b is not None and tuple(fc_w.shape) == tuple(head.linear.weight.shape):
+            head.linear.load_state_dict({"weight": fc_w, "bias": fc_b})
+    return Classifier(backbone, head)
