@@ -22,6 +22,9 @@ def _fail(message: str) -> int:
 
 def _preflight(cfg) -> None:
     """Check the files a run names, so a typo fails in seconds and not after hours."""
+    if not Path(cfg.data.root).exists():
+        hint = " (create it with `qpm-dist make-synthetic`)" if cfg.data.dataset == "synthetic" else ""
+        raise FileNotFoundError(f"data.root: dataset folder not found: {cfg.data.root}{hint}")
     if cfg.model.weights and not Path(cfg.model.weights).expanduser().is_file():
         raise FileNotFoundError(f"model.weights: file not found: {cfg.model.weights}")
     if cfg.engine.strategy == "deepspeed" and not Path(cfg.engine.deepspeed_config).is_file():
@@ -29,23 +32,25 @@ def _preflight(cfg) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from qpm_dist import dist
+    # Config and paths are checked before torch is even imported: a typo fails in well under a second.
     from qpm_dist.config import ConfigError, load_config, save_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        _preflight(cfg)
+    except (ConfigError, FileNotFoundError) as exc:
+        return _fail(str(exc))
+
+    from qpm_dist import dist
     from qpm_dist.data.datasets import build_datasets
     from qpm_dist.engine.preemption import PREEMPTED_EXIT_CODE, Preempted
     from qpm_dist.methods import method_stages
     from qpm_dist.methods.stages import RunContext, run_stages
     from qpm_dist.utils import log, setup_logging
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-        _preflight(cfg)
-        stages = method_stages(cfg.method)
-        if args.stage is not None and args.stage not in [s.name for s in stages]:
-            raise ConfigError(f"--stage: unknown stage {args.stage!r}; {cfg.method} has: "
-                              f"{', '.join(s.name for s in stages)}")
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        return _fail(str(exc))
+    stages = method_stages(cfg.method)
+    if args.stage is not None and args.stage not in [s.name for s in stages]:
+        return _fail(f"--stage: unknown stage {args.stage!r}; {cfg.method} has: {', '.join(s.name for s in stages)}")
 
     info = dist.init(cfg.engine.device, cfg.engine.timeout_s)
     setup_logging(info.rank)

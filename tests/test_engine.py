@@ -149,3 +149,17 @@ def test_deepspeed_zero1_two_ranks_trains_saves_and_resumes(write_config):
     assert_same_weights(load_weights(reference / "model.pt"), load_weights(run / "model.pt"))
     trained = json.loads((run / "result.json").read_text())
     assert trained["test"]["acc"] > 25.0 + 15.0  # 4 classes: chance is 25%
+
+
+def test_wandb_offline_resume_continues_the_same_run(write_config):
+    engine = {**yaml.safe_load(write_config("x.yaml").read_text())["engine"]}
+    config = write_config("wb.yaml", **LONG, engine=engine, wandb={"mode": "offline", "project": "qpm-test"})
+    stopped = _interrupt(config, 4)
+    assert stopped.returncode == 75, stopped.stderr[-3000:]
+    resumed = run_qpm(1, "run", str(config), "wandb.mode=offline")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    runs = sorted((stage_dir(out_dir(config)) / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2, runs
+    ids = {r.name.rsplit("-", 1)[1] for r in runs}
+    assert len(ids) == 1, f"resumed into a different wandb run: {runs}"
+    assert all(list(r.glob("run-*.wandb")) for r in runs)

@@ -140,7 +140,7 @@ class Trainer:
         try:
             with StopRequest() as stop:
                 while self.progress.epoch < self.cfg.epochs:
-                    train_stats = self._train_epoch(stop)
+                    train_stats = self.train_epoch(stop)
                     epoch = self.progress.epoch
                     self.progress.epoch += 1
                     self.progress.step_in_epoch = 0
@@ -161,7 +161,7 @@ class Trainer:
         finally:
             self.logger.close()
 
-    def _train_epoch(self, stop: StopRequest) -> dict:
+    def train_epoch(self, stop: StopRequest) -> dict:
         accum, device = self.cfg.grad_accum, self.info.device
         self.loader.set_epoch(self.progress.epoch, skip_batches=self.progress.step_in_epoch * accum)
         self.module.train()

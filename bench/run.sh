@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# `make bench`: every benchmark, each comparing against a baseline measured in the same run.
+# Results land in bench/out/*.json; docs/BENCHMARKS.md records them with these commands.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+mkdir -p bench/out
+echo "== engine overhead (2 ranks, gloo) =="
+python -m torch.distributed.run --standalone --nproc-per-node 2 bench/engine_overhead.py --out bench/out/engine_overhead.json
