@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from qpm_dist import dist
 from qpm_dist.config import load_config
+from qpm_dist.data.loaders import TrainLoader, eval_loader
 from qpm_dist.engine.optim import build_optimizer, build_scheduler
 from qpm_dist.engine.preemption import StopRequest
 from qpm_dist.engine.trainer import Trainer, TrainerSetup
@@ -46,6 +47,21 @@ class InMemoryImages(Dataset):
     def __getitem__(self, key):
         i = key[0] if isinstance(key, tuple) else key
         return self.x[i], int(self.y[i])
+
+
+class InMemorySource:
+    """The engine's DataSource interface over InMemoryImages (no workers: the loader stays cheap)."""
+
+    num_classes, class_names, fingerprint = 20, [str(i) for i in range(20)], "in-memory"
+
+    def __init__(self, data: InMemoryImages) -> None:
+        self.data = data
+
+    def train_loader(self, micro_batch, global_batch, rank, world_size, pin_memory=False):
+        return TrainLoader(self.data, micro_batch, global_batch, rank, world_size, seed=0, num_workers=0)
+
+    def eval_loader(self, split, batch_size, rank, world_size, pin_memory=False):
+        return eval_loader(self.data, batch_size, rank, world_size, num_workers=0)
 
 
 def baseline_epoch(ddp, loader, sampler, optimizer, scheduler, epoch: int, beta: float) -> float:
@@ -85,8 +101,8 @@ def main() -> None:
     # ours
     with tempfile.TemporaryDirectory() as tmp:
         setup = TrainerSetup(phase="dense", cfg=cfg.dense, engine=cfg.engine, wandb=cfg.wandb, stage_dir=Path(tmp),
-                             run_name="bench", seed=0, num_workers=0, resume="never")
-        trainer = Trainer(setup, build_dense_model(cfg, 20), ClassificationLoss(beta), data, data, info)
+                             run_name="bench", resume="never")
+        trainer = Trainer(setup, build_dense_model(cfg, 20), ClassificationLoss(beta), InMemorySource(data), info)
         from qpm_dist.engine.monitor import MetricsLogger
 
         trainer.logger = MetricsLogger(Path(tmp) / "m.jsonl", info.is_main, cfg.wandb, "x", "b", "b", "dense", {},

@@ -36,11 +36,12 @@ def test_bad_input_exits_2_naming_the_problem(write_config, override, message):
     _no_stage_started(config)
 
 
-def test_bad_input_under_torchrun_fails_fast_on_every_rank(write_config):
+def test_bad_input_under_torchrun_fails_fast(write_config):
     config = write_config()
     proc = run_qpm(2, "run", str(config), "data.root=/nonexistent/x", timeout=120)
     assert proc.returncode != 0
-    assert proc.stderr.count("data.root: dataset folder not found: /nonexistent/x") == 2
+    # each rank checks on its own; torchrun stops the other worker as soon as the first one exits
+    assert "data.root: dataset folder not found: /nonexistent/x" in proc.stderr
     _no_stage_started(config)
 
 

@@ -10,16 +10,18 @@ The sampler passes `(index, epoch)` keys; a plain integer key means epoch 0.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_image, read_file
 
 from qpm_dist.config import DataConfig
+from qpm_dist.data.loaders import TrainLoader, eval_loader
 from qpm_dist.data.transforms import test_transform, train_transform
 
 _MASK63 = (1 << 63) - 1
@@ -83,71 +85,97 @@ class ImageListDataset(Dataset):
         return image, int(self.labels[index])
 
 
+@dataclass(frozen=True)
+class Split:
+    """The images of one split: where they are, their labels and (optionally) their object boxes."""
+
+    image_dir: Path
+    paths: list[str]
+    labels: np.ndarray
+    boxes: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
 @dataclass
 class DatasetBundle:
-    train: ImageListDataset
-    test: ImageListDataset
+    """A dataset's splits and the loaders every stage uses (the map-style 'folder' backend).
+
+    `train_loader` yields augmented, rank-sharded training batches (resumable mid-epoch); `eval_loader`
+    yields test-transformed batches of the "train" or "test" split, sharded over ranks without padding,
+    for evaluation, feature statistics and metrics.
+    """
+
+    cfg: DataConfig
+    train_split: Split
+    test_split: Split
     num_classes: int
     class_names: list[str]
     fingerprint: str  # identifies the annotation files: a changed dataset never reuses cached results
+    seed: int = 0
+
+    def dataset(self, split: str, augment: bool) -> ImageListDataset:
+        s = {"train": self.train_split, "test": self.test_split}[split]
+        transform = train_transform(self.cfg) if augment else test_transform(self.cfg)
+        boxes = s.boxes if self.cfg.crop_to_box else None
+        return ImageListDataset(s.image_dir, s.paths, s.labels, transform, seed=self.seed, boxes=boxes)
+
+    def train_loader(self, micro_batch: int, global_batch: int, rank: int, world_size: int,
+                     pin_memory: bool = False) -> TrainLoader:
+        return TrainLoader(self.dataset("train", augment=True), micro_batch, global_batch, rank, world_size,
+                           self.seed, self.cfg.num_workers, pin_memory=pin_memory)
+
+    def eval_loader(self, split: str, batch_size: int, rank: int, world_size: int,
+                    pin_memory: bool = False) -> DataLoader:
+        return eval_loader(self.dataset(split, augment=False), batch_size, rank, world_size, self.cfg.num_workers,
+                           pin_memory=pin_memory)
+
+
+def _digest(*parts: bytes) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part)
+    return h.hexdigest()
 
 
 def _cub_like(cfg: DataConfig, seed: int) -> DatasetBundle:
     from qpm_dist.data.cub import load_cub_metadata
-    import hashlib
 
     meta = load_cub_metadata(Path(cfg.root))
-    digest = hashlib.sha256()
-    for name in ("images.txt", "image_class_labels.txt", "train_test_split.txt", "bounding_boxes.txt"):
-        f = meta.root / name
-        if f.is_file():
-            digest.update(f.read_bytes())
+    files = ("images.txt", "image_class_labels.txt", "train_test_split.txt", "bounding_boxes.txt")
+    fingerprint = _digest(*((meta.root / f).read_bytes() for f in files if (meta.root / f).is_file()))
 
-    def split(train: bool, transform: Callable) -> ImageListDataset:
+    def split(train: bool) -> Split:
         idx = np.flatnonzero(meta.is_train == train)
-        boxes = meta.boxes[idx] if cfg.crop_to_box else None
-        return ImageListDataset(meta.root / "images", [meta.paths[i] for i in idx], meta.labels[idx], transform,
-                                seed=seed, boxes=boxes)
+        return Split(meta.root / "images", [meta.paths[i] for i in idx], meta.labels[idx], meta.boxes[idx])
 
-    return DatasetBundle(
-        train=split(True, train_transform(cfg)),
-        test=split(False, test_transform(cfg)),
-        num_classes=len(meta.class_names),
-        class_names=list(meta.class_names),
-        fingerprint=digest.hexdigest(),
-    )
+    return DatasetBundle(cfg, split(True), split(False), len(meta.class_names), list(meta.class_names),
+                         fingerprint, seed)
 
 
 def _class_folders(cfg: DataConfig, seed: int) -> DatasetBundle:
     """`root/train/<class>/*` and `root/val/<class>/*` (the ImageNet / generic folder layout)."""
-    import hashlib
-
     root = Path(cfg.root)
-    splits = {}
     for name in ("train", "val"):
-        split_dir = root / name
-        if not split_dir.is_dir():
-            raise FileNotFoundError(f"data.root: expected the folder {split_dir} with one sub-folder per class")
-        splits[name] = split_dir
-    classes = sorted(p.name for p in splits["train"].iterdir() if p.is_dir())
+        if not (root / name).is_dir():
+            raise FileNotFoundError(f"data.root: expected the folder {root / name} with one sub-folder per class")
+    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
     if not classes:
-        raise FileNotFoundError(f"data.root: {splits['train']} has no class sub-folders")
-    class_index = {c: i for i, c in enumerate(classes)}
-    digest = hashlib.sha256()
+        raise FileNotFoundError(f"data.root: {root / 'train'} has no class sub-folders")
 
-    def scan(split_dir: Path, transform: Callable) -> ImageListDataset:
+    def scan(split_dir: Path) -> Split:
         paths, labels = [], []
-        for c in classes:
+        for label, c in enumerate(classes):
             for p in sorted((split_dir / c).glob("*")) if (split_dir / c).is_dir() else []:
                 if p.suffix.lower() in (".jpg", ".jpeg", ".png"):
                     paths.append(f"{c}/{p.name}")
-                    labels.append(class_index[c])
-        digest.update("\n".join(paths).encode())
-        return ImageListDataset(split_dir, paths, np.array(labels), transform, seed=seed)
+                    labels.append(label)
+        return Split(split_dir, paths, np.array(labels, dtype=np.int64))
 
-    train = scan(splits["train"], train_transform(cfg))
-    test = scan(splits["val"], test_transform(cfg))
-    return DatasetBundle(train, test, len(classes), classes, digest.hexdigest())
+    train, test = scan(root / "train"), scan(root / "val")
+    fingerprint = _digest("\n".join(train.paths).encode(), b"|", "\n".join(test.paths).encode())
+    return DatasetBundle(cfg, train, test, len(classes), classes, fingerprint, seed)
 
 
 def build_datasets(cfg: DataConfig, seed: int) -> DatasetBundle:

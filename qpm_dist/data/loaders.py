@@ -13,10 +13,35 @@ sample exactly once.
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterable, Iterator, Protocol
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+
+
+class EpochLoader(Protocol):
+    """A rank's training batches, epoch by epoch, resumable at a batch position."""
+
+    @property
+    def batches_per_epoch(self) -> int: ...
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None: ...
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+class DataSource(Protocol):
+    """What stages need from a dataset, whatever the storage backend (folders, FFCV, WebDataset)."""
+
+    num_classes: int
+    class_names: list[str]
+    fingerprint: str
+
+    def train_loader(self, micro_batch: int, global_batch: int, rank: int, world_size: int,
+                     pin_memory: bool = False) -> EpochLoader: ...
+
+    def eval_loader(self, split: str, batch_size: int, rank: int, world_size: int,
+                    pin_memory: bool = False) -> Iterable[tuple[torch.Tensor, torch.Tensor]]: ...
 
 
 class EpochShardSampler(Sampler[tuple[int, int]]):

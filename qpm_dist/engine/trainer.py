@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from qpm_dist import dist
 from qpm_dist.config import EngineConfig, PhaseConfig, WandbConfig
-from qpm_dist.data.loaders import TrainLoader, eval_loader
+from qpm_dist.data.loaders import DataSource
 from qpm_dist.dist import DistInfo
 from qpm_dist.engine.checkpoint import CheckpointManager, capture_rng, restore_rng
 from qpm_dist.engine.monitor import MetricsLogger, new_run_id
@@ -53,17 +53,15 @@ class TrainerSetup:
     wandb: WandbConfig
     stage_dir: Path
     run_name: str
-    seed: int
-    num_workers: int
     resume: str = "auto"  # "auto", "never" or a checkpoint directory
     config_dict: dict | None = None
 
 
 class Trainer:
-    def __init__(self, setup: TrainerSetup, model: nn.Module, criterion: Criterion, train_set, test_set,
+    def __init__(self, setup: TrainerSetup, model: nn.Module, criterion: Criterion, data: DataSource,
                  info: DistInfo) -> None:
         self.setup, self.cfg, self.info = setup, setup.cfg, info
-        self.criterion, self.test_set = criterion, test_set
+        self.criterion, self.data = criterion, data
         world = info.world_size
         if self.cfg.batch_size % (world * self.cfg.grad_accum):
             raise ValueError(
@@ -72,8 +70,7 @@ class Trainer:
             )
         self.micro_batch = self.cfg.batch_size // (world * self.cfg.grad_accum)
         pin = info.device.type == "cuda"
-        self.loader = TrainLoader(train_set, self.micro_batch, self.cfg.batch_size, info.rank, world, setup.seed,
-                                  setup.num_workers, pin_memory=pin)
+        self.loader = data.train_loader(self.micro_batch, self.cfg.batch_size, info.rank, world, pin_memory=pin)
         self.steps_per_epoch = self.loader.batches_per_epoch // self.cfg.grad_accum
         if model_uses_sync_bn(model) and info.device.type != "cuda" and world > 1:
             raise ValueError("model.norm=sync_batch needs GPUs (torch's SyncBatchNorm does not run on CPU); "
@@ -230,8 +227,8 @@ class Trainer:
         was_training = module.training
         module.eval()
         per_rank = max(1, self.cfg.eval_batch_size // self.info.world_size)
-        loader = eval_loader(self.test_set, per_rank, self.info.rank, self.info.world_size, self.setup.num_workers,
-                             pin_memory=device.type == "cuda")
+        loader = self.data.eval_loader("test", per_rank, self.info.rank, self.info.world_size,
+                                       pin_memory=device.type == "cuda")
         sums = torch.zeros(4, device=device, dtype=torch.float64)
         for images, targets in loader:
             images, targets = self.strategy.prepare(images), targets.to(device, non_blocking=True)

@@ -41,7 +41,7 @@ def trainer_setup(ctx: RunContext, phase: str, out_dir: Path) -> TrainerSetup:
     cfg = ctx.cfg
     return TrainerSetup(
         phase=phase, cfg=getattr(cfg, phase), engine=cfg.engine, wandb=cfg.wandb, stage_dir=out_dir,
-        run_name=cfg.run.name, seed=cfg.run.seed, num_workers=cfg.data.num_workers, resume=cfg.run.resume,
+        run_name=cfg.run.name, resume=cfg.run.resume,
         config_dict=to_dict(cfg),
     )
 
@@ -62,6 +62,5 @@ class DenseStage:
         seed_rank_streams(ctx.cfg.run.seed, ctx.info.rank)
         phase = ctx.cfg.dense
         criterion = ClassificationLoss(phase.fdl_beta, phase.fdl_detach_weights, phase.label_smoothing)
-        trainer = Trainer(trainer_setup(ctx, "dense", out_dir), model, criterion, ctx.data.train, ctx.data.test,
-                          ctx.info)
+        trainer = Trainer(trainer_setup(ctx, "dense", out_dir), model, criterion, ctx.data, ctx.info)
         return trainer.fit()
