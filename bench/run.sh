@@ -7,3 +7,5 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p bench/out
 echo "== engine overhead (2 ranks, gloo) =="
 python -m torch.distributed.run --standalone --nproc-per-node 2 bench/engine_overhead.py --out bench/out/engine_overhead.json
+echo "== feature statistics: streamed sums vs the reference's per-class loop (N=50k, F=2048, C=1000) =="
+python bench/stats_bench.py --out bench/out/stats.json

@@ -97,6 +97,7 @@ class ScheduleConfig:
 class PhaseConfig:
     """One training phase (dense training or fine-tuning)."""
 
+    # 0 skips the phase: the dense model is then model.weights as given (e.g. torchvision ImageNet weights).
     epochs: int = 150
     # Global batch size (all ranks and accumulation steps together): results do not depend on world size.
     batch_size: int = 16
@@ -123,6 +124,48 @@ def _finetune_defaults() -> PhaseConfig:
 
 def _dense_defaults() -> PhaseConfig:
     return PhaseConfig(optim=OptimConfig(lr=0.005, head_lr=0.01))
+
+
+@dataclass
+class SolverConfig:
+    """How rank 0 solves QPM's selection/assignment problem (see solver_service)."""
+
+    # auto: exact HiGHS MILP for small problems, else the fast local search; gurobi needs a licence.
+    backend: Literal["auto", "fast", "highs", "gurobi"] = "auto"
+    time_limit: float = 600.0  # seconds per solve
+    mip_gap: Optional[float] = None
+    threads: Optional[int] = None
+    # URL of a running solver service (`python -m solver_service serve`); None solves in process on rank 0.
+    url: Optional[str] = None
+    # When the service cannot be reached: solve in process with an open-source backend instead of failing.
+    fallback_local: bool = True
+
+
+@dataclass
+class QPMConfig:
+    n_features: int = 50
+    n_per_class: int = 5
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    # Sparse head: dropout on the normalised features; True reproduces the reference's order (spec bug 23).
+    dropout: float = 0.1
+    dropout_before_norm: bool = False
+    # Global batch of the streamed statistics pass (test-time transforms, no gradients).
+    stats_batch_size: int = 128
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 128  # global
+    # Contrastiveness fits a 2-component GMM per feature on a uniform subsample of this many training rows.
+    gmm_samples: int = 20000
+    # ...and is skipped (reported as null) above this many features, like the reference (dense ResNet-50).
+    gmm_max_features: int = 1000
+
+
+@dataclass
+class ReportConfig:
+    class_pairs: int = 4  # class pairs shown with example heatmaps
+    max_classes: int = 200  # classes listed in the HTML report
 
 
 @dataclass
@@ -159,6 +202,9 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     dense: PhaseConfig = field(default_factory=_dense_defaults)
     finetune: PhaseConfig = field(default_factory=_finetune_defaults)
+    qpm: QPMConfig = field(default_factory=QPMConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
@@ -289,9 +335,12 @@ def validate(cfg: Config) -> None:
     """Cross-field checks that a type annotation cannot express."""
     for phase_name in ("dense", "finetune"):
         phase: PhaseConfig = getattr(cfg, phase_name)
-        for fname in ("epochs", "batch_size", "eval_batch_size", "grad_accum", "eval_every_epochs"):
+        for fname in ("batch_size", "eval_batch_size", "grad_accum", "eval_every_epochs"):
             if getattr(phase, fname) < 1:
                 raise ConfigError(f"{phase_name}.{fname}: expected a positive integer, got {getattr(phase, fname)}")
+        if phase.epochs < 0 or (phase.epochs == 0 and phase_name == "finetune"):
+            raise ConfigError(f"{phase_name}.epochs: expected a {'positive' if phase_name == 'finetune' else 'non-negative'}"
+                              f" integer, got {phase.epochs}")
         if phase.batch_size % phase.grad_accum:
             raise ConfigError(
                 f"{phase_name}.batch_size ({phase.batch_size}) must be divisible by "
@@ -299,6 +348,13 @@ def validate(cfg: Config) -> None:
             )
         if phase.optim.lr <= 0:
             raise ConfigError(f"{phase_name}.optim.lr: expected a positive number, got {phase.optim.lr}")
+    if cfg.dense.epochs == 0 and not cfg.model.weights:
+        raise ConfigError("dense.epochs=0 skips dense training, so model.weights must name the dense model's weights")
+    q = cfg.qpm
+    if not 1 <= q.n_per_class <= q.n_features:
+        raise ConfigError(f"qpm.n_per_class ({q.n_per_class}) must be between 1 and qpm.n_features ({q.n_features})")
+    if q.solver.time_limit <= 0:
+        raise ConfigError(f"qpm.solver.time_limit: expected a positive number of seconds, got {q.solver.time_limit}")
     if cfg.data.img_size < 8:
         raise ConfigError(f"data.img_size: expected an integer >= 8, got {cfg.data.img_size}")
     if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3:

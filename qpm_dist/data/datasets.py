@@ -114,6 +114,10 @@ class DatasetBundle:
     class_names: list[str]
     fingerprint: str  # identifies the annotation files: a changed dataset never reuses cached results
     seed: int = 0
+    class_parts: np.ndarray | None = None  # ground-truth class x part matrix (synthetic data only)
+
+    def num_samples(self, split: str) -> int:
+        return len({"train": self.train_split, "test": self.test_split}[split])
 
     def dataset(self, split: str, augment: bool) -> ImageListDataset:
         s = {"train": self.train_split, "test": self.test_split}[split]
@@ -151,7 +155,7 @@ def _cub_like(cfg: DataConfig, seed: int) -> DatasetBundle:
         return Split(meta.root / "images", [meta.paths[i] for i in idx], meta.labels[idx], meta.boxes[idx])
 
     return DatasetBundle(cfg, split(True), split(False), len(meta.class_names), list(meta.class_names),
-                         fingerprint, seed)
+                         fingerprint, seed, class_parts=meta.class_parts)
 
 
 def _class_folders(cfg: DataConfig, seed: int) -> DatasetBundle:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Iterable, Iterator, Protocol
 
+import numpy as np
+
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
@@ -36,6 +38,9 @@ class DataSource(Protocol):
     num_classes: int
     class_names: list[str]
     fingerprint: str
+    class_parts: "np.ndarray | None"  # ground-truth class x part matrix where known (synthetic data)
+
+    def num_samples(self, split: str) -> int: ...
 
     def train_loader(self, micro_batch: int, global_batch: int, rank: int, world_size: int,
                      pin_memory: bool = False) -> EpochLoader: ...

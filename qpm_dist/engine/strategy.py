@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from qpm_dist import dist
 from qpm_dist.dist import DistInfo
+from qpm_dist.engine.evaluate import autocast_for
 from qpm_dist.utils import atomic_open, log
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -63,8 +64,7 @@ class DDPStrategy:
         return images.to(self.device, non_blocking=True, memory_format=self.memory_format)
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        dtype = _DTYPES[self.precision]
-        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+        return autocast_for(self.precision, self.device)()
 
     def accumulate(self, boundary: bool) -> contextlib.AbstractContextManager:
         """Skip the gradient all-reduce on all but the last micro-batch of an accumulation window."""

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -27,6 +26,7 @@ from qpm_dist.config import EngineConfig, PhaseConfig, WandbConfig
 from qpm_dist.data.loaders import DataSource
 from qpm_dist.dist import DistInfo
 from qpm_dist.engine.checkpoint import CheckpointManager, capture_rng, restore_rng
+from qpm_dist.engine.evaluate import evaluate_accuracy
 from qpm_dist.engine.monitor import MetricsLogger, new_run_id
 from qpm_dist.engine.optim import build_optimizer, build_scheduler
 from qpm_dist.engine.preemption import Preempted, StopRequest
@@ -220,32 +220,12 @@ class Trainer:
         stats.pop("count")
         return {f"train_{k}": v for k, v in stats.items()}
 
-    @torch.no_grad()
     def evaluate(self) -> dict:
         """Top-1/top-5 accuracy (percent) and mean CE over the whole test set, all-reduced over ranks."""
-        module, device = self.module, self.info.device
-        was_training = module.training
-        module.eval()
         per_rank = max(1, self.cfg.eval_batch_size // self.info.world_size)
         loader = self.data.eval_loader("test", per_rank, self.info.rank, self.info.world_size,
-                                       pin_memory=device.type == "cuda")
-        sums = torch.zeros(4, device=device, dtype=torch.float64)
-        for images, targets in loader:
-            images, targets = self.strategy.prepare(images), targets.to(device, non_blocking=True)
-            with self.strategy.autocast():
-                logits = module(images).logits.float()
-            k = min(5, logits.shape[1])
-            top = logits.topk(k, dim=1).indices
-            sums += torch.stack([
-                F.cross_entropy(logits, targets, reduction="sum").double(),
-                (top[:, 0] == targets).sum().double(),
-                (top == targets[:, None]).any(dim=1).sum().double(),
-                torch.tensor(float(targets.numel()), device=device, dtype=torch.float64),
-            ])
-        loss, top1, top5, count = dist.all_reduce(sums).tolist()
-        module.train(was_training)
-        count = max(count, 1.0)
-        return {"loss": loss / count, "acc": 100.0 * top1 / count, "acc5": 100.0 * top5 / count, "count": int(count)}
+                                       pin_memory=self.info.device.type == "cuda")
+        return evaluate_accuracy(self.module, loader, self.info.device, self.strategy.autocast, self.strategy.prepare)
 
     def _export(self, result: dict) -> None:
         """Write the trained weights (`model.pt`) and `result.json`; they mark the phase as finished."""

@@ -1,0 +1,52 @@
+"""The sparse head of QPM / SLDD / Q-SENN (specs/qpm.md §3.4, §5.9).
+
+Feature maps are indexed to the n selected channels before pooling, so everything downstream (the maps the
+feature diversity loss and the metrics read, the pooled features) lives in the selected space. Pooled
+features are normalised with the dense model's training mean/std and multiplied by a frozen C x n weight
+(QPM: the binary assignment from the solver, no bias, mean/std frozen).
+
+Dropout (p = 0.1) acts on the normalised features by default, so a dropped unit contributes exactly
+nothing; the reference drops raw pooled features before normalising, so a dropped unit becomes −μ/σ
+(spec bug 23) — `dropout_before_norm=True` reproduces that.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qpm_dist.models.net import ModelOutput
+
+
+class SparseHead(nn.Module):
+    def __init__(self, selection: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                 bias: torch.Tensor | None = None, dropout: float = 0.1, train_normalisation: bool = False,
+                 dropout_before_norm: bool = False) -> None:
+        super().__init__()
+        selection = torch.as_tensor(selection, dtype=torch.long)
+        n = selection.numel()
+        if weight.shape[1] != n:
+            raise ValueError(f"weight has {weight.shape[1]} columns for {n} selected features")
+        if mean.numel() != n:  # full-length statistics are indexed by the selection
+            mean, std = mean[selection], std[selection]
+        self.register_buffer("selection", selection)
+        self.mean = nn.Parameter(mean.float().clone(), requires_grad=train_normalisation)
+        self.std = nn.Parameter(std.float().clone(), requires_grad=train_normalisation)
+        self.weight = nn.Parameter(weight.float().clone(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.float().clone(), requires_grad=False)
+        self.dropout = nn.Dropout(dropout)
+        self.dropout_before_norm = dropout_before_norm
+
+    def class_weights(self) -> torch.Tensor:
+        return self.weight
+
+    def forward(self, feature_maps: torch.Tensor) -> ModelOutput:
+        maps = feature_maps.index_select(1, self.selection)
+        pooled = maps.mean(dim=(2, 3))
+        if self.dropout_before_norm:
+            pooled = self.dropout(pooled)
+        z = (pooled - self.mean) / self.std.clamp_min(1e-6)
+        if not self.dropout_before_norm:
+            z = self.dropout(z)
+        logits = nn.functional.linear(z, self.weight, self.bias)
+        return ModelOutput(logits, maps, z)

@@ -1,0 +1,199 @@
+"""The HTML report of a QPM model's global explanation (rank 0 renders; other ranks wait).
+
+Self-contained: every figure is embedded as a base64 PNG, so the single `report.html` opens offline in a
+browser. Contents: the metrics of the dense and the QPM model side by side, the solve, every selected
+feature with the classes that use it (and, on the synthetic dataset, the ground-truth part it matches),
+class comparisons for the pairs of classes that share the most features, and per class an example image
+with the heatmaps of its features. PNGs are also written next to the HTML.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qpm_dist import dist
+from qpm_dist.models.io import load_classifier
+from qpm_dist.report import figures
+from qpm_dist.utils import atomic_write_text, log
+
+METRIC_ROWS = [
+    ("accuracy", "Top-1 accuracy (%)"), ("top5", "Top-5 accuracy (%)"), ("SID@5", "SID@5"),
+    ("diversity@5", "Diversity@5"), ("class_independence", "Class independence"),
+    ("contrastiveness", "Contrastiveness"), ("correlation", "Correlation (Pearson, lower is better)"),
+    ("dependence", "Dependence (lower is better)"), ("structural_grounding", "Structural grounding"),
+    ("NFfeatures", "Features used"), ("PerClass", "Features per class"),
+    ("part_recovery", "Ground-truth part links recovered"), ("part_recovery_random", "... by a random assignment"),
+]
+
+
+def shared_pairs(weights: np.ndarray, count: int) -> list[tuple[int, int, int]]:
+    """The `count` class pairs sharing the most features: (c1, c2, shared), most shared first."""
+    binary = (weights != 0).astype(np.int64)
+    shared = np.triu(binary @ binary.T, k=1)
+    order = np.argsort(shared, axis=None)[::-1]
+    pairs = []
+    for flat in order[:count]:
+        c1, c2 = np.unravel_index(flat, shared.shape)
+        if c1 < c2 and shared[c1, c2] > 0:
+            pairs.append((int(c1), int(c2), int(shared[c1, c2])))
+    return pairs
+
+
+@torch.no_grad()
+def best_example(model, dataset, indices: np.ndarray, label: int, device: torch.device, limit: int):
+    """A correctly classified test image of class `label` whose class features are peaked and strong.
+
+    Score = Σ_j max_p softmax(M_j) × Σ_j z_j over the class's features j (specs/qpm.md §8.3); only correctly
+    classified images compete when there is one (the reference's shift could let a wrong one win, bug 22).
+    """
+    chosen = indices[:limit]
+    images = torch.stack([dataset[int(i)][0] for i in chosen]).to(device)
+    out = model(images)
+    feats = (model.head.class_weights()[label] != 0).nonzero().flatten()
+    peaks = torch.softmax(out.feature_maps[:, feats].flatten(2).float(), dim=2).amax(dim=2).sum(dim=1)
+    strength = out.features[:, feats].float().sum(dim=1)
+    score = peaks * strength
+    correct = out.logits.argmax(dim=1) == label
+    if correct.any():
+        score = torch.where(correct, score, torch.full_like(score, -torch.inf))
+    best = int(score.argmax())
+    return images[best].cpu(), out.feature_maps[best].cpu(), bool(correct[best])
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(path.name)}">'
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
+    return html.escape(str(value))
+
+
+def build_report(ctx, out_dir: Path) -> Path:
+    path = out_dir / "report.html"
+    if ctx.info.is_main:
+        _render(ctx, out_dir, path)
+    dist.barrier()
+    return path
+
+
+def _render(ctx, out_dir: Path, path: Path) -> None:
+    cfg, data, device = ctx.cfg, ctx.data, ctx.info.device
+    metrics = json.loads((ctx.outputs["evaluate"] / "metrics.json").read_text())
+    solve = json.loads((ctx.outputs["solve"] / "stage.json").read_text()).get("summary", {})
+    model = load_classifier(cfg, data.num_classes, ctx.outputs["finetune"] / "model.pt").to(device).eval()
+    weights = model.head.class_weights().detach().cpu().numpy()
+    selected = model.head.selection.cpu().numpy()
+    names = [n.split(".", 1)[-1] for n in data.class_names]
+    matching = {int(k): v for k, v in (metrics["qpm"].get("feature_part_matching") or {}).items()}
+    part_names = _part_names(Path(cfg.data.root), data.class_parts)
+
+    def feature_label(j: int) -> str:
+        """Feature id in the backbone's numbering, and the ground-truth part it matches (synthetic data)."""
+        part = matching.get(j)
+        return f"f{selected[j]} ≈ {part_names[part]}" if part is not None and part_names else f"f{selected[j]}"
+
+    test = data.dataset("test", augment=False)
+    labels = np.asarray(data.test_split.labels)
+    fig_dir = out_dir / "figures"
+    fig_dir.mkdir(exist_ok=True)
+    mean, std = cfg.data.mean, cfg.data.std
+    examples: dict[int, tuple] = {}
+
+    def example(c: int):
+        if c not in examples:
+            idx = np.flatnonzero(labels == c)
+            if idx.size == 0:
+                examples[c] = None
+            else:
+                img, maps, ok = best_example(model, test, idx, c, device, limit=16)
+                examples[c] = (figures.denormalise(img, mean, std), maps, ok)
+        return examples[c]
+
+    log.info("report: rendering figures into %s", fig_dir)
+    comparisons = []
+    for c1, c2, shared in shared_pairs(weights, cfg.report.class_pairs):
+        e1, e2 = example(c1), example(c2)
+        if e1 is None or e2 is None:
+            continue
+        f1, f2 = set(np.flatnonzero(weights[c1])), set(np.flatnonzero(weights[c2]))
+        columns = sorted(f1 - f2) + sorted(f1 & f2) + sorted(f2 - f1)
+        owner = [names[c1] if j in f1 - f2 else names[c2] if j in f2 - f1 else "shared" for j in columns]
+        png = fig_dir / f"compare_{c1:04d}_{c2:04d}.png"
+        figures.comparison_figure(png, (names[c1], names[c2]), (e1[0], e2[0]), (e1[1], e2[1]), columns,
+                                  [feature_label(j) for j in columns], owner)
+        comparisons.append((names[c1], names[c2], shared, png))
+
+    class_rows = []
+    for c in range(min(data.num_classes, cfg.report.max_classes)):
+        feats = [int(j) for j in np.flatnonzero(weights[c])]
+        sharing = {j: [names[o] for o in np.flatnonzero(weights[:, j]) if o != c] for j in feats}
+        ex = example(c)
+        png = None
+        if ex is not None:
+            png = fig_dir / f"class_{c:04d}.png"
+            title = names[c] + ("" if ex[2] else " (misclassified)")
+            figures.class_strip(png, title, ex[0], ex[1], feats, [feature_label(j) for j in feats])
+        class_rows.append((names[c], feats, sharing, png))
+
+    atomic_write_text(path, _html(cfg, metrics, solve, selected, weights, names, feature_label, comparisons,
+                                  class_rows))
+    log.info("report: %s", path)
+
+
+def _part_names(root: Path, class_parts) -> list[str] | None:
+    parts_file = root / "parts" / "parts.txt"
+    if class_parts is None or not parts_file.is_file():
+        return None
+    return [line.split(" ", 1)[1] for line in parts_file.read_text().splitlines() if line.strip()]
+
+
+def _html(cfg, metrics, solve, selected, weights, names, feature_label, comparisons, class_rows) -> str:
+    dense, qpm = metrics["dense"], metrics["qpm"]
+    rows = "".join(f"<tr><td>{label}</td><td>{_fmt(dense.get(key))}</td><td>{_fmt(qpm.get(key))}</td></tr>"
+                   for key, label in METRIC_ROWS if key in dense or key in qpm)
+    solve_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td></tr>" for k, v in solve.items())
+    feature_rows = "".join(
+        f"<tr><td>{html.escape(feature_label(j))}</td><td>{len(np.flatnonzero(weights[:, j]))}</td>"
+        f"<td>{html.escape(', '.join(names[c] for c in np.flatnonzero(weights[:, j])))}</td></tr>"
+        for j in range(len(selected)))
+    compare_html = "".join(
+        f"<h3>{html.escape(a)} vs {html.escape(b)}: {s} shared feature(s)</h3>{_img(png)}"
+        for a, b, s, png in comparisons) or "<p>No pair of classes shares a feature.</p>"
+    class_html = "".join(
+        f"<div class='cls'><h3>{html.escape(name)}</h3><p>features: "
+        + ", ".join(f"<b>{html.escape(feature_label(j))}</b> (also: {html.escape(', '.join(sharing[j]) or 'none')})"
+                    for j in feats)
+        + f"</p>{_img(png) if png else ''}</div>"
+        for name, feats, sharing, png in class_rows)
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>QPM report: {html.escape(cfg.run.name)}</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; max-width: 1200px; }}
+table {{ border-collapse: collapse; margin: 1em 0; }}
+td, th {{ border: 1px solid #ccc; padding: 3px 8px; font-size: 13px; text-align: left; }}
+img {{ max-width: 100%; }}
+.cls {{ border-top: 1px solid #ddd; margin-top: 1em; }}
+</style></head><body>
+<h1>QPM global explanation — {html.escape(cfg.run.name)}</h1>
+<p>Dataset <b>{html.escape(cfg.data.dataset)}</b> ({len(names)} classes), backbone <b>{html.escape(cfg.model.arch)}</b>,
+{len(selected)} selected features, {cfg.qpm.n_per_class} per class.</p>
+<h2>Metrics: dense vs QPM</h2>
+<table><tr><th>metric</th><th>dense</th><th>QPM</th></tr>{rows}</table>
+<h2>Solve</h2><table>{solve_rows}</table>
+<h2>Selected features</h2>
+<table><tr><th>feature</th><th>#classes</th><th>classes</th></tr>{feature_rows}</table>
+<h2>Class comparisons</h2>{compare_html}
+<h2>Classes</h2>{class_html}
+</body></html>
+"""

@@ -1,0 +1,83 @@
+"""Figures of the global explanation (specs/qpm.md §8): feature heatmaps and class comparisons.
+
+A heatmap is a selected feature's map, upsampled to the image, min-max normalised per image, gamma-
+saturated (γ = 3) and used as the opacity of the column's colour over the grey-scale image.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+COLOURS = np.array([
+    [0.85, 0.10, 0.10], [0.10, 0.60, 0.10], [0.10, 0.25, 0.85], [0.90, 0.75, 0.05], [0.80, 0.10, 0.80],
+    [0.95, 0.50, 0.05], [0.50, 0.05, 0.05], [0.40, 0.25, 0.10], [0.05, 0.65, 0.70], [0.60, 0.45, 0.15],
+])
+
+
+def denormalise(image: torch.Tensor, mean: list[float], std: list[float]) -> np.ndarray:
+    """CHW normalised tensor -> HWC float image in [0, 1]."""
+    img = image.detach().cpu().float() * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
+    return img.clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+def heatmap_overlay(image: np.ndarray, feature_map: torch.Tensor, colour: np.ndarray, gamma: float = 3.0
+                    ) -> np.ndarray:
+    """Blend one feature map (h x w) over `image` (H x W x 3) in `colour`.
+
+    The map is upsampled, min-max normalised and gamma-saturated, then used as the opacity of `colour` over
+    a lightened grey-scale copy of the image, so only where the feature fires strongly is coloured.
+    """
+    h, w = image.shape[:2]
+    m = feature_map.detach().float()[None, None]
+    m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)[0, 0].cpu().numpy()
+    m = (m - m.min()) / max(m.max() - m.min(), 1e-12)
+    alpha = 0.85 * m[..., None] ** gamma
+    grey = 0.4 + 0.6 * image.mean(axis=2, keepdims=True).repeat(3, axis=2)
+    return np.clip(grey * (1 - alpha) + colour[None, None, :] * alpha, 0, 1)
+
+
+def class_strip(path: Path, title: str, image: np.ndarray, maps: torch.Tensor, features: list[int],
+                feature_labels: list[str]) -> None:
+    """One image followed by the heatmaps of a class's features (columns coloured per feature)."""
+    cols = 1 + len(features)
+    fig, axes = plt.subplots(1, cols, figsize=(1.9 * cols, 2.2))
+    axes[0].imshow(image)
+    axes[0].set_title(title, fontsize=8)
+    for i, (j, label) in enumerate(zip(features, feature_labels), start=1):
+        axes[i].imshow(heatmap_overlay(image, maps[j], COLOURS[i % len(COLOURS)]))
+        axes[i].set_title(label, fontsize=7)
+    for ax in axes:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def comparison_figure(path: Path, names: tuple[str, str], images: tuple[np.ndarray, np.ndarray],
+                      maps: tuple[torch.Tensor, torch.Tensor], columns: list[int], column_labels: list[str],
+                      ownership: list[str]) -> None:
+    """Two classes (rows) x their features (columns: only class 1, shared, only class 2), as in §8."""
+    cols = 1 + len(columns)
+    fig, axes = plt.subplots(2, cols, figsize=(1.9 * cols, 4.2))
+    for r in range(2):
+        axes[r, 0].imshow(images[r])
+        axes[r, 0].set_ylabel(names[r], fontsize=8)
+        axes[r, 0].set_xticks([])
+        axes[r, 0].set_yticks([])
+        for i, j in enumerate(columns, start=1):
+            axes[r, i].imshow(heatmap_overlay(images[r], maps[r][j], COLOURS[i % len(COLOURS)]))
+            axes[r, i].axis("off")
+            if r == 0:
+                axes[r, i].set_title(f"{column_labels[i - 1]}\n({ownership[i - 1]})", fontsize=7)
+    axes[0, 0].set_title("image", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

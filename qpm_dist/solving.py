@@ -1,0 +1,73 @@
+"""Rank 0 solves QPM's problem (in process, or through a solver service); every rank gets the result.
+
+The problem and the result are written to the stage folder (`problem.npz`, `result.npz`), so the solve
+can be inspected, re-run on a licence host with `python -m solver_service solve problem.npz`, and is never
+repeated for the same inputs (the stage cache; the service additionally caches by problem hash).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from qpm_dist import dist
+from qpm_dist.config import QPMConfig
+from qpm_dist.utils import log
+
+OPEN_SOURCE_FALLBACK = "auto"  # without gurobi installed, auto means HiGHS (small) or the fast search (large)
+
+
+def _solve_rank0(A: np.ndarray, R: np.ndarray, b: np.ndarray, cfg: QPMConfig, seed: int, out_dir: Path):
+    from solver_service import Problem, SolverClient, SolverServiceError, solve
+
+    s = cfg.solver
+    options = {"time_limit": s.time_limit, "seed": seed, "mip_gap": s.mip_gap, "threads": s.threads}
+    problem = Problem.create(A, R, b, cfg.n_features, cfg.n_per_class,
+                             {k: v for k, v in options.items() if v is not None})
+    problem.save(out_dir / "problem.npz")
+    if s.url:
+        try:
+            log.info("solve: submitting problem %s to the solver service %s", problem.content_hash()[:12], s.url)
+            return SolverClient(s.url).solve(problem, backend=s.backend)
+        except SolverServiceError as exc:
+            if not s.fallback_local:
+                raise
+            log.warning("solve: the solver service failed (%s); solving in process with the open-source "
+                        "backends instead (qpm.solver.fallback_local=true)", exc)
+            backend = s.backend if s.backend != "gurobi" else OPEN_SOURCE_FALLBACK
+            return solve(problem, backend=backend)
+    log.info("solve: backend=%s, time limit %.0f s, on rank 0", s.backend, s.time_limit)
+    return solve(problem, backend=s.backend)
+
+
+def solve_and_broadcast(A: np.ndarray, R: np.ndarray, b: np.ndarray, cfg: QPMConfig, seed: int,
+                        out_dir: Path) -> dict:
+    """Solve on rank 0, write problem/result files, broadcast {selected, assignment, summary} to all ranks."""
+    payload = None
+    if dist.is_main():
+        result = _solve_rank0(A, R, b, cfg, seed, out_dir)
+        result.save(out_dir / "result.npz")
+        (out_dir / "solver.log").write_text(result.log)
+        log.info("solve: %s", result.summary())
+        payload = {
+            "selected": np.asarray(result.selected, dtype=np.int64),
+            "assignment": np.asarray(result.assignment, dtype=bool),
+            "summary": {"backend": result.backend, "status": result.status, "objective": result.objective,
+                        "assignment_term": result.assignment_term, "penalty_term": result.penalty_term,
+                        "bias_term": result.bias_term, "bound": result.bound, "gap": result.gap,
+                        "seconds": round(result.timings.get("total", float("nan")), 2)},
+        }
+    return dist.broadcast_object(payload)
+
+
+def load_solution(out_dir: Path) -> dict:
+    """Rank 0 reads a finished solve's result file and broadcasts it (every rank gets identical arrays)."""
+    payload = None
+    if dist.is_main():
+        from solver_service import Result
+
+        result = Result.load(out_dir / "result.npz")
+        payload = {"selected": np.asarray(result.selected, dtype=np.int64),
+                   "assignment": np.asarray(result.assignment, dtype=bool)}
+    return dist.broadcast_object(payload)
