@@ -2,4 +2,5 @@
 
 from qpm_dist.cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # guarded: worker processes started with "spawn" re-import this module
+    raise SystemExit(main())

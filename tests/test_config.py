@@ -68,3 +68,13 @@ def test_resolved_config_round_trips(tmp_path):
     assert again == cfg
     assert yaml.safe_load((tmp_path / "resolved.yaml").read_text())["run"]["name"] == "x"
     assert again != Config()
+
+
+def test_every_shipped_config_loads():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert len(configs) >= 3
+    for path in configs:
+        cfg = load_config(path, ["model.weights=/somewhere/resnet50.pth"])
+        assert cfg.qpm.n_per_class <= cfg.qpm.n_features, path

@@ -93,6 +93,7 @@ class Split:
     paths: list[str]
     labels: np.ndarray
     boxes: np.ndarray | None = None
+    image_ids: np.ndarray | None = None  # the dataset's own ids (CUB layout), to join per-image annotations
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -152,7 +153,8 @@ def _cub_like(cfg: DataConfig, seed: int) -> DatasetBundle:
 
     def split(train: bool) -> Split:
         idx = np.flatnonzero(meta.is_train == train)
-        return Split(meta.root / "images", [meta.paths[i] for i in idx], meta.labels[idx], meta.boxes[idx])
+        return Split(meta.root / "images", [meta.paths[i] for i in idx], meta.labels[idx], meta.boxes[idx],
+                     meta.image_ids[idx])
 
     return DatasetBundle(cfg, split(True), split(False), len(meta.class_names), list(meta.class_names),
                          fingerprint, seed, class_parts=meta.class_parts)

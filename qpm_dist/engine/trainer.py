@@ -221,7 +221,14 @@ class Trainer:
         return {f"train_{k}": v for k, v in stats.items()}
 
     def evaluate(self) -> dict:
-        """Top-1/top-5 accuracy (percent) and mean CE over the whole test set, all-reduced over ranks."""
+        """Top-1/top-5 accuracy (percent) and mean CE over the whole test set, all-reduced over ranks.
+
+        Buffers (BatchNorm running statistics) are first copied from rank 0: each rank updated its own
+        during its last training forward, and every rank must evaluate the model that rank 0 exports.
+        """
+        if self.info.world_size > 1:
+            for buffer in self.module.buffers():
+                dist.broadcast_tensor(buffer, src=0)
         per_rank = max(1, self.cfg.eval_batch_size // self.info.world_size)
         loader = self.data.eval_loader("test", per_rank, self.info.rank, self.info.world_size,
                                        pin_memory=self.info.device.type == "cuda")

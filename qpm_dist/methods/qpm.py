@@ -128,13 +128,13 @@ class SparseStage:
 
     def run(self, ctx: RunContext, out_dir: Path) -> dict:
         model = build_sparse_model(ctx)
-        digests = dist.all_gather_object(state_digest(model))
+        digests = dist.all_gather_object(state_digest(model.state_dict()))
         if len(set(digests)) != 1:
             raise RuntimeError(f"sparse models differ across ranks: {digests}")
         _save_model(model, out_dir / "model.pt")
         head = model.head
         return {"selected": head.selection.tolist(), "n_features": head.selection.numel(),
-                "nonzero_weights": int((head.weight != 0).sum()), "digest": digests[0]}
+                "nonzero_weights": int((head.weight != 0).sum()), "rank_digests": digests}
 
 
 class FinetuneStage:

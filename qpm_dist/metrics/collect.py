@@ -22,9 +22,12 @@ from qpm_dist.config import EvalConfig
 from qpm_dist.dist import DistInfo
 from qpm_dist.engine.evaluate import accuracy_terms
 from qpm_dist.metrics import interpretability as M
+from qpm_dist.metrics.parts import part_boxes_available, part_localisation
 from qpm_dist.stats.accumulate import FeatureSums
 
-KS = range(1, 6)
+def _ks(n_per_class: int) -> range:
+    """diversity@k / SID@k for k = 1..max(5, features per class): @5 is the paper's, @k the model's own."""
+    return range(1, max(5, n_per_class) + 1)
 
 
 def _progress(info: DistInfo, total: int, desc: str) -> tqdm:
@@ -32,10 +35,10 @@ def _progress(info: DistInfo, total: int, desc: str) -> tqdm:
 
 
 @torch.no_grad()
-def _test_pass(model, loader, info: DistInfo, autocast, weights: torch.Tensor) -> dict:
+def _test_pass(model, loader, info: DistInfo, autocast, weights: torch.Tensor, ks: range) -> dict:
     device = info.device
     acc = torch.zeros(4, dtype=torch.float64, device=device)
-    div = {name: [torch.zeros(len(KS), dtype=torch.float64, device=device) for _ in range(2)]
+    div = {name: [torch.zeros(len(ks), dtype=torch.float64, device=device) for _ in range(2)]
            for name in ("diversity", "SID")}
     with _progress(info, len(loader), "metrics: test set") as bar:
         for images, labels in loader:
@@ -45,7 +48,7 @@ def _test_pass(model, loader, info: DistInfo, autocast, weights: torch.Tensor) -
             logits = out.logits.float()
             acc += accuracy_terms(logits, labels)
             for name, sum_n_max in (("diversity", False), ("SID", True)):
-                s, c = M.diversity_terms(out.feature_maps, logits, weights, KS, sum_n_max)
+                s, c = M.diversity_terms(out.feature_maps, logits, weights, ks, sum_n_max)
                 div[name][0] += s
                 div[name][1] += c
             bar.update(1)
@@ -54,9 +57,8 @@ def _test_pass(model, loader, info: DistInfo, autocast, weights: torch.Tensor) -
               "test_loss": loss / max(count, 1), "test_images": int(count)}
     for name, (s, c) in div.items():
         s, c = dist.all_reduce(s).cpu().numpy(), dist.all_reduce(c).cpu().numpy()
-        values = [float(a / b) if b > 0 else None for a, b in zip(s, c)]
-        result[f"{name}@k"] = values
-        result[f"{name}@5"] = values[4]
+        for k, a, b in zip(ks, s, c):  # None where no predicted class has k features
+            result[f"{name}@{k}"] = float(a / b) if b > 0 else None
     return result
 
 
@@ -118,7 +120,7 @@ def evaluate_model(model: torch.nn.Module, data, info: DistInfo, cfg: EvalConfig
     pin = info.device.type == "cuda"
     test_loader = data.eval_loader("test", per_rank, info.rank, info.world_size, pin_memory=pin)
     train_loader = data.eval_loader("train", per_rank, info.rank, info.world_size, pin_memory=pin)
-    result = _test_pass(model, test_loader, info, autocast, weights)
+    result = _test_pass(model, test_loader, info, autocast, weights, _ks(n_per_class))
     result.update(_train_pass(model, train_loader, info, autocast, weights, data.num_classes,
                               data.num_samples("train"), cfg, seed))
     w = weights.cpu().numpy()
@@ -132,6 +134,10 @@ def evaluate_model(model: torch.nn.Module, data, info: DistInfo, cfg: EvalConfig
         result["part_precision"] = recovery["precision"]
         result["feature_part_matching"] = recovery["matching"]
         result["part_recovery_random"] = M.random_part_recovery(class_parts, binary.shape[1], n_per_class, seed=seed)
+        if hasattr(data, "dataset") and part_boxes_available(Path(data.cfg.root)):  # map-style synthetic data
+            result.update(part_localisation(model, data, info, autocast, per_rank))
+            result["part_links_by_localisation"] = M.links_recovered(binary, class_parts,
+                                                                     result["feature_part_localisation"])
     return result
 
 

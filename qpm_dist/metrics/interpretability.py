@@ -153,6 +153,14 @@ def part_recovery(assignment: np.ndarray, class_parts: np.ndarray) -> dict:
     }
 
 
+def links_recovered(assignment: np.ndarray, class_parts: np.ndarray, matching: dict[int, int]) -> float:
+    """Share of ground-truth class–part links (c, p) whose feature (matching: feature -> part) is assigned
+    to class c."""
+    a, g = np.asarray(assignment) != 0, np.asarray(class_parts) != 0
+    hit = sum(int((a[:, f] & g[:, p]).sum()) for f, p in matching.items())
+    return float(hit / max(g.sum(), 1))
+
+
 def random_part_recovery(class_parts: np.ndarray, n_features: int, n_per_class: int, draws: int = 200,
                          seed: int = 0) -> float:
     """Expected `recovered` of random assignments with the same shape (k features per class)."""

@@ -28,7 +28,11 @@ METRIC_ROWS = [
     ("contrastiveness", "Contrastiveness"), ("correlation", "Correlation (Pearson, lower is better)"),
     ("dependence", "Dependence (lower is better)"), ("structural_grounding", "Structural grounding"),
     ("NFfeatures", "Features used"), ("PerClass", "Features per class"),
-    ("part_recovery", "Ground-truth part links recovered"), ("part_recovery_random", "... by a random assignment"),
+    ("part_recovery", "Ground-truth class-part links recovered (features matched to parts by class sets)"),
+    ("part_recovery_random", "... by a random assignment"),
+    ("part_localisation", "Feature peaks inside the matched part's box (features matched by localisation)"),
+    ("part_localisation_chance", "... for a peak at a random position"),
+    ("part_links_by_localisation", "Class-part links recovered (features matched by localisation)"),
 ]
 
 
@@ -95,7 +99,10 @@ def _render(ctx, out_dir: Path, path: Path) -> None:
     weights = model.head.class_weights().detach().cpu().numpy()
     selected = model.head.selection.cpu().numpy()
     names = [n.split(".", 1)[-1] for n in data.class_names]
-    matching = {int(k): v for k, v in (metrics["qpm"].get("feature_part_matching") or {}).items()}
+    # name features by the part they localise (where part boxes exist), else by the class-set matching
+    qpm_metrics = metrics["qpm"]
+    matching = qpm_metrics.get("feature_part_localisation") or qpm_metrics.get("feature_part_matching") or {}
+    matching = {int(k): v for k, v in matching.items()}
     part_names = _part_names(Path(cfg.data.root), data.class_parts)
 
     def feature_label(j: int) -> str:
@@ -160,8 +167,13 @@ def _part_names(root: Path, class_parts) -> list[str] | None:
 
 def _html(cfg, metrics, solve, selected, weights, names, feature_label, comparisons, class_rows) -> str:
     dense, qpm = metrics["dense"], metrics["qpm"]
+    k = cfg.qpm.n_per_class
+    metric_rows = list(METRIC_ROWS)
+    if k != 5:  # the model's own k next to the paper's @5
+        at = [key for key, _ in metric_rows].index("diversity@5") + 1
+        metric_rows[at:at] = [(f"SID@{k}", f"SID@{k}"), (f"diversity@{k}", f"Diversity@{k}")]
     rows = "".join(f"<tr><td>{label}</td><td>{_fmt(dense.get(key))}</td><td>{_fmt(qpm.get(key))}</td></tr>"
-                   for key, label in METRIC_ROWS if key in dense or key in qpm)
+                   for key, label in metric_rows if key in dense or key in qpm)
     solve_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td></tr>" for k, v in solve.items())
     feature_rows = "".join(
         f"<tr><td>{html.escape(feature_label(j))}</td><td>{len(np.flatnonzero(weights[:, j]))}</td>"

@@ -1,0 +1,104 @@
+"""QPM end to end on the tiny synthetic dataset: every stage, 1 and 2 ranks, caching, the report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import run_qpm, stage_dir
+
+QPM = dict(
+    model={"arch": "tiny_resnet", "tiny_width": 8, "norm": "group", "dropout": 0.0},
+    finetune={"epochs": 1, "batch_size": 16, "eval_batch_size": 32, "optim": {"lr": 0.01, "momentum": 0.95}},
+    qpm={"n_features": 6, "n_per_class": 2, "solver": {"time_limit": 60}},
+    eval={"batch_size": 32},
+    report={"class_pairs": 2},
+)
+STAGES = ["dense", "stats", "solve", "sparse", "finetune", "evaluate", "report"]
+
+
+def out_of(config: Path) -> Path:
+    return config.parent / f"runs-{config.stem}"
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory, tiny_data):
+    """One full 2-rank run shared by the tests below (the expensive part)."""
+    import yaml
+
+    from conftest import BASE_CONFIG
+
+    tmp = tmp_path_factory.mktemp("qpm2")
+    cfg = json.loads(json.dumps(BASE_CONFIG))
+    cfg["data"]["root"] = str(tiny_data)
+    cfg["run"]["out_dir"] = str(tmp / "runs-two")
+    for k, v in QPM.items():
+        cfg.setdefault(k, {}).update(v)
+    config = tmp / "two.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    proc = run_qpm(2, "run", str(config))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return config, proc
+
+
+def test_two_ranks_run_every_stage_and_install_a_valid_sparse_model(two_rank_run):
+    config, _ = two_rank_run
+    out = out_of(config)
+    for stage in STAGES:
+        assert (stage_dir(out, stage) / "stage.json").is_file(), stage
+    state = torch.load(stage_dir(out, "finetune") / "model.pt", weights_only=True)
+    weight = state["head.weight"]
+    assert weight.shape == (4, 6) and set(weight.unique().tolist()) <= {0.0, 1.0}
+    assert (weight.sum(1) == 2).all()  # exactly k features per class
+    assert len({tuple(row.tolist()) for row in weight}) == 4  # no two classes share all features
+    assert weight.sum(0).min() >= 0
+    result = np.load(stage_dir(out, "solve") / "result.npz")
+    assert result["selected"].tolist() == state["head.selection"].tolist()
+
+
+def test_sparse_heads_identical_on_every_rank(two_rank_run):
+    from qpm_dist.models.io import state_digest
+
+    config, _ = two_rank_run
+    sparse = stage_dir(out_of(config), "sparse")
+    record = json.loads((sparse / "stage.json").read_text())["summary"]
+    saved = state_digest(torch.load(sparse / "model.pt", weights_only=True))
+    assert record["rank_digests"] == [saved, saved]  # both ranks built exactly the saved model
+    assert record["n_features"] == 6 and record["nonzero_weights"] == 8
+
+
+def test_metrics_and_report(two_rank_run):
+    config, _ = two_rank_run
+    out = out_of(config)
+    metrics = json.loads((stage_dir(out, "evaluate") / "metrics.json").read_text())
+    for name in ("dense", "qpm"):
+        m = metrics[name]
+        assert m["test_images"] == 32 and m["train_images"] == 128  # each sample once across 2 ranks
+        for key in ("accuracy", "SID@2", "SID@5", "class_independence", "correlation", "dependence", "contrastiveness",
+                    "structural_grounding", "part_recovery", "part_recovery_random"):
+            assert key in m, (name, key)
+    assert metrics["qpm"]["NFfeatures"] <= 6 and metrics["qpm"]["PerClass"] == 2
+    html = (stage_dir(out, "report") / "report.html").read_text()
+    assert "Metrics: dense vs QPM" in html and html.count("data:image/png;base64,") >= 4 + 1
+    assert "http://" not in html and "https://" not in html  # self-contained, works offline
+
+
+def test_one_rank_run_and_stage_cache_invalidation(write_config):
+    config = write_config("one.yaml", **QPM)
+    first = run_qpm(1, "run", str(config))
+    assert first.returncode == 0, first.stderr[-4000:]
+    out = out_of(config)
+    old_solve = stage_dir(out, "solve")
+    changed = run_qpm(1, "run", str(config), "qpm.n_features=5", "--stage", "sparse")
+    assert changed.returncode == 0, changed.stderr[-4000:]
+    for reused in ("dense", "stats"):
+        assert f"stage {reused}: finished earlier, reusing" in changed.stderr
+    solves = sorted(out.glob("*/solve-*"))
+    assert len(solves) == 2 and old_solve in solves  # a new solve; the old one is kept, never reused
+    new_solve = next(p for p in solves if p != old_solve)
+    assert len(np.load(new_solve / "result.npz")["selected"]) == 5
+    assert not list(out.glob("*/finetune-*"))[1:]  # --stage sparse stops before fine-tuning the new model
