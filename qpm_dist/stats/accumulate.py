@@ -50,12 +50,11 @@ class FeatureSums:
     @torch.no_grad()
     def update(self, features: torch.Tensor, labels: torch.Tensor, feature_maps: torch.Tensor | None = None) -> None:
         """Add a batch: pooled features B x F, labels B, and (for B) the maps B x F x H x W."""
-        x = features.double()
+        x = self._float64(features)
         self.count += x.shape[0]
         self.sum += x.sum(0)
-        self.sumsq += (x * x).sum(0)
-        torch.minimum(self.min, x.min(0).values, out=self.min)
-        torch.maximum(self.max, x.max(0).values, out=self.max)
+        torch.minimum(self.min, x.amin(0), out=self.min)
+        torch.maximum(self.max, x.amax(0), out=self.max)
         self.class_sums.index_add_(0, labels, x)
         self.class_counts += torch.bincount(labels, minlength=self.class_counts.numel()).double()
         if feature_maps is not None:
@@ -63,6 +62,15 @@ class FeatureSums:
             peak, edge = locality(feature_maps)
             self.peak_sum += (share * peak.double()).sum(0)
             self.edge_sum += (share * edge.double()).sum(0)
+        self.sumsq += x.square_().sum(0)  # last: squares the buffer in place
+
+    def _float64(self, features: torch.Tensor) -> torch.Tensor:
+        """The batch as float64 in a reused buffer: a fresh large tensor per batch costs page faults."""
+        buf = getattr(self, "_buffer", None)
+        if buf is None or buf.shape[0] < features.shape[0]:
+            buf = self._buffer = torch.empty(features.shape, dtype=torch.float64, device=features.device)
+        x = buf[: features.shape[0]]
+        return x.copy_(features)
 
     def all_reduce(self) -> "FeatureSums":
         """Combine the ranks' sums in place (min/max with MIN/MAX); returns self."""
