@@ -34,7 +34,7 @@ from qpm_dist.methods.stages import RunContext, Stage
 from qpm_dist.models.io import load_classifier, state_digest
 from qpm_dist.models.net import Classifier
 from qpm_dist.models.sparse import SparseHead
-from qpm_dist.stats.accumulate import FeatureSums, collect_feature_sums
+from qpm_dist.stats.accumulate import collect_feature_sums
 from qpm_dist.stats.constants import compute_A, compute_B, compute_R
 from qpm_dist.utils import atomic_open, atomic_write_text, log
 
@@ -66,7 +66,7 @@ class StatsStage:
         with tqdm(total=len(loader), desc="stats: training set", leave=False, disable=not info.is_main) as bar:
             sums = collect_feature_sums(model, loader, ctx.data.num_classes, info.device, _autocast(ctx),
                                         progress=bar)
-        sums = FeatureSums(**{k: v.cpu() for k, v in vars(sums).items()})
+        sums = sums.cpu()
         summary = {"images": int(sums.count), "features": int(sums.sum.numel()), "classes": ctx.data.num_classes,
                    "zero_variance_features": int((sums.std <= 0).sum())}
         if info.is_main:

@@ -79,6 +79,9 @@ class FeatureSums:
             dist.all_reduce(getattr(self, f.name), op=op)
         return self
 
+    def cpu(self) -> "FeatureSums":
+        return FeatureSums(**{f.name: getattr(self, f.name).cpu() for f in fields(self)})
+
     def save(self, path: Path) -> None:
         np.savez(path, **{f.name: getattr(self, f.name).cpu().numpy() for f in fields(self)})
 
