@@ -9,7 +9,12 @@ executes it on this node, which is what the SLURM scripts do (one `qpm-dist laun
                     (the same command on every node; the c10d rendezvous assigns the node ranks)
     fixed ranks     --rdzv-backend static --node-rank R (torchrun's --master-addr/--master-port)
     elastic         --nnodes MIN:MAX and/or --max-restarts K: torchrun restarts *all* workers after a
-                    failure; `run.resume=auto` (the default) continues from the newest checkpoint
+                    failure; `run.resume=auto` (the default) continues from the newest checkpoint.
+                    Printed with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in front: by default the workers share
+                    the rendezvous' key-value store, which outlives a restart, so the restarted workers can
+                    read the previous round's addresses and counters and fail or hang while forming the
+                    process group (pytorch/pytorch#135712; seen here with torch 2.14). With it, every round
+                    starts with a fresh store.
 
 Every torchrun command also carries
   --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1  torchrun's defaults plus SIGUSR1, the signal SLURM
@@ -42,6 +47,8 @@ EXIT_BAD_INPUT = 2
 REPO = Path(__file__).resolve().parents[1]
 # torchrun's default set plus SIGUSR1 (SLURM's `--signal=USR1@...` and `scancel --signal=USR1`).
 SIGNALS_TO_HANDLE = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+# For runs that can restart (see the module docstring).
+ELASTIC_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 DEFAULT_SHUTDOWN_TIMEOUT_S = 60
 
 
@@ -169,7 +176,13 @@ def deepspeed_args(opts: argparse.Namespace, nproc: int) -> list[str]:
             *args, "--master_addr", host, "--master_port", port]
 
 
-def build_command(opts: argparse.Namespace) -> list[str]:
+def is_elastic(opts: argparse.Namespace) -> bool:
+    low, high = _parse_nnodes(opts.nnodes)
+    return opts.launcher == "torchrun" and (opts.max_restarts > 0 or low < high)
+
+
+def build_command(opts: argparse.Namespace) -> tuple[dict[str, str], list[str]]:
+    """The environment variables to set and the command line."""
     nproc = opts.nproc_per_node if opts.nproc_per_node is not None else _default_nproc()
     if nproc < 1:
         raise LaunchError(f"--nproc-per-node: expected a positive integer, got {nproc}")
@@ -179,7 +192,13 @@ def build_command(opts: argparse.Namespace) -> list[str]:
         head = ["deepspeed", *deepspeed_args(opts, nproc)]
     else:
         head = ["torchrun", *torchrun_args(opts, nproc)]
-    return [*head, _script(opts.script), "run", opts.config, *opts.run_args]
+    env = dict(ELASTIC_ENV) if is_elastic(opts) else {}
+    return env, [*head, _script(opts.script), "run", opts.config, *opts.run_args]
+
+
+def render(env: dict[str, str], command: list[str]) -> str:
+    """As a shell command line: `VAR=value ... torchrun ...`."""
+    return shlex.join([f"{key}={value}" for key, value in env.items()] + command)
 
 
 def _check_config(opts: argparse.Namespace) -> None:
@@ -225,14 +244,15 @@ def main(argv: list[str]) -> int:
 
     try:
         _check_config(opts)
-        command = build_command(opts)
+        env, command = build_command(opts)
     except (LaunchError, ConfigError) as exc:
         print(f"qpm-dist launch: error: {exc}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
     if not opts.run:
-        print(shlex.join(command), flush=True)
+        print(render(env, command), flush=True)
         return 0
-    print(f"qpm-dist launch: running: {shlex.join(command)}", file=sys.stderr, flush=True)
+    print(f"qpm-dist launch: running: {render(env, command)}", file=sys.stderr, flush=True)
+    os.environ.update(env)
     if opts.launcher == "torchrun":
         return run_torchrun(command[1:])
     # The deepspeed launcher passes a worker's non-zero exit status (e.g. 75) through unchanged.

@@ -54,6 +54,12 @@ def test_elastic_run_with_a_node_range_and_restarts(capsys):
                  "head:29400", "--rdzv-id", "sweep7", CONFIG)
     assert option(cmd, "--nnodes") == "2:4" and option(cmd, "--max-restarts") == "3"
     assert option(cmd, "--rdzv-id") == "sweep7"
+    # a restart must start from a fresh key-value store (tests/test_multinode.py shows why)
+    assert cmd[:2] == ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1", "torchrun"]
+    one_node = launch(capsys, "--max-restarts", "1", "--nproc-per-node", "2", CONFIG)
+    assert one_node[:2] == ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1", "torchrun"] and "--standalone" in one_node
+    node_range = launch(capsys, "--nnodes", "1:2", "--rdzv-endpoint", "head:29400", "--nproc-per-node", "2", CONFIG)
+    assert node_range[0] == "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"  # a joining node restarts the group, too
 
 
 def test_static_rendezvous_with_fixed_node_ranks(capsys):
