@@ -4,6 +4,7 @@ runs, and the bad input it refuses (exit 2). Nothing is started here; tests/test
 from __future__ import annotations
 
 import shlex
+import signal
 import subprocess
 import sys
 
@@ -121,3 +122,50 @@ def test_qpm_dist_launch_from_the_command_line_in_the_repository():
     assert proc.returncode == 0, proc.stderr
     cmd = shlex.split(proc.stdout)
     assert cmd[0] == "torchrun" and cmd[-3:] == ["launch/train.py", "run", "configs/demo.yaml"]
+
+
+def _raise(exc: BaseException):
+    def torchrun_main(args):
+        raise exc
+    return torchrun_main
+
+
+def _workers_failed(*codes: int) -> BaseException:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    failures = {rank: ProcessFailure(local_rank=rank, pid=1000 + rank, exitcode=code, error_file="<N/A>")
+                for rank, code in enumerate(codes)}
+    return ChildFailedError("launch/train.py", failures)
+
+
+def _torchrun_signalled(sig: signal.Signals) -> BaseException:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    return SignalException(f"Process 1 got signal: {sig}", sigval=sig)
+
+
+@pytest.mark.parametrize(
+    "outcome, status",
+    [
+        (None, 0),
+        (lambda: _workers_failed(75, 75), 75),
+        (lambda: _workers_failed(75, -signal.SIGTERM), 75),  # the other rank was still exiting when torchrun stopped it
+        (lambda: _workers_failed(-signal.SIGTERM, 75, -signal.SIGKILL), 75),
+        (lambda: _workers_failed(1, -signal.SIGTERM), 1),  # a crash
+        (lambda: _workers_failed(75, 1), 1),  # one rank crashed: not a clean stop
+        (lambda: _workers_failed(-signal.SIGKILL), 1),  # OOM killer or SIGKILL from outside
+        (lambda: _workers_failed(2, 2), 1),  # bad input
+        (lambda: _torchrun_signalled(signal.SIGUSR1), 75),  # SLURM's warning, forwarded to the workers
+        (lambda: _torchrun_signalled(signal.SIGTERM), 75),
+        (lambda: _torchrun_signalled(signal.SIGINT), 130),  # Ctrl-C: no checkpoint is promised
+    ],
+)
+def test_launcher_exit_status_keeps_the_engines_75(monkeypatch, outcome, status):
+    """torchrun itself exits 1 for every worker failure; `qpm-dist launch --run` must tell the sbatch script
+    whether the run stopped at a checkpoint (75) or failed."""
+    import torch.distributed.run
+
+    from qpm_dist.launching import run_torchrun
+
+    monkeypatch.setattr(torch.distributed.run, "main", _raise(outcome()) if outcome else lambda args: None)
+    assert run_torchrun(["--standalone", "train.py"]) == status
