@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nnodes", default="1", help="number of nodes, or MIN:MAX for an elastic run (default 1)")
     p.add_argument("--nproc-per-node", type=int, default=None,
                    help="processes per node (default: the GPUs of this machine, or 1 without GPUs)")
-    p.add_argument("--rdzv-endpoint", help="HOST:PORT reachable from every node (required for several nodes)")
+    p.add_argument("--rdzv-endpoint", help="HOST:PORT reachable from every node (required for several nodes; "
+                                           "with the deepspeed launcher on one node: its master address)")
     p.add_argument("--rdzv-id", default=None,
                    help="id shared by all nodes of one run (default: $SLURM_JOB_ID, else qpm-dist)")
     p.add_argument("--rdzv-backend", choices=["c10d", "static"], default="c10d",
@@ -173,6 +174,9 @@ def deepspeed_args(opts: argparse.Namespace, nproc: int) -> list[str]:
         raise LaunchError("the deepspeed launcher has no elastic restarts; use --launcher torchrun")
     args = ["--num_gpus", str(nproc)]
     if high == 1:
+        if opts.rdzv_endpoint:  # otherwise DeepSpeed's default port 29500, shared by every run on the machine
+            host, port = _split_endpoint(opts.rdzv_endpoint)
+            args += ["--master_addr", host, "--master_port", port]
         return args
     if not opts.hostfile or not opts.rdzv_endpoint or opts.node_rank is None:
         raise LaunchError("the deepspeed launcher on several nodes needs --hostfile, --rdzv-endpoint (node 0's "

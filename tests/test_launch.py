@@ -75,6 +75,9 @@ def test_deepspeed_launcher_one_node_and_one_command_per_node(capsys, monkeypatc
     one = launch(capsys, "--launcher", "deepspeed", "--nproc-per-node", "2", CONFIG, "engine.strategy=deepspeed")
     assert one[:3] == ["deepspeed", "--num_gpus", "2"]
     assert one[3:] == [str(REPO / "launch" / "train.py"), "run", CONFIG, "engine.strategy=deepspeed"]
+    port = launch(capsys, "--launcher", "deepspeed", "--nproc-per-node", "2", "--rdzv-endpoint", "127.0.0.1:29611",
+                  CONFIG)
+    assert option(port, "--master_addr") == "127.0.0.1" and option(port, "--master_port") == "29611"
     many = launch(capsys, "--launcher", "deepspeed", "--nnodes", "2", "--node-rank", "1", "--hostfile", "/job/hosts",
                   "--rdzv-endpoint", "n1:29500", "--nproc-per-node", "4", CONFIG)
     assert "--no_ssh" in many and option(many, "--node_rank") == "1" and option(many, "--num_nodes") == "2"

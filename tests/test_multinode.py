@@ -6,7 +6,8 @@ runs it once per node. Every run here has world size 2 and trains the same confi
 * elastic: a worker SIGKILLed on node 1 is restarted by torchrun (--max-restarts 1) together with node 0's;
   both resume from the newest checkpoint and finish, bitwise equal to the uninterrupted run;
 * the launcher's exit status is 75 after a stop signal, whether torchrun or a worker received it, which is
-  what the sbatch scripts requeue on.
+  what the sbatch scripts requeue on;
+* (slow) DeepSpeed's launcher starts the same entry point, passes 75 through, and the resumed run ends equal.
 """
 
 from __future__ import annotations
@@ -107,8 +108,9 @@ def wait_until(condition, procs: list[subprocess.Popen], what: str, timeout: flo
 
 
 def workers(launcher: subprocess.Popen) -> list[psutil.Process]:
-    """The training processes torchrun started under this launcher."""
-    return [p for p in psutil.Process(launcher.pid).children(recursive=True) if str(ENTRY) in " ".join(p.cmdline())]
+    """The training processes started under this launcher: `python [-u] ENTRY ...` (not the launchers, whose
+    command lines also name ENTRY)."""
+    return [p for p in psutil.Process(launcher.pid).children(recursive=True) if str(ENTRY) in p.cmdline()[1:3]]
 
 
 def check_weights(config: Path, reference: Path, ranks: int = 2) -> None:
@@ -198,4 +200,26 @@ def test_launcher_exits_75_after_a_stop_signal_and_the_rerun_finishes(tmp_path, 
     third = start(config, tmp_path / "third.log", *options)
     log = finish(third, tmp_path / "third.log")
     assert third.returncode == 0, log[-3000:]
+    check_weights(config, reference)
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_runs_the_entry_point_stops_with_75_and_resumes(tmp_path, tiny_data, reference):
+    """`deepspeed --num_gpus 2 launch/train.py ...` (CPU processes here): the launcher appends --local_rank,
+    which the entry point drops; a stop signal to one worker ends the launcher with 75; the rerun finishes
+    bitwise equal to the torchrun reference (same world size, same data order)."""
+    config = write_config(tmp_path, "deepspeed-launcher", tiny_data)
+    options = ("--launcher", "deepspeed", "--nproc-per-node", "2", "--rdzv-endpoint", f"127.0.0.1:{free_port()}")
+    first = start(config, tmp_path / "first.log", *options)
+    wait_until(lambda: logged_step(config) >= 3, [first], "step 3")
+    ranks = workers(first)
+    assert len(ranks) == 2 and all("--local_rank=" in " ".join(p.cmdline()) for p in ranks)
+    ranks[-1].send_signal(signal.SIGUSR1)
+    log = finish(first, tmp_path / "first.log")
+    assert first.returncode == 75, log[-3000:]
+    options = ("--launcher", "deepspeed", "--nproc-per-node", "2", "--rdzv-endpoint", f"127.0.0.1:{free_port()}")
+    second = start(config, tmp_path / "second.log", *options)
+    log = finish(second, tmp_path / "second.log")
+    assert second.returncode == 0, log[-3000:]
+    assert "resumed dense from" in log
     check_weights(config, reference)
