@@ -36,7 +36,7 @@ run_step() {
     fi
     break
   done
-  trap - USR1
+  trap '' USR1  # the step has ended: a late signal must not kill this shell before it requeues
   return "$rc"
 }
 

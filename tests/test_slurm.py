@@ -173,7 +173,7 @@ def test_array_task_i_trains_run_line_i_of_the_sweep_file(slurm, tmp_path):
                 ["run.seed=0", "dense.optim.lr=0.01"]]
     for task, (srun, overrides) in enumerate(zip(runs, expected)):
         assert srun["env"]["SLURM_ARRAY_TASK_ID"] == str(task)
-        assert srun["argv"][0] == "--ntasks=1"
+        assert srun["argv"][0] == "--ntasks=1" and srun["env"]["SRUN_CPUS_PER_TASK"] == "32"
         tail = after(srun["argv"], ["configs/demo.yaml"])
         assert tail == [f"run.name=lr_sweep-{task}", "dense.epochs=2", *overrides]
     torchrun = torchrun_command(runs[2]["argv"])
