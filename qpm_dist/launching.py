@@ -26,12 +26,14 @@ Every torchrun command also carries
 Exit status of `--run` with torchrun. torchrun reports any failed worker as exit status 1, which would hide
 the engine's 75 ("stopped at a checkpoint, run again to resume") from srun and the sbatch script. So we run
 torchrun in this process (`torch.distributed.run.main`, the function behind the `torchrun` command) and
-return 0 when all workers succeeded; 75 when the workers stopped at a checkpoint; 128+N when torchrun was
-stopped by a signal N other than SIGTERM/SIGUSR1; 1 for any other failure. "Stopped at a checkpoint" is:
-* a worker exited 75 and every other failed worker either exited 75 or was killed by torchrun's SIGTERM
-  (or its SIGKILL after --shutdown-timeout) while still exiting — torchrun stops the whole group as soon as
-  the first worker ends. The checkpoint is complete by then: a rank leaves the checkpoint's final barrier,
-  and can exit 75, only after rank 0 published the checkpoint;
+return 0 when all workers succeeded; 75 when the workers stopped at a checkpoint; 2 when they all stopped on
+bad input; 128+N when torchrun was stopped by a signal N other than SIGTERM/SIGUSR1; 1 for any other
+failure. Workers that torchrun itself killed (SIGTERM, or SIGKILL after --shutdown-timeout) while they were
+still exiting do not count: torchrun stops the whole group as soon as the first worker ends. So
+"stopped at a checkpoint" is:
+* a worker exited 75 and every other failed worker exited 75 or was killed by torchrun. The checkpoint is
+  complete by then: a rank leaves the checkpoint's final barrier, and can exit 75, only after rank 0
+  published the checkpoint;
 * or torchrun itself received SIGTERM/SIGUSR1: it forwarded the signal, on which every rank checkpoints and
   exits 75, and waited up to --shutdown-timeout (if a save could not finish in time, torchrun logs the
   SIGKILL and the resume uses the previous checkpoint).
@@ -235,9 +237,9 @@ def run_torchrun(args: list[str]) -> int:
     except ChildFailedError as exc:
         codes = {failure.exitcode for failure in exc.failures.values()}  # a negative code -N: killed by signal N
         print(f"qpm-dist launch: workers failed with exit codes {sorted(codes)}", file=sys.stderr, flush=True)
-        stopped_by_torchrun = {-signal.SIGTERM, -signal.SIGKILL}
-        if PREEMPTED_EXIT_CODE in codes and codes <= {PREEMPTED_EXIT_CODE, *stopped_by_torchrun}:
-            return PREEMPTED_EXIT_CODE
+        own = codes - {-signal.SIGTERM, -signal.SIGKILL}  # without the workers torchrun stopped
+        if own in ({PREEMPTED_EXIT_CODE}, {EXIT_BAD_INPUT}):
+            return own.pop()
         return 1
     except SignalException as exc:
         sig = signal.Signals(exc.sigval)

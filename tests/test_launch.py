@@ -92,7 +92,8 @@ def test_deepspeed_launcher_one_node_and_one_command_per_node(capsys, monkeypatc
         (["--nnodes", "2", "--rdzv-endpoint", "head"], "--rdzv-endpoint: expected HOST:PORT, got 'head'"),
         (["--nnodes", "0"], "--nnodes: expected 1 <= MIN <= MAX"),
         (["--nnodes", "two"], "--nnodes: expected N or MIN:MAX"),
-        (["--nnodes", "2", "--rdzv-endpoint", "h:1", "--node-rank", "0"], "--node-rank applies to --rdzv-backend static"),
+        (["--nnodes", "2", "--rdzv-endpoint", "h:1", "--node-rank", "0"],
+         "--node-rank applies to --rdzv-backend static"),
         (["--nnodes", "2", "--rdzv-backend", "static", "--rdzv-endpoint", "h:1", "--node-rank", "0",
           "--max-restarts", "1"], "--max-restarts needs --rdzv-backend c10d"),
         (["--nnodes", "2", "--rdzv-backend", "static", "--rdzv-endpoint", "h:1", "--node-rank", "2"],
@@ -157,7 +158,10 @@ def _torchrun_signalled(sig: signal.Signals) -> BaseException:
         (lambda: _workers_failed(1, -signal.SIGTERM), 1),  # a crash
         (lambda: _workers_failed(75, 1), 1),  # one rank crashed: not a clean stop
         (lambda: _workers_failed(-signal.SIGKILL), 1),  # OOM killer or SIGKILL from outside
-        (lambda: _workers_failed(2, 2), 1),  # bad input
+        (lambda: _workers_failed(2, 2), 2),  # bad input, e.g. a dataset folder missing on that node
+        (lambda: _workers_failed(2, -signal.SIGTERM), 2),
+        (lambda: _workers_failed(2, 75), 1),
+        (lambda: _workers_failed(-signal.SIGTERM, -signal.SIGTERM), 1),
         (lambda: _torchrun_signalled(signal.SIGUSR1), 75),  # SLURM's warning, forwarded to the workers
         (lambda: _torchrun_signalled(signal.SIGTERM), 75),
         (lambda: _torchrun_signalled(signal.SIGINT), 130),  # Ctrl-C: no checkpoint is promised
