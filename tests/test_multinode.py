@@ -98,6 +98,10 @@ def logged_step(config: Path) -> int:
     return newest
 
 
+def published_checkpoints(config: Path) -> list[Path]:
+    return [p for p in out_dir(config).glob("*/dense-*/checkpoints/step_*") if not p.name.endswith(".tmp")]
+
+
 def wait_until(condition, procs: list[subprocess.Popen], what: str, timeout: float = 300) -> None:
     deadline = time.time() + timeout
     while not condition():
@@ -153,9 +157,7 @@ def test_worker_killed_on_one_node_is_restarted_and_the_run_resumes(tmp_path, ti
                    "--rdzv-endpoint", endpoint, "--rdzv-id", "elastic-test", "--max-restarts", "1")
              for rank in (0, 1)]
     try:
-        checkpoints = lambda: sorted(p for p in (stage_dir_or_none(config) or Path("/nonexistent")).glob(
-            "checkpoints/step_*") if not p.name.endswith(".tmp"))
-        wait_until(lambda: logged_step(config) >= 5 and checkpoints(), nodes, "step 5 and a checkpoint")
+        wait_until(lambda: logged_step(config) >= 5 and published_checkpoints(config), nodes, "step 5 and a checkpoint")
         (victim,) = workers(nodes[1])
         victim.send_signal(signal.SIGKILL)
         killed_at = logged_step(config)
@@ -168,11 +170,6 @@ def test_worker_killed_on_one_node_is_restarted_and_the_run_resumes(tmp_path, ti
     assert "will restart worker group" in logs[1]  # torchrun restarted the killed worker's group ...
     assert "resumed dense from" in both, both[-4000:]  # ... and the run resumed from a checkpoint (rank 0 logs it)
     check_weights(config, reference)
-
-
-def stage_dir_or_none(config: Path) -> Path | None:
-    found = sorted(out_dir(config).glob("*/dense-*"))
-    return found[0] if found else None
 
 
 def test_launcher_exits_75_after_a_stop_signal_and_the_rerun_finishes(tmp_path, tiny_data, reference):
