@@ -53,13 +53,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_started: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_processes():
+    """A failed or timed-out test must not leave launchers and workers running."""
+    yield
+    while _started:
+        proc = _started.pop()
+        try:
+            tree = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
+        except psutil.NoSuchProcess:
+            continue
+        for p in tree:
+            _signal(p, signal.SIGKILL)
+        proc.wait()
+
+
 def start(config: Path, log: Path, *launch_options: str) -> subprocess.Popen:
     """`qpm-dist launch --run ...` for one node, output to `log`."""
     cmd = [sys.executable, "-m", "qpm_dist", "launch", "--run", "--script", str(ENTRY), *launch_options, str(config)]
     # torchrun's INFO log (rendezvous, restarts) and Python stacks on SIGABRT: what a failure report needs
     env = {**clean_env(), "LOGLEVEL": "INFO", "PYTHONFAULTHANDLER": "1"}
     with open(log, "w") as fh:
-        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT, text=True)
+    _started.append(proc)
+    return proc
 
 
 def finish(proc: subprocess.Popen, log: Path, timeout: float = 420) -> str:
