@@ -1,4 +1,4 @@
-"""`qpm-dist` command line: run | demo | make-synthetic | print-config.
+"""`qpm-dist` command line: run | demo | make-synthetic | print-config | launch.
 
 Exit codes: 0 success, 2 bad input (config, paths, files; reported before any training starts),
 75 stopped by SIGTERM/SIGUSR1 after writing a checkpoint (rerun the same command to resume).
@@ -171,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     sub.add_parser("make-synthetic", help="generate the synthetic dataset (see --help)", add_help=False)
+    sub.add_parser("launch", help="print or --run the torchrun/deepspeed command for one or more nodes (see --help)",
+                   add_help=False)
     return parser
 
 
@@ -178,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "make-synthetic":
         return cmd_make_synthetic(argv[1:])
+    if argv and argv[0] == "launch":
+        from qpm_dist.launching import main as launch_main
+
+        return launch_main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 
