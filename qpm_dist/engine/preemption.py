@@ -18,8 +18,10 @@ _SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 class Preempted(Exception):
     """Raised after the checkpoint was written; the CLI turns it into PREEMPTED_EXIT_CODE."""
 
-    def __init__(self, checkpoint: str, signum: int) -> None:
-        super().__init__(f"stopped by {signal.Signals(signum).name}; resume from {checkpoint}")
+    def __init__(self, checkpoint: str, signum: int | None) -> None:
+        cause = (f"stopped by {signal.Signals(signum).name}" if signum is not None
+                 else "stopped because another rank received SIGTERM/SIGUSR1")
+        super().__init__(f"{cause}; resume from {checkpoint}")
         self.checkpoint = checkpoint
 
 

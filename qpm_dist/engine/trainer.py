@@ -209,7 +209,7 @@ class Trainer:
                     path = self.save_checkpoint()
                     log.warning("stop requested: saved %s at epoch %d step %d", path, self.progress.epoch,
                                 self.progress.step_in_epoch)
-                    raise Preempted(str(path), stop.signum or 15)
+                    raise Preempted(str(path), stop.signum)
                 n_ckpt = self.setup.engine.checkpoint_every_steps
                 if n_ckpt and self.progress.global_step % n_ckpt == 0 and self.progress.step_in_epoch < self.steps_per_epoch:
                     self.save_checkpoint()
