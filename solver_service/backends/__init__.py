@@ -1,0 +1,56 @@
+"""Backend registry and the `auto` choice. Backends are imported lazily: gurobipy and highspy are
+optional, and importing a solver package the run does not need only costs time and memory."""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+from ..preprocess import Prepared
+from ..problem import Problem
+from ..util import SolveLog
+from .base import BackendUnavailable, LicenceLimitError, Solution, SolverError
+
+# `auto` hands a problem to the exact MILP only while HiGHS proves optimality quickly:
+HIGHS_AUTO_MAX_ENTRIES = 4000   # F * C
+HIGHS_AUTO_MAX_PAIRS = 4000     # |D|
+
+__all__ = ["BackendUnavailable", "LicenceLimitError", "Solution", "SolverError", "choose_backend", "run_backend"]
+
+
+def installed(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
+
+
+def choose_backend(problem: Problem, prep: Prepared, log: SolveLog) -> str:
+    F, C = prep.a.shape
+    if problem.option("prefer_gurobi", False):
+        if installed("gurobipy"):
+            log("auto: gurobi (prefer_gurobi is set and gurobipy is installed)")
+            return "gurobi"
+        log("auto: prefer_gurobi is set but gurobipy is not installed")
+    if F * C <= HIGHS_AUTO_MAX_ENTRIES and prep.pair_w.size <= HIGHS_AUTO_MAX_PAIRS:
+        if installed("highspy"):
+            log(f"auto: highs (F*C = {F * C} <= {HIGHS_AUTO_MAX_ENTRIES} and |D| = {prep.pair_w.size} <= "
+                f"{HIGHS_AUTO_MAX_PAIRS}: small enough to prove optimality)")
+            return "highs"
+        log("auto: small enough for highs, but highspy is not installed")
+    else:
+        log(f"auto: fast (F*C = {F * C}, |D| = {prep.pair_w.size}: beyond what the exact MILP proves quickly)")
+    return "fast"
+
+
+def run_backend(problem: Problem, prep: Prepared, name: str, log: SolveLog) -> tuple[Solution, str]:
+    """Run backend `name` (or the `auto` choice); returns the solution and the backend that made it."""
+    auto = name == "auto"
+    if auto:
+        name = choose_backend(problem, prep, log)
+    module = importlib.import_module(f".{name}", __name__)
+    try:
+        return module.solve(problem, prep, log), name
+    except (LicenceLimitError, BackendUnavailable) as exc:
+        if not auto:
+            raise
+        log(f"auto: {name} is not usable here ({exc}); falling back to fast")
+        from . import fast
+
+        return fast.solve(problem, prep, log), "fast"
