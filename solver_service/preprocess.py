@@ -67,7 +67,9 @@ def greedy_clique(adj: np.ndarray, target: int, n_seeds: int = CLIQUE_SEEDS) -> 
     """Try to find `target` pairwise-adjacent vertices; None if the greedy search fails.
 
     From each of the highest-degree seeds, repeatedly add the candidate with the most neighbours
-    among the remaining candidates (all of which are adjacent to every vertex chosen so far).
+    among the remaining candidates (all of which are adjacent to every vertex chosen so far). The
+    in-candidate degrees are updated by subtracting the rows of dropped candidates, so one seed
+    costs O(F^2) in total (adjacency is symmetric).
     """
     F = adj.shape[0]
     if target <= 1:
@@ -78,14 +80,16 @@ def greedy_clique(adj: np.ndarray, target: int, n_seeds: int = CLIQUE_SEEDS) -> 
             break
         clique = [int(seed)]
         cand = adj[seed].copy()
+        inner = adj[cand].sum(axis=0, dtype=np.int32)   # neighbours of each vertex among candidates
         while len(clique) < target:
-            idx = np.flatnonzero(cand)
-            if len(clique) + idx.size < target:
+            n_cand = int(cand.sum())
+            if len(clique) + n_cand < target:
                 break
-            inner = adj[np.ix_(idx, idx)].sum(axis=1)
-            v = int(idx[np.argmax(inner)])
+            v = int(np.argmax(np.where(cand, inner, -1)))
             clique.append(v)
+            dropped = cand & ~adj[v]
             cand &= adj[v]
+            inner -= adj[dropped].sum(axis=0, dtype=np.int32)
         if len(clique) >= target:
             return np.array(clique[:target])
     return None

@@ -1,4 +1,4 @@
-"""`fast`: a deterministic local-search heuristic with a Lagrangian bound, for any problem size.
+"""`fast`: a deterministic local-search heuristic with an LP-dual upper bound, for any problem size.
 
 Structure used: for a fixed selection S the best assignment of a class (ignoring uniqueness) is its
 top-k features of S, so the search runs over S only, with the relaxed objective
@@ -14,13 +14,15 @@ max(t'_c, a_jc) - a_ic if i is among c's top-k, else by max(0, a_jc - t_c). Summ
 
 i.e. one F x C pass plus an (F x C) @ (C x n) product for the whole F x n swap matrix.
 
-Phases: (1) greedy and penalty-free-clique starts, best-improvement swaps, then iterated local
-search (remove r random features, re-add greedily with randomisation, descend; r grows while the
-search stalls); (2) uniqueness: the exact value of S is f(S) minus the optimal deduplication cost
-(a min-cost matching, see dedup.py). Starting from the best relaxed optima, a local search on that
-exact value keeps classes distinct; it evaluates swaps in decreasing relaxed delta and stops as soon
-as the relaxed value (an upper bound of the exact one) cannot beat the best swap found, and runs
-its own kicks when deduplication costs anything. (3) A Lagrangian upper bound (bound.py).
+Phases: (1) greedy and penalty-free-clique starts, best-improvement descent, then tabu search:
+every iteration makes the best swap that is not tabu (a removed feature may not come back, an added
+one may not leave, for a few iterations; a swap reaching a new best is always allowed), restarting
+from the best selection with a random perturbation when it stalls; (2) uniqueness: the exact value
+of S is f(S) minus the optimal deduplication cost (a min-cost matching, see dedup.py). From the best
+relaxed local optima, a local search on that exact value keeps classes distinct; it evaluates swaps
+in decreasing relaxed delta and stops as soon as the relaxed value (an upper bound of the exact one)
+cannot beat the best swap found, and runs its own kicks when deduplication costs anything. (3) The
+LP dual bound of bound.py, started at the class prices of the solution found.
 
 Budgets are counted in kicks, not seconds, so a seed gives the same result on every machine; the
 time limit is only a safety cap (the log says when it cut the search short).
@@ -32,15 +34,15 @@ import time
 
 import numpy as np
 
-from ..bound import lagrangian_bound
+from ..bound import lp_bound
 from ..dedup import distinct_assignment
 from ..preprocess import Prepared
 from ..problem import Problem
 from ..util import SolveLog
 from .base import Solution
 
-KICKS = 300            # relaxed iterated-local-search kicks at effort 1
-EXACT_KICKS = 100      # kicks on the exact (deduplicated) value when deduplication costs anything
+ITERATIONS = 2000      # tabu-search swaps at effort 1
+EXACT_ITERATIONS = 300  # tabu swaps on the exact (deduplicated) value when deduplication costs anything
 ELITE = 4              # best distinct relaxed local optima carried into the exact phase
 BOUND_ITERATIONS = 300
 RCL = 3                # randomised greedy picks among this many best additions
@@ -129,69 +131,83 @@ def greedy_fill(ctx: Context, sel, rng: np.random.Generator | None) -> np.ndarra
     return sel
 
 
-def descend(state: SwapState) -> tuple[SwapState, int]:
-    """Best-improvement swaps on the relaxed value until none improves."""
-    ctx, steps = state.ctx, 0
-    while not ctx.out_of_time():
+class RelaxedMoves:
+    """Moves scored by the relaxed value f, all at once from the swap-delta matrix."""
+
+    def value(self, state: SwapState) -> float:
+        return state.value
+
+    def best_move(self, state: SwapState, blocked: np.ndarray | None, aspiration: float):
+        """Best swap (pos, j, new state, new value) that is not blocked, or blocked but reaching
+        more than `aspiration`; None if there is none."""
         d = state.deltas()
-        j, pos = np.unravel_index(int(np.argmax(d)), d.shape)
-        if d[j, pos] <= ctx.eps:
-            break
-        state, steps = state.swapped(int(pos), int(j)), steps + 1
-    return state, steps
+        if blocked is not None:
+            d = np.where(blocked & (state.value + d <= aspiration), -np.inf, d)
+        idx = int(np.argmax(d))
+        if not np.isfinite(d.flat[idx]):
+            return None
+        j, pos = divmod(idx, state.ctx.n)
+        return pos, j, state.swapped(pos, j), state.value + float(d.flat[idx])
 
 
-class ExactValue:
-    """f(S) minus the optimal deduplication cost for S, memoised per selection."""
+class ExactMoves:
+    """Moves scored by the exact value: f(S) minus the optimal deduplication cost for S (memoised).
 
-    def __init__(self, ctx: Context):
+    A neighbour's relaxed value bounds its exact value, so neighbours are scanned in decreasing
+    relaxed value and the scan stops once no remaining one can beat the best found (at most
+    `scan_limit` exact evaluations per move)."""
+
+    def __init__(self, ctx: Context, scan_limit: int = 256):
         self.ctx = ctx
+        self.scan_limit = scan_limit
         self.cache: dict[bytes, float] = {}
-        self.calls = 0
 
-    def __call__(self, state: SwapState) -> float:
+    def value(self, state: SwapState) -> float:
         if state.key not in self.cache:
-            self.calls += 1
             _, cost = distinct_assignment(self.ctx.a[state.sel], self.ctx.k)
             self.cache[state.key] = state.value - cost
         return self.cache[state.key]
 
-
-def descend_exact(state: SwapState, exact: ExactValue) -> SwapState:
-    """Best-improvement swaps on the exact value. The relaxed value of a neighbour bounds its exact
-    value, so candidates are scanned in decreasing relaxed delta until none can beat the best."""
-    ctx = state.ctx
-    current = exact(state)
-    while not ctx.out_of_time():
-        d = state.deltas()
-        flat = d.ravel()
-        need = current - state.value + ctx.eps        # relaxed delta needed to possibly improve
-        cand = np.flatnonzero(flat > need)
-        cand = cand[np.argsort(-flat[cand], kind="stable")]
-        best_val, best_state = current + ctx.eps, None
-        for idx in cand:
-            if state.value + flat[idx] <= best_val or ctx.out_of_time():
+    def best_move(self, state: SwapState, blocked: np.ndarray | None, aspiration: float):
+        ctx = state.ctx
+        flat = state.deltas().ravel() + state.value
+        order = np.argsort(-flat, kind="stable")
+        best = None
+        for idx in order[np.isfinite(flat[order])][: self.scan_limit]:
+            if best is not None and flat[idx] <= best[3]:
                 break
             j, pos = divmod(int(idx), ctx.n)
+            tabu = blocked is not None and blocked[j, pos]
+            if tabu and flat[idx] <= aspiration:
+                continue
             nxt = state.swapped(pos, j)
-            val = exact(nxt)
-            if val > best_val:
-                best_val, best_state = val, nxt
-        if best_state is None:
+            val = self.value(nxt)
+            if (not tabu or val > aspiration) and (best is None or val > best[3]):
+                best = (pos, j, nxt, val)
+        return best
+
+
+def descend(state: SwapState, moves) -> SwapState:
+    """Best-improvement swaps until none improves `moves.value`."""
+    ctx = state.ctx
+    value = moves.value(state)
+    while not ctx.out_of_time():
+        move = moves.best_move(state, None, value)
+        if move is None or move[3] <= value + ctx.eps:
             break
-        state, current = best_state, best_val
+        state, value = move[2], move[3]
     return state
 
 
 def perturb(state: SwapState, strength: int, rng: np.random.Generator) -> SwapState:
     """Drop `strength` random features and refill greedily with randomised choices."""
     ctx = state.ctx
-    keep = np.delete(state.sel, rng.choice(ctx.n, size=strength, replace=False))
+    keep = np.delete(state.sel, rng.choice(ctx.n, size=min(strength, ctx.n), replace=False))
     return SwapState(ctx, greedy_fill(ctx, keep, rng))
 
 
 class Elite:
-    """The best few distinct selections seen (by a given value)."""
+    """The best few distinct selections seen."""
 
     def __init__(self, size: int):
         self.size = size
@@ -200,38 +216,52 @@ class Elite:
     def add(self, value: float, state: SwapState) -> None:
         self.items[state.key] = (value, state)
         if len(self.items) > self.size:
-            worst = min(self.items, key=lambda key: self.items[key][0])
-            del self.items[worst]
+            del self.items[min(self.items, key=lambda key: self.items[key][0])]
 
     def best_first(self) -> list[SwapState]:
         return [s for _, s in sorted(self.items.values(), key=lambda vs: -vs[0])]
 
 
-def iterated_search(start: SwapState, kicks: int, rng: np.random.Generator, value, improve,
-                    log: SolveLog, label: str, elite: Elite | None = None) -> SwapState:
-    """Iterated local search: kick, descend, keep if not worse. The kick grows from 2 features
-    while the search stalls and resets on improvement; stops after `kicks` kicks, after kicks/2
-    kicks without improvement, or at the time cap."""
+def tabu_search(start: SwapState, moves, iterations: int, rng: np.random.Generator, log: SolveLog,
+                label: str, elite: Elite | None = None) -> SwapState:
+    """Best non-tabu swap every iteration, even if it worsens the value; a swap reaching a new best
+    is always allowed. A removed feature may not come back for a few iterations, an added one may
+    not leave. After `iterations // 8` iterations without a new best, restart from the best
+    selection with a random perturbation. Local optima (no improving swap) go to `elite`."""
     ctx = start.ctx
-    best, best_val = start, value(start)
-    max_strength = max(2, (ctx.n - ctx.k) // 3) if ctx.n > ctx.k else 1
-    stall = 0
-    for kick in range(1, kicks + 1):
-        if stall >= max(20, kicks // 2) or ctx.out_of_time():
+    state, best = start, start
+    value = best_value = moves.value(start)
+    frozen = np.full(ctx.F, -1, dtype=np.int64)  # feature may not change side before this iteration
+    add_hi = max(2, min(20, (ctx.F - ctx.n) // 2))
+    rem_hi = max(2, min(8, ctx.n // 2))
+    stall_limit = max(20, iterations // 8)
+    last_best = restarts = it = 0
+    for it in range(1, iterations + 1):
+        if ctx.out_of_time():
             break
-        strength = min(max_strength, 2 + stall // 10, ctx.n)
-        cand = improve(perturb(best, strength, rng))
-        val = value(cand)
-        if elite is not None:
-            elite.add(val, cand)
-        if val > best_val + ctx.eps:
-            best, best_val, stall = cand, val, 0
-        else:
-            stall += 1
-            if val >= best_val - ctx.eps:
-                best = cand  # plateau move
-        log.progress(f"{label}: kick {kick}/{kicks} best {best_val:.6f} stall {stall}")
-    log(f"{label}: best {best_val:.6f} after {kick if kicks else 0} kicks")
+        is_frozen = frozen > it
+        blocked = is_frozen[:, None] | is_frozen[state.sel][None, :]
+        move = moves.best_move(state, blocked, best_value + ctx.eps)
+        if move is None:
+            frozen[:] = -1  # every move is tabu (tiny instances): forget the tabu list
+            continue
+        pos, j, nxt, nxt_value = move
+        if elite is not None and nxt_value <= value + ctx.eps:
+            elite.add(value, state)
+        frozen[state.sel[pos]] = it + rng.integers(max(1, add_hi // 3), add_hi + 1)
+        frozen[j] = it + rng.integers(max(1, rem_hi // 3), rem_hi + 1)
+        state, value = nxt, nxt_value
+        if value > best_value + ctx.eps:
+            best, best_value, last_best = state, value, it
+        elif it - last_best > stall_limit:
+            restarts += 1
+            state, last_best = perturb(best, 2 + restarts % 6, rng), it
+            value = moves.value(state)
+            frozen[:] = -1
+        log.progress(f"{label}: iteration {it}/{iterations} best {best_value:.6f} current {value:.6f}")
+    if elite is not None:
+        elite.add(best_value, best)
+    log(f"{label}: best {best_value:.6f} after {it} iterations ({restarts} restarts)")
     return best
 
 
@@ -242,51 +272,50 @@ def solve(problem: Problem, prep: Prepared, log: SolveLog) -> Solution:
     t0 = time.perf_counter()
     ctx = Context(prep, t0 + time_limit)
     rng = np.random.default_rng(seed)
-    kicks = max(1, round(KICKS * effort))
-    exact_kicks = max(1, round(EXACT_KICKS * effort))
+    iterations = max(1, round(ITERATIONS * effort))
+    exact_iterations = max(1, round(EXACT_ITERATIONS * effort))
     log(f"fast: F={ctx.F} C={ctx.C} n={ctx.n} k={ctx.k} |D|={prep.pair_w.size} seed={seed} "
-        f"kicks={kicks}+{exact_kicks} time cap={time_limit:g}s")
+        f"iterations={iterations} (+{exact_iterations} if deduplication costs) time cap={time_limit:g}s")
 
     # 1. starts and the relaxed search
+    relaxed = RelaxedMoves()
     starts = {"greedy": greedy_fill(ctx, np.zeros(0, dtype=np.int64), None)}
     if prep.clique is not None:
         starts["clique"] = prep.clique
     elite = Elite(ELITE)
-    best = None
     for name, sel in starts.items():
-        state, steps = descend(SwapState(ctx, sel))
+        state = descend(SwapState(ctx, sel), relaxed)
         elite.add(state.value, state)
-        log(f"start {name}: {SwapState(ctx, sel).value:.6f} -> {state.value:.6f} after {steps} swaps")
-        if best is None or state.value > best.value:
-            best = state
-    best = iterated_search(best, kicks, rng, lambda s: s.value, lambda s: descend(s)[0], log, "relaxed", elite)
+        log(f"start {name}: {SwapState(ctx, sel).value:.6f} -> {state.value:.6f}")
+    best = tabu_search(elite.best_first()[0], relaxed, iterations, rng, log, "tabu", elite)
     t_relaxed = time.perf_counter()
 
     # 2. uniqueness: exact value = relaxed value - deduplication cost
-    exact = ExactValue(ctx)
-    candidates = [descend_exact(s, exact) for s in elite.best_first()]
-    best = max(candidates, key=exact)
-    cost = best.value - exact(best)
-    log(f"exact: best {exact(best):.6f} (deduplication cost {cost:.6f}) from {len(candidates)} elite starts")
-    if cost > ctx.eps:
-        best = iterated_search(best, exact_kicks, rng, exact, lambda s: descend_exact(descend(s)[0], exact),
-                               log, "exact")
+    exact = ExactMoves(ctx, scan_limit=int(np.clip(4e6 / (ctx.F * ctx.C), 8, 256)))
+    tops = elite.best_first()
+    costs = [s.value - exact.value(s) for s in tops]
+    best = max((descend(s, exact) for s in tops), key=exact.value)
+    log(f"exact: best {exact.value(best):.6f} from the {len(tops)} best local optima, whose deduplication "
+        f"costs are {', '.join(f'{c:.4g}' for c in costs)}")
+    if max(costs) > ctx.eps:
+        best = tabu_search(best, exact, exact_iterations, rng, log, "exact tabu")
     assignment, cost = distinct_assignment(ctx.a[best.sel], ctx.k)
     objective = best.value - cost
     t_exact = time.perf_counter()
 
     # 3. bound
     relaxed_part = objective + 0.5 * float(best.pen_to[best.sel].sum())  # assignment + bias terms
-    bound, its = lagrangian_bound(ctx.a, ctx.b, ctx.n, ctx.k, relaxed_part, BOUND_ITERATIONS,
-                                  max(1.0, ctx.deadline - time.perf_counter()))
-    log(f"bound: {bound:.6f} after {its} subgradient iterations ({exact.calls} exact evaluations)")
+    bound, its = lp_bound(ctx.a, ctx.b, ctx.n, ctx.k, best.t_k, relaxed_part, BOUND_ITERATIONS,
+                          max(1.0, ctx.deadline - time.perf_counter()))
+    log(f"bound: {bound:.6f} (LP relaxation without penalty and uniqueness) after {its} dual steps; "
+        f"{len(exact.cache)} exact evaluations")
     if ctx.cut_by_time:
         log(f"time cap of {time_limit:g}s reached: the search was cut short (result depends on speed)")
     return Solution(
         selected=best.sel,
         assignment=assignment,
         objective=objective,
-        bound=max(bound, objective),
+        bound=bound,
         status="time_limit" if ctx.cut_by_time else "heuristic",
         timings={"relaxed_search": t_relaxed - t0, "exact_search": t_exact - t_relaxed,
                  "bound": time.perf_counter() - t_exact},
