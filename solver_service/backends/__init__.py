@@ -48,9 +48,7 @@ def run_backend(problem: Problem, prep: Prepared, name: str, log: SolveLog) -> t
     try:
         return module.solve(problem, prep, log), name
     except (LicenceLimitError, BackendUnavailable) as exc:
-        if not auto:
+        if not auto or name != "gurobi":
             raise
-        log(f"auto: {name} is not usable here ({exc}); falling back to fast")
-        from . import fast
-
-        return fast.solve(problem, prep, log), "fast"
+        log(f"auto: gurobi is not usable here ({exc}); choosing again without it")
+        return run_backend(problem.with_options(prefer_gurobi=False), prep, "auto", log)

@@ -27,9 +27,7 @@ from ..objective import duplicate_groups, topk_assignment
 from ..preprocess import Prepared
 from ..problem import Problem
 from ..util import SolveLog
-from .base import BackendUnavailable, Solution, SolverError
-
-DEFAULT_MIP_GAP = 1e-6
+from .base import DEFAULT_MIP_GAP, BackendUnavailable, Solution, SolverError
 
 
 def _import_highspy():
