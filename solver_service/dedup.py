@@ -1,18 +1,25 @@
 """Best distinct class assignment for a fixed feature selection S.
 
-Without the uniqueness constraint every class simply takes its top-k features of S. With it, the
-problem for fixed S is a min-cost bipartite matching of classes to k-subsets of S, the cost of a
-subset being its loss against the class's top-k. This replaces the reference's greedy swap loop
-(spec 5.8 "sophisticated deduplication", hotspots H8/H9) with an optimal matching:
+Without the uniqueness constraint every class takes its top-k features of S. With it, the problem
+for fixed S is a min-cost bipartite matching of classes to k-subsets of S, a subset costing its
+loss against the class's own top-k. This replaces the reference's greedy swap loop (spec 5.8
+"sophisticated deduplication", hotspots H8/H9) by an optimal matching over few candidates:
 
-* small C(n, k): all subsets are candidates, so the matching is exact;
-* otherwise every class in a duplicate group gets its top-k set plus all single swaps
-  (k (n - k) sets) as candidates. Classes without a duplicate keep their top-k set unless the
-  matching wants that set, in which case they join the matching too (repeat until stable). If no
-  full matching exists the candidate lists grow to the cheapest L subsets per class.
+* Only classes in a duplicate group are "active" at first; the others keep their top-k set.
+* Relaxation: active classes may take any subset, even one held by an inactive class. The relaxed
+  optimum is a lower bound on the true cost (inactive classes cost >= 0 wherever they go). If it
+  takes no held set it is feasible, hence optimal; otherwise the holders become active and we repeat.
+* Candidates: in an optimal matching of m classes, a class never needs more than its m cheapest
+  subsets (if all m were taken by the other m - 1 classes, one would be free). So each active class
+  gets its m cheapest k-subsets. Exact as long as m <= MAX_CANDIDATES.
+* Those are found for all active classes at once: subsets are patterns over positions in each
+  class's sorted order (every subset when C(n, k) is small, else all subsets within two swaps of
+  the top-k), priced with one matrix product. A class whose m-th cheapest pattern costs more than
+  its cheapest three-swap falls back to a best-first enumeration.
 """
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import math
@@ -24,47 +31,22 @@ from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
 from .objective import duplicate_groups, row_keys, topk_assignment
 
-FULL_ENUMERATION_SUBSETS = 4000   # enumerate all C(n, k) subsets up to this many ...
-FULL_ENUMERATION_ENTRIES = 4_000_000  # ... and C * C(n, k) cost-matrix entries
+MAX_CANDIDATES = 256  # per class; the matching is exact while at most this many classes are active
+ALL_SUBSETS = 5000    # up to this many k-subsets, the patterns are all of them
+DENSE_ENTRIES = 200_000  # smaller matchings use the dense solver (less overhead than the sparse one)
+NO_EDGE = 1e12
 
 
-def _all_subsets(n: int, k: int) -> np.ndarray:
-    combos = np.array(list(itertools.combinations(range(n), k)), dtype=np.int64).reshape(-1, k)
-    masks = np.zeros((combos.shape[0], n), dtype=bool)
-    masks[np.arange(combos.shape[0])[:, None], combos] = True
-    return masks
+def cheapest_subsets(values: np.ndarray, k: int, limit: int) -> tuple[np.ndarray, np.ndarray]:
+    """The `limit` k-subsets with the largest sums, best first: (masks, loss against the top-k).
 
-
-def _single_swaps(a_sel: np.ndarray, top: np.ndarray, classes: np.ndarray, k: int):
-    """Top-k set and all single-swap neighbours of each class: (masks, costs, class row)."""
-    n = a_sel.shape[0]
-    T = top[classes]                                           # m x n
-    order = np.argsort(~T, axis=1, kind="stable")
-    inside, outside = order[:, :k], order[:, k:]               # m x k, m x (n-k)
-    m = classes.size
-    vals = a_sel[:, classes].T                                 # m x n
-    v_in = np.take_along_axis(vals, inside, 1)
-    v_out = np.take_along_axis(vals, outside, 1)
-    costs = (v_in[:, :, None] - v_out[:, None, :]).reshape(m, -1)
-    masks = np.repeat(T[:, None, :], k * (n - k), axis=1)      # m x k(n-k) x n
-    p = np.repeat(np.arange(k), n - k)
-    q = np.tile(np.arange(n - k), k)
-    r = np.arange(m)[:, None]
-    masks[r, np.arange(p.size)[None, :], inside[:, p]] = False
-    masks[r, np.arange(p.size)[None, :], outside[:, q]] = True
-    masks = np.concatenate([T[:, None, :], masks], axis=1)
-    costs = np.concatenate([np.zeros((m, 1)), costs], axis=1)
-    rows = np.repeat(np.arange(m), costs.shape[1])
-    return masks.reshape(-1, n), costs.reshape(-1), rows
-
-
-def _cheapest_subsets(values: np.ndarray, k: int, limit: int):
-    """The `limit` k-subsets with the largest sums, best first (best-first search over increments)."""
+    Best-first search over sorted positions: a child moves one chosen position one step down, so it
+    never costs less than its parent, and every subset is reachable from the top-k.
+    """
     order = np.argsort(-values, kind="stable")
-    v = values[order]
-    n = v.size
+    v = values[order].tolist()
+    n = len(v)
     start = tuple(range(k))
-    best = float(v[:k].sum())
     heap, seen, out = [(0.0, start)], {start}, []
     while heap and len(out) < limit:
         cost, sub = heapq.heappop(heap)
@@ -75,21 +57,80 @@ def _cheapest_subsets(values: np.ndarray, k: int, limit: int):
                 child = sub[:t] + (nxt,) + sub[t + 1:]
                 if child not in seen:
                     seen.add(child)
-                    heapq.heappush(heap, (best - float(v[list(child)].sum()), child))
+                    heapq.heappush(heap, (cost + v[sub[t]] - v[nxt], child))
     masks = np.zeros((len(out), n), dtype=bool)
-    for i, (_, sub) in enumerate(out):
-        masks[i, order[list(sub)]] = True
+    masks[np.repeat(np.arange(len(out)), k), order[np.array([s for _, s in out]).ravel()]] = True
     return masks, np.array([c for c, _ in out])
 
 
-def _cheapest_candidates(a_sel: np.ndarray, classes: np.ndarray, k: int, limit: int):
-    masks, costs, rows = [], [], []
-    for r, c in enumerate(classes):
-        m, cst = _cheapest_subsets(a_sel[:, c], k, limit)
-        masks.append(m)
-        costs.append(cst)
-        rows.append(np.full(cst.size, r))
-    return np.concatenate(masks), np.concatenate(costs), np.concatenate(rows)
+@functools.lru_cache(maxsize=8)
+def _patterns(n: int, k: int) -> tuple[np.ndarray, bool]:
+    """(T x n bool subsets over sorted positions, top-k first; whether they are all subsets)."""
+    if math.comb(n, k) <= ALL_SUBSETS:
+        combos = list(itertools.combinations(range(n), k))
+        exhaustive = True
+    else:
+        top = tuple(range(k))
+        combos = [top]
+        for d in (1, 2):
+            for out in itertools.combinations(range(k), d):
+                for into in itertools.combinations(range(k, n), d):
+                    combos.append(tuple(sorted(set(top) - set(out) | set(into))))
+        exhaustive = False
+    pats = np.zeros((len(combos), n), dtype=bool)
+    pats[np.repeat(np.arange(len(combos)), k), np.array(combos).ravel()] = True
+    return pats, exhaustive
+
+
+def candidate_sets(a_sel: np.ndarray, classes: np.ndarray, k: int, limit: int):
+    """The `limit` cheapest k-subsets of every class in `classes`: (masks, costs, row per class)."""
+    n = a_sel.shape[0]
+    vals = a_sel[:, classes].T                                   # m x n
+    order = np.argsort(-vals, axis=1, kind="stable")
+    sv = np.take_along_axis(vals, order, axis=1)
+    pats, exhaustive = _patterns(n, k)
+    costs = sv[:, :k].sum(axis=1, keepdims=True) - sv @ pats.T.astype(np.float64)   # m x T
+    L = min(limit, pats.shape[0])
+    idx = np.argsort(costs, axis=1, kind="stable")[:, :L]
+    chosen = np.take_along_axis(costs, idx, axis=1)
+    masks = np.zeros((classes.size, L, n), dtype=bool)
+    np.put_along_axis(masks, np.repeat(order[:, None, :], L, axis=1), pats[idx], axis=2)
+    if not exhaustive:
+        if min(k, n - k) >= 3:
+            three = sv[:, k - 3:k].sum(axis=1) - sv[:, k:k + 3].sum(axis=1)   # cheapest three-swap
+        else:
+            three = np.full(classes.size, np.inf)
+        # (non-exhaustive patterns number >= 645 > MAX_CANDIDATES, so L == limit here)
+        for r in np.flatnonzero(chosen[:, -1] > three):
+            masks_r, costs_r = cheapest_subsets(vals[r], k, L)
+            masks[r], chosen[r] = masks_r, costs_r
+    return masks.reshape(-1, n), chosen.reshape(-1), np.repeat(np.arange(classes.size), L)
+
+
+def _match(costs, rows, cols, n_rows: int, n_cols: int):
+    """Min-cost matching of every row to a distinct column over the given edges; returns fewer
+    matched rows than n_rows if that is impossible."""
+    if n_rows > n_cols:
+        return (), ()
+    if n_rows * n_cols <= DENSE_ENTRIES:
+        dense = np.full((n_rows, n_cols), NO_EDGE)
+        dense[rows, cols] = costs
+        r_ind, c_ind = linear_sum_assignment(dense)
+        ok = dense[r_ind, c_ind] < NO_EDGE
+        return r_ind[ok], c_ind[ok]
+    # weights + 1: the sparse matching treats explicit zeros as missing edges
+    graph = coo_matrix((costs + 1.0, (rows, cols)), shape=(n_rows, n_cols)).tocsr()
+    try:
+        return min_weight_full_bipartite_matching(graph)
+    except ValueError:
+        return (), ()
+
+
+def cost_lower_bound(member: np.ndarray, step: np.ndarray) -> float:
+    """Cheap lower bound on the deduplication cost: in a group of g classes with the same top-k set,
+    g - 1 must move, each losing at least its `step` (k-th minus (k+1)-th best value).
+    member: C x n top-k sets; step: C."""
+    return float(sum(np.sort(step[g])[:-1].sum() for g in duplicate_groups(member)))
 
 
 def distinct_assignment(a_sel: np.ndarray, k: int) -> tuple[np.ndarray, float]:
@@ -104,36 +145,19 @@ def distinct_assignment(a_sel: np.ndarray, k: int) -> tuple[np.ndarray, float]:
     if not groups:
         return top, 0.0
     top_value = np.where(top, a_sel.T, 0.0).sum(axis=1)
-    n_sub = math.comb(n, k)
-    if n_sub <= FULL_ENUMERATION_SUBSETS and n_sub * C <= FULL_ENUMERATION_ENTRIES:
-        subsets = _all_subsets(n, k)
-        cost = top_value[:, None] - a_sel.T @ subsets.T.astype(np.float64)
-        rows, cols = linear_sum_assignment(cost)
-        return subsets[cols], float(max(0.0, cost[rows, cols].sum()))
-
+    holder = {key.tobytes(): c for c, key in enumerate(row_keys(top))}  # set -> a class holding it
     active = np.zeros(C, dtype=bool)
     active[np.concatenate(groups)] = True
-    owner = {key.tobytes(): c for c, key in enumerate(row_keys(top))}  # set -> a class holding it
-    limit = 0  # 0: single swaps; > 0: the `limit` cheapest subsets per class
     while True:
         classes = np.flatnonzero(active)
-        if limit:
-            masks, costs, rows = _cheapest_candidates(a_sel, classes, k, limit)
-        else:
-            masks, costs, rows = _single_swaps(a_sel, top, classes, k)
-        keys = row_keys(masks)
-        ukeys, first, col = np.unique(keys, return_index=True, return_inverse=True)
-        graph = coo_matrix((costs + 1.0, (rows, col.reshape(-1))), shape=(classes.size, ukeys.size)).tocsr()
-        try:
-            if ukeys.size < classes.size:
-                raise ValueError("fewer candidate sets than classes")
-            r_ind, c_ind = min_weight_full_bipartite_matching(graph)
-        except ValueError:
-            if limit >= n_sub:
-                raise RuntimeError("no distinct assignment exists for this selection") from None
-            limit = min(n_sub, max(2 * limit, 4 * classes.size, 64))
-            continue
-        blockers = {owner.get(ukeys[c].tobytes()) for c in c_ind} - set(classes.tolist()) - {None}
+        limit = min(classes.size, MAX_CANDIDATES, math.comb(n, k))
+        masks, costs, rows = candidate_sets(a_sel, classes, k, limit)
+        ukeys, first, col = np.unique(row_keys(masks), return_index=True, return_inverse=True)
+        r_ind, c_ind = _match(costs, rows, col.reshape(-1), classes.size, ukeys.size)
+        if len(r_ind) < classes.size:
+            raise RuntimeError(f"no distinct assignment among the {limit} cheapest sets of {classes.size} "
+                               f"classes (C(n, k) = {math.comb(n, k)}, MAX_CANDIDATES = {MAX_CANDIDATES})")
+        blockers = {holder.get(ukeys[c].tobytes()) for c in c_ind} - set(classes.tolist()) - {None}
         if not blockers:
             out = top.copy()
             out[classes[r_ind]] = masks[first[c_ind]]

@@ -35,7 +35,7 @@ import time
 import numpy as np
 
 from ..bound import lp_bound
-from ..dedup import distinct_assignment
+from ..dedup import cost_lower_bound, distinct_assignment
 from ..preprocess import Prepared
 from ..problem import Problem
 from ..util import SolveLog
@@ -181,6 +181,9 @@ class ExactMoves:
             if tabu and flat[idx] <= aspiration:
                 continue
             nxt = state.swapped(pos, j)
+            if best is not None and nxt.key not in self.cache and \
+                    nxt.value - cost_lower_bound(nxt.member.T, nxt.t_k - nxt.t_k1) <= best[3]:
+                continue
             val = self.value(nxt)
             if (not tabu or val > aspiration) and (best is None or val > best[3]):
                 best = (pos, j, nxt, val)
