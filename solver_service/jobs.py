@@ -180,6 +180,7 @@ class JobManager:
             proc = subprocess.Popen([sys.executable, "-m", "solver_service", "run-job", str(job_dir)],
                                     stdout=log_file, stderr=subprocess.STDOUT, env=env)
             self.running[job_id] = proc
+            self._update(job_id, worker_pid=proc.pid)
             try:
                 code = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 
 from ..preprocess import Prepared
 from ..problem import Problem
@@ -13,6 +14,7 @@ from .base import BackendUnavailable, LicenceLimitError, Solution, SolverError
 # `auto` hands a problem to the exact MILP only while HiGHS proves optimality quickly:
 HIGHS_AUTO_MAX_ENTRIES = 4000   # F * C
 HIGHS_AUTO_MAX_PAIRS = 4000     # |D|
+HIGHS_AUTO_SUBSET_SLACK = 2     # C * slack <= C(n, k): when uniqueness binds tightly, its lazy cuts are slow
 
 __all__ = ["BackendUnavailable", "LicenceLimitError", "Solution", "SolverError", "choose_backend", "run_backend"]
 
@@ -28,14 +30,16 @@ def choose_backend(problem: Problem, prep: Prepared, log: SolveLog) -> str:
             log("auto: gurobi (prefer_gurobi is set and gurobipy is installed)")
             return "gurobi"
         log("auto: prefer_gurobi is set but gurobipy is not installed")
-    if F * C <= HIGHS_AUTO_MAX_ENTRIES and prep.pair_w.size <= HIGHS_AUTO_MAX_PAIRS:
+    subsets = math.comb(prep.n, prep.k)
+    size = f"F*C = {F * C}, |D| = {prep.pair_w.size}, C = {C} of C(n,k) = {subsets} possible sets"
+    if (F * C <= HIGHS_AUTO_MAX_ENTRIES and prep.pair_w.size <= HIGHS_AUTO_MAX_PAIRS
+            and C * HIGHS_AUTO_SUBSET_SLACK <= subsets):
         if installed("highspy"):
-            log(f"auto: highs (F*C = {F * C} <= {HIGHS_AUTO_MAX_ENTRIES} and |D| = {prep.pair_w.size} <= "
-                f"{HIGHS_AUTO_MAX_PAIRS}: small enough to prove optimality)")
+            log(f"auto: highs ({size}: small enough to prove optimality)")
             return "highs"
         log("auto: small enough for highs, but highspy is not installed")
     else:
-        log(f"auto: fast (F*C = {F * C}, |D| = {prep.pair_w.size}: beyond what the exact MILP proves quickly)")
+        log(f"auto: fast ({size}: beyond what the exact MILP proves quickly)")
     return "fast"
 
 

@@ -24,9 +24,11 @@ def test_given_penalties(options):
     assert solve(p, backend="highs").objective == pytest.approx(brute_force(prepare(p))[0], abs=1e-6)
 
 
-def test_auto_picks_highs_for_small_problems_and_says_why():
+def test_auto_picks_highs_for_small_loose_problems_and_fast_when_uniqueness_binds():
     result = solve(random_problem(10, 3, 5, 3, seed=1))
     assert result.backend == "highs" and "auto: highs" in result.log
+    tight = solve(random_problem(10, 20, 6, 3, seed=1))  # 20 classes, C(6,3) = 20 sets: all must be used
+    assert tight.backend == "fast" and "auto: fast" in tight.log
 
 
 def test_time_limited_highs_returns_a_repaired_valid_solution():
