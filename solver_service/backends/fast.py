@@ -53,11 +53,14 @@ class Context:
 
     def __init__(self, prep: Prepared, deadline: float):
         self.a = prep.a
+        self.a32 = prep.a.astype(np.float32)  # the swap matrix in float32: 3x faster, ~1e-6 off
         self.b = prep.b
         self.P = prep.penalty_matrix()
         self.n, self.k = prep.n, prep.k
         self.F, self.C = prep.a.shape
-        self.eps = 1e-9 * max(1.0, float(np.abs(prep.a).max(initial=0.0)) * self.C)
+        scale = max(1.0, float(np.abs(prep.a).max(initial=0.0)) * self.C)
+        self.eps = 1e-9 * scale
+        self.slack = 8 * float(np.finfo(np.float32).eps) * scale  # bound on the float32 error of deltas
         self.deadline = deadline
         self.cut_by_time = False
 
@@ -87,11 +90,14 @@ class SwapState:
         self.key = self.sel.tobytes()
 
     def deltas(self) -> np.ndarray:
-        """F x n matrix: change of f when sel[i] is replaced by feature j (-inf for j in S)."""
+        """F x n matrix: change of f when sel[i] is replaced by feature j (-inf for j in S), up to
+        float32 rounding (ctx.slack); max(t', a) - max(0, a - t) is clip(a, t', t)."""
         ctx = self.ctx
-        excess = np.maximum(ctx.a - self.t_k, 0.0)                # F x C
-        gain = excess.sum(axis=1)
-        corr = (np.maximum(ctx.a, self.t_k1) - excess) @ self.member.T.astype(np.float64)  # F x n
+        t_k, t_k1 = self.t_k.astype(np.float32), self.t_k1.astype(np.float32)
+        excess = ctx.a32 - t_k                                    # F x C
+        np.maximum(excess, 0.0, out=excess)
+        gain = excess.sum(axis=1, dtype=np.float64)
+        corr = np.clip(ctx.a32, t_k1, t_k) @ self.member.T.astype(np.float32)  # F x n
         lin = ctx.b - self.pen_to
         d = corr - self.member_value[None, :] + (gain + lin)[:, None] - lin[self.sel][None, :]
         d += ctx.P[:, self.sel]
@@ -147,7 +153,8 @@ class RelaxedMoves:
         if not np.isfinite(d.flat[idx]):
             return None
         j, pos = divmod(idx, state.ctx.n)
-        return pos, j, state.swapped(pos, j), state.value + float(d.flat[idx])
+        nxt = state.swapped(pos, j)
+        return pos, j, nxt, nxt.value
 
 
 class ExactMoves:
@@ -170,7 +177,7 @@ class ExactMoves:
 
     def best_move(self, state: SwapState, blocked: np.ndarray | None, aspiration: float):
         ctx = state.ctx
-        flat = state.deltas().ravel() + state.value
+        flat = state.deltas().ravel() + (state.value + ctx.slack)  # upper bounds of exact values
         order = np.argsort(-flat, kind="stable")
         best = None
         for idx in order[np.isfinite(flat[order])][: self.scan_limit]:
