@@ -224,7 +224,7 @@ class Problem:
     def load(cls, path) -> "Problem":
         try:
             npz = np.load(path, allow_pickle=False)
-        except OSError:
+        except OSError:  # missing/unreadable file: the OS error says it best
             raise
         except Exception as exc:
             raise ProblemError(str(path), f"expected a numpy .npz archive ({exc})") from exc

@@ -12,20 +12,22 @@ max(t'_c, a_jc) - a_ic if i is among c's top-k, else by max(0, a_jc - t_c). Summ
     delta(i, j) = G_j + sum_{c: i in top_c} [max(t'_c, a_jc) - max(0, a_jc - t_c) - a_ic]
     with G_j = sum_c max(0, a_jc - t_c),
 
-i.e. one F x C pass plus an (F x C) @ (C x n) product for the whole F x n swap matrix.
+i.e. one F x C pass plus an (F x C) @ (C x n) product for the whole F x n swap matrix, computed
+in float32 (3x faster; move values themselves are always recomputed exactly in float64).
 
 Phases: (1) greedy and penalty-free-clique starts, best-improvement descent, then tabu search:
 every iteration makes the best swap that is not tabu (a removed feature may not come back, an added
 one may not leave, for a few iterations; a swap reaching a new best is always allowed), restarting
-from the best selection with a random perturbation when it stalls; (2) uniqueness: the exact value
-of S is f(S) minus the optimal deduplication cost (a min-cost matching, see dedup.py). From the best
-relaxed local optima, a local search on that exact value keeps classes distinct; it evaluates swaps
-in decreasing relaxed delta and stops as soon as the relaxed value (an upper bound of the exact one)
-cannot beat the best swap found, and runs its own kicks when deduplication costs anything. (3) The
-LP dual bound of bound.py, started at the class prices of the solution found.
+from the best selection with a random perturbation when it stalls. (2) Uniqueness: the exact value
+of S is f(S) minus the optimal deduplication cost (a min-cost matching, see dedup.py). The best
+relaxed local optima descend on that exact value, and if deduplication costs anything there, a
+second tabu search runs on it. Exact moves are scanned in decreasing relaxed value, an upper bound
+of the exact one, so the scan stops once no remaining swap can win. (3) The LP dual bound of
+bound.py, started at the class prices of the solution found.
 
-Budgets are counted in kicks, not seconds, so a seed gives the same result on every machine; the
-time limit is only a safety cap (the log says when it cut the search short).
+Budgets are counted in iterations, not seconds, so a seed gives the same result on a given machine
+(and thread count) however loaded it is; the time limit is only a safety cap, and the log says when
+it cut the search short.
 """
 from __future__ import annotations
 

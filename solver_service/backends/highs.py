@@ -198,12 +198,15 @@ def solve(problem: Problem, prep: Prepared, log: SolveLog) -> Solution:
             break
         selected, assignment = extracted
         groups = duplicate_groups(assignment)
+        feasible = distinct_assignment(prep.a[selected], prep.k)[0] if groups else assignment
+        value = model.objective_of(selected, feasible)
+        if best is None or value > best[0]:
+            best = value, selected, feasible
         if ms != hs.HighsModelStatus.kOptimal:
             status = "time_limit"
-            best = selected, assignment
             break
         if not groups:
-            status, best = "optimal", (selected, assignment)
+            status = "optimal"
             break
         n_pairs = 0
         for g in groups:
@@ -213,13 +216,9 @@ def solve(problem: Problem, prep: Prepared, log: SolveLog) -> Solution:
                     model.forbid(int(g[x]), int(g[y]), common)
                     n_pairs += 1
         log(f"highs: {len(groups)} duplicate groups -> {n_pairs} pair constraints")
-        fixed, _ = distinct_assignment(prep.a[selected], prep.k)
-        model.start_from(selected, fixed)
-        best = selected, fixed
+        model.start_from(best[1], best[2])
     if best is None:
         raise SolverError(f"HiGHS found no solution within the time limit of {time_limit:g}s; "
                           "raise time_limit or use backend='fast'")
-    selected, assignment = best
-    if duplicate_groups(assignment):  # stopped by the time limit: repair the incumbent
-        assignment, _ = distinct_assignment(prep.a[selected], prep.k)
-    return Solution(selected, assignment, model.objective_of(selected, assignment), bound=bound, status=status)
+    value, selected, assignment = best
+    return Solution(selected, assignment, value, bound=bound, status=status)
