@@ -73,6 +73,25 @@ def repaired_start(prep: Prepared, selected: np.ndarray) -> np.ndarray:
     return full
 
 
+def add_class_sparsity(m, E, c: int, k: int):
+    """sum_j E_jc >= k over all features (bug 12: the reference counts only features selected in
+    earlier rounds, so a class could not be completed with a feature new to the solve)."""
+    return m.addConstr(E[:, c].sum() >= k, name=f"class_sparsity_{c}")
+
+
+def add_distinct(m, gp, E, c1: int, c2: int):
+    """Classes c1 and c2 differ somewhere: d = E_.c1 - E_.c2 (integer in [-1, 1]), u = ||d||_1 >= 1,
+    the reference's norm form, but over all features instead of the union of the two classes'
+    start sets (which could forbid distinct sets that agree on that union)."""
+    F = E.shape[0]
+    d = m.addMVar(F, lb=-1, ub=1, vtype=gp.GRB.INTEGER, name=f"d_{c1}_{c2}")
+    u = m.addVar(lb=0, name=f"u_{c1}_{c2}")
+    m.addConstr(d == E[:, c1] - E[:, c2])
+    m.addGenConstrNorm(u, d.tolist(), 1.0)
+    m.addConstr(u >= 1)
+    return d, u
+
+
 def _env(gp, log: SolveLog):
     env = gp.Env(empty=True)
     env.setParam("OutputFlag", 0)
@@ -161,17 +180,13 @@ def solve(problem: Problem, prep: Prepared, log: SolveLog) -> Solution:
             status = "optimal"
             break
         new_few = [int(c) for c in few if int(c) not in problematic]
-        for c in new_few:  # ClassSparsity over all features (bug 12)
-            m.addConstr(E[:, c].sum() >= k, name=f"class_sparsity_{c}")
+        for c in new_few:
+            add_class_sparsity(m, E, c, k)
         problematic.update(new_few)
         new_pairs = [(int(g[x]), int(g[y])) for g in groups for x in range(g.size) for y in range(x + 1, g.size)
                      if (int(g[x]), int(g[y])) not in forbidden]
-        for c1, c2 in new_pairs:  # Deduplication, the reference's norm form, over all features
-            d = m.addMVar(F, lb=-1, ub=1, vtype=GRB.INTEGER, name=f"d_{c1}_{c2}")
-            u = m.addVar(lb=0, name=f"u_{c1}_{c2}")
-            m.addConstr(d == E[:, c1] - E[:, c2])
-            m.addGenConstrNorm(u, d.tolist(), 1.0)
-            m.addConstr(u >= 1)
+        for c1, c2 in new_pairs:
+            add_distinct(m, gp, E, c1, c2)
         forbidden.update(new_pairs)
         log(f"gurobi: {few.size} classes below k ({len(problematic)} constrained), {len(groups)} duplicate "
             f"groups ({len(forbidden)} pairs constrained)")

@@ -41,6 +41,25 @@ def test_no_extra_solve_once_nothing_is_violated():
     assert "gurobi: 1 solves" in g.log
 
 
+def test_loop_constraints_span_all_features():
+    """Bug 12: ClassSparsity and Deduplication rows cover every feature, also never-selected ones."""
+    gp = _gurobipy()
+    with gp.Env(params={"OutputFlag": 0}) as env, gp.Model(env=env) as m:
+        E = m.addMVar((7, 3), vtype=gp.GRB.BINARY)
+        row = gurobi_backend.add_class_sparsity(m, E, 1, 2)
+        d, _ = gurobi_backend.add_distinct(m, gp, E, 0, 2)
+        m.update()
+        assert m.getRow(row).size() == 7 and row.RHS == 2
+        assert d.shape == (7,) and m.NumGenConstrs == 1
+
+
+def test_solver_parameters_are_set_from_the_options():
+    """Bug 14: seed, threads and gap are set (the reference left them at the defaults)."""
+    _gurobipy()
+    g = solve(random_problem(8, 4, 4, 2, seed=1), backend="gurobi", seed=7, threads=1, mip_gap=0.01)
+    assert "MIPGap=0.01 Seed=7 Threads=1" in g.log
+
+
 def test_violation_checks():
     full = np.zeros((5, 3))
     full[[0, 1], 0] = full[[0, 1], 1] = full[[2], 2] = 1
