@@ -60,3 +60,8 @@ def duplicate_groups(assignment: np.ndarray) -> list[np.ndarray]:
     _, inverse, counts = np.unique(row_keys(assignment), return_inverse=True, return_counts=True)
     inverse = inverse.reshape(-1)
     return [np.flatnonzero(inverse == g) for g in np.flatnonzero(counts > 1)]
+
+
+def duplicate_pairs(groups: list[np.ndarray]) -> list[tuple[int, int]]:
+    """All class pairs (c1 < c2) inside the duplicate groups: what uniqueness constraints forbid."""
+    return [(int(g[x]), int(g[y])) for g in groups for x in range(g.size) for y in range(x + 1, g.size)]

@@ -28,7 +28,7 @@ import time
 import numpy as np
 
 from ..dedup import distinct_assignment
-from ..objective import duplicate_groups
+from ..objective import duplicate_groups, duplicate_pairs
 from ..preprocess import Prepared
 from ..problem import Problem
 from ..util import SolveLog
@@ -183,8 +183,7 @@ def solve(problem: Problem, prep: Prepared, log: SolveLog) -> Solution:
         for c in new_few:
             add_class_sparsity(m, E, c, k)
         problematic.update(new_few)
-        new_pairs = [(int(g[x]), int(g[y])) for g in groups for x in range(g.size) for y in range(x + 1, g.size)
-                     if (int(g[x]), int(g[y])) not in forbidden]
+        new_pairs = [pair for pair in duplicate_pairs(groups) if pair not in forbidden]
         for c1, c2 in new_pairs:
             add_distinct(m, gp, E, c1, c2)
         forbidden.update(new_pairs)

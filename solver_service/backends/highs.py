@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 from ..dedup import distinct_assignment
-from ..objective import duplicate_groups, topk_assignment
+from ..objective import duplicate_groups, duplicate_pairs, topk_assignment
 from ..preprocess import Prepared
 from ..problem import Problem
 from ..util import SolveLog
@@ -208,14 +208,10 @@ def solve(problem: Problem, prep: Prepared, log: SolveLog) -> Solution:
         if not groups:
             status = "optimal"
             break
-        n_pairs = 0
-        for g in groups:
-            common = selected[assignment[g[0]]]
-            for x in range(g.size):
-                for y in range(x + 1, g.size):
-                    model.forbid(int(g[x]), int(g[y]), common)
-                    n_pairs += 1
-        log(f"highs: {len(groups)} duplicate groups -> {n_pairs} pair constraints")
+        pairs = duplicate_pairs(groups)
+        for c1, c2 in pairs:
+            model.forbid(c1, c2, selected[assignment[c1]])
+        log(f"highs: {len(groups)} duplicate groups -> {len(pairs)} pair constraints")
         model.start_from(best[1], best[2])
     if best is None:
         raise SolverError(f"HiGHS found no solution within the time limit of {time_limit:g}s; "
