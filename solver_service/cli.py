@@ -1,0 +1,134 @@
+"""Command line: `python -m solver_service {solve,serve,submit,status,fetch,generate,run-job} ...`."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .util import LOGGER_NAME
+
+TOKEN_ENV = "SOLVER_SERVICE_TOKEN"
+
+
+def _solver_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=["auto", "fast", "highs", "gurobi"], help="default: auto (or the problem's)")
+    p.add_argument("--time-limit", type=float, help="seconds (hard cap for the backend)")
+    p.add_argument("--mip-gap", type=float, help="relative gap for exact backends (default 1e-6)")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--effort", type=float, help="multiplies the iteration budgets of fast (default 1)")
+    p.add_argument("--tau", type=float, help="penalise exactly the pairs with R+ >= tau")
+    p.add_argument("--penalty", choices=["clique", "all"])
+    p.add_argument("--prefer-gurobi", action="store_true", default=None)
+
+
+def _options(args) -> dict:
+    keys = ("backend", "time_limit", "mip_gap", "threads", "seed", "effort", "tau", "penalty", "prefer_gurobi")
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+
+
+def _client(args):
+    from .client import SolverClient
+
+    return SolverClient(args.url, token=args.token or os.environ.get(TOKEN_ENV), timeout=args.timeout,
+                        retries=args.retries)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m solver_service", description=__doc__)
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings on stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("solve", help="solve a problem.npz locally")
+    p.add_argument("problem")
+    p.add_argument("--out", required=True, help="result .npz to write")
+    _solver_options(p)
+
+    p = sub.add_parser("serve", help="run the HTTP solver service")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8765, help="0 picks a free port (see workdir/service.json)")
+    p.add_argument("--token", help=f"bearer token required from clients (or ${TOKEN_ENV})")
+    p.add_argument("--workdir", default="solver_work")
+    p.add_argument("--max-bytes", type=int, help="largest accepted request body")
+    p.add_argument("--workers", type=int, default=1, help="jobs solved at the same time")
+
+    for name, help_ in (("submit", "submit a problem.npz to a service"), ("status", "show a job's state"),
+                        ("fetch", "download a job's result")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--url", required=True)
+        p.add_argument("--token", help=f"bearer token (or ${TOKEN_ENV})")
+        p.add_argument("--timeout", type=float, default=30.0)
+        p.add_argument("--retries", type=int, default=3)
+        if name == "submit":
+            p.add_argument("problem")
+            _solver_options(p)
+        else:
+            p.add_argument("job_id")
+        if name == "fetch":
+            p.add_argument("--out", required=True)
+            p.add_argument("--wait", action="store_true", help="poll until the job is done")
+
+    p = sub.add_parser("generate", help="write a realistic synthetic problem (see synthetic.py)")
+    p.add_argument("--features", type=int, default=2048)
+    p.add_argument("--classes", type=int, default=200)
+    p.add_argument("--n-features", type=int, default=50)
+    p.add_argument("--n-per-class", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+
+    p = sub.add_parser("run-job", help=argparse.SUPPRESS)
+    p.add_argument("job_dir")
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(message)s" if args.command == "serve" else "%(message)s")
+    logging.getLogger(LOGGER_NAME).setLevel(logging.WARNING if args.quiet else logging.INFO)
+
+    if args.command == "solve":
+        from .problem import Problem
+        from .solve import solve
+
+        result = solve(Problem.load(args.problem), **_options(args))
+        result.save(args.out)
+        print(result.summary())
+        return 0
+    if args.command == "serve":
+        from .service import DEFAULT_MAX_BYTES, SolverService
+
+        service = SolverService(args.workdir, args.host, args.port, args.token or os.environ.get(TOKEN_ENV),
+                                args.max_bytes or DEFAULT_MAX_BYTES, args.workers)
+        print(f"listening on {service.url}", flush=True)
+        service.serve_forever()
+        return 0
+    if args.command == "submit":
+        from .problem import Problem
+
+        print(json.dumps(_client(args).submit(Problem.load(args.problem), **_options(args)), indent=2))
+        return 0
+    if args.command == "status":
+        print(json.dumps(_client(args).status(args.job_id), indent=2))
+        return 0
+    if args.command == "fetch":
+        import time
+
+        client = _client(args)
+        while args.wait and client.status(args.job_id)["state"] in ("queued", "running"):
+            time.sleep(2.0)
+        result = client.result(args.job_id)
+        result.save(args.out)
+        print(result.summary())
+        return 0
+    if args.command == "generate":
+        from .synthetic import realistic_problem
+
+        realistic_problem(args.features, args.classes, args.n_features, args.n_per_class, seed=args.seed).save(args.out)
+        print(f"wrote {args.out}")
+        return 0
+    if args.command == "run-job":
+        from .jobs import run_job
+
+        return run_job(Path(args.job_dir))
+    return 2

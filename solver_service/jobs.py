@@ -1,0 +1,200 @@
+"""Persistent jobs: one directory per job, solved by a subprocess per job, recovered after a restart.
+
+    workdir/jobs/<job id>/problem.npz   the submitted problem (with its options)
+                          state.json    queued | running | done | failed, timestamps, solve count
+                          result.npz    written atomically by the worker once validated
+                          log.txt       the worker's log (progress lines of long solves)
+
+The job id is problem hash + options hash, so a resubmitted problem maps to the same directory:
+a solved one is answered from disk at once, a queued or running one is not started twice.
+A subprocess per job isolates crashes and memory, keeps highspy/gurobipy out of the server
+process, and dies with the server (PR_SET_PDEATHSIG) so that a restart can simply re-queue.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from .problem import Problem
+from .result import Result
+from .util import LOGGER_NAME, atomic_write_json
+
+JOB_ID = re.compile(r"^[0-9a-f]{32}-[0-9a-f]{16}$")
+PARENT_ENV = "SOLVER_SERVICE_PARENT_PID"
+log = logging.getLogger(LOGGER_NAME)
+
+
+def die_with_parent() -> None:
+    """In a worker: get SIGKILL when the server dies (Linux), and exit if it is already gone."""
+    expected = os.environ.get(PARENT_ENV)
+    if not expected or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != int(expected):
+        os._exit(3)
+
+
+def run_job(job_dir: Path) -> int:
+    """Body of the worker subprocess: solve problem.npz, write result.npz (validated by solve)."""
+    from .solve import solve
+
+    die_with_parent()
+    problem = Problem.load(job_dir / "problem.npz")
+    result = solve(problem)
+    result.save(job_dir / "result.npz")
+    return 0
+
+
+class JobManager:
+    def __init__(self, workdir, workers: int = 1):
+        self.root = Path(workdir) / "jobs"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.queue: queue.Queue[str] = queue.Queue()
+        self.lock = threading.Lock()
+        self.workers = workers
+        self.threads: list[threading.Thread] = []
+        self.running: dict[str, subprocess.Popen] = {}
+
+    # ---- state -------------------------------------------------------------------------------
+    def job_dir(self, job_id: str) -> Path:
+        if not JOB_ID.match(job_id):
+            raise KeyError(job_id)
+        return self.root / job_id
+
+    def state(self, job_id: str) -> dict | None:
+        try:
+            return json.loads((self.job_dir(job_id) / "state.json").read_text())
+        except (KeyError, FileNotFoundError):
+            return None
+
+    def _update(self, job_id: str, **changes) -> dict:
+        state = self.state(job_id) or {"job_id": job_id, "created": time.time(), "solves": 0}
+        state.update(changes, updated=time.time())
+        atomic_write_json(self.job_dir(job_id) / "state.json", state)
+        return state
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for path in self.root.glob("*/state.json"):
+            try:
+                s = json.loads(path.read_text())["state"]
+            except (ValueError, KeyError, OSError):
+                continue
+            out[s] = out.get(s, 0) + 1
+        return out
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        """Recover jobs left queued or running by a previous process, then start the workers."""
+        pending = []
+        for path in sorted(self.root.glob("*/state.json")):
+            job_id = path.parent.name
+            state = self.state(job_id)
+            if not state or state.get("state") not in ("queued", "running"):
+                continue
+            if self._finish_from_disk(job_id):
+                continue
+            pending.append((state.get("created", 0), job_id))
+            self._update(job_id, state="queued", recovered=True)
+        for _, job_id in sorted(pending):
+            log.info("re-queued job %s after restart", job_id)
+            self.queue.put(job_id)
+        for i in range(self.workers):
+            t = threading.Thread(target=self._work, name=f"solver-worker-{i}", daemon=True)
+            t.start()
+            self.threads.append(t)
+
+    def stop(self) -> None:
+        for proc in list(self.running.values()):
+            proc.kill()
+
+    def submit(self, problem: Problem) -> dict:
+        """Create or find the job for `problem`; returns its state plus `cached` (answered from disk)."""
+        job_id = problem.job_id()
+        with self.lock:
+            state = self.state(job_id)
+            if state and state["state"] == "done" and (self.job_dir(job_id) / "result.npz").exists():
+                return {**state, "cached": True}
+            if state and state["state"] in ("queued", "running"):
+                return {**state, "cached": False}
+            problem.save(self.job_dir(job_id) / "problem.npz")
+            state = self._update(job_id, state="queued", error=None, problem_hash=problem.content_hash(),
+                                 options_hash=problem.options_hash(), options=dict(problem.options))
+        self.queue.put(job_id)
+        return {**state, "cached": False}
+
+    # ---- workers -----------------------------------------------------------------------------
+    def _finish_from_disk(self, job_id: str) -> bool:
+        """Mark a job done if its result file is present and loads (the worker finished but the
+        server died before recording it)."""
+        path = self.job_dir(job_id) / "result.npz"
+        if not path.exists():
+            return False
+        try:
+            result = Result.load(path)
+        except Exception as exc:  # a damaged file: solve again
+            log.warning("job %s: unreadable result (%s), solving again", job_id, exc)
+            path.unlink()
+            return False
+        self._update(job_id, state="done", finished=time.time(), objective=result.objective, bound=result.bound,
+                     gap=result.gap, backend=result.backend, status=result.status)
+        return True
+
+    def _work(self) -> None:
+        while True:
+            job_id = self.queue.get()
+            try:
+                self._run(job_id)
+            except Exception as exc:  # never let a worker thread die
+                log.exception("job %s crashed the worker", job_id)
+                self._update(job_id, state="failed", error=f"internal error: {exc}")
+
+    def _run(self, job_id: str) -> None:
+        job_dir = self.job_dir(job_id)
+        with self.lock:
+            state = self.state(job_id)
+            if not state or state["state"] != "queued":
+                return
+            state = self._update(job_id, state="running", started=time.time(), solves=state.get("solves", 0) + 1)
+        options = state.get("options") or {}
+        env = dict(os.environ, **{PARENT_ENV: str(os.getpid())})
+        if options.get("threads"):
+            for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+                env[var] = str(options["threads"])
+        timeout = None
+        if options.get("time_limit"):
+            timeout = 2 * float(options["time_limit"]) + 300  # the backend stops itself long before
+        log.info("job %s: solving (attempt %d)", job_id, state["solves"])
+        with open(job_dir / "log.txt", "ab") as log_file:
+            proc = subprocess.Popen([sys.executable, "-m", "solver_service", "run-job", str(job_dir)],
+                                    stdout=log_file, stderr=subprocess.STDOUT, env=env)
+            self.running[job_id] = proc
+            self._update(job_id, worker_pid=proc.pid)
+            try:
+                code = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                code = proc.wait()
+                self._update(job_id, state="failed", finished=time.time(),
+                             error=f"worker exceeded {timeout:.0f}s and was killed")
+                return
+            finally:
+                self.running.pop(job_id, None)
+        if code == 0 and self._finish_from_disk(job_id):
+            log.info("job %s: done", job_id)
+            return
+        tail = (job_dir / "log.txt").read_text(errors="replace").strip().splitlines()[-5:]
+        self._update(job_id, state="failed", finished=time.time(),
+                     error=f"worker exited with code {code}: " + " | ".join(tail))
+        log.warning("job %s failed with exit code %s", job_id, code)
