@@ -9,3 +9,5 @@ echo "== engine overhead (2 ranks, gloo) =="
 python -m torch.distributed.run --standalone --nproc-per-node 2 bench/engine_overhead.py --out bench/out/engine_overhead.json
 echo "== feature statistics: streamed sums vs the reference's per-class loop (N=50k, F=2048, C=1000) =="
 python bench/stats_bench.py --out bench/out/stats.json
+echo "== solver: exactness, medium, CUB and ImageNet size =="
+python bench/solver_bench.py --out bench/out/solver_bench.json
