@@ -184,7 +184,15 @@ def main(argv: list[str] | None = None) -> int:
         from qpm_dist.launching import main as launch_main
 
         return launch_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may come before or after options (`run CFG --stage dense dense.epochs=5`): argparse stops
+    # collecting a positional list at the first option, so key=value leftovers are overrides too.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     return args.func(args)
 
 

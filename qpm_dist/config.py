@@ -135,8 +135,11 @@ class SolverConfig:
     time_limit: float = 600.0  # seconds per solve
     mip_gap: Optional[float] = None
     threads: Optional[int] = None
-    # URL of a running solver service (`python -m solver_service serve`); None solves in process on rank 0.
+    # A running solver service (`python -m solver_service serve`): its URL (http://host:port), or the path of
+    # a file holding it (slurm/solver_service.sbatch writes one; the token is read from FILE.token). None
+    # solves in process on rank 0. A token can also come from the environment variable SOLVER_SERVICE_TOKEN.
     url: Optional[str] = None
+    retries: int = 5  # connection attempts after the first, with exponential backoff
     # When the service cannot be reached: solve in process with an open-source backend instead of failing.
     fallback_local: bool = True
 

@@ -7,6 +7,7 @@ repeated for the same inputs (the stage cache; the service additionally caches b
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,21 @@ from qpm_dist.config import QPMConfig
 from qpm_dist.utils import log
 
 OPEN_SOURCE_FALLBACK = "auto"  # without gurobi installed, auto means HiGHS (small) or the fast search (large)
+
+
+def service_address(url: str) -> tuple[str, str | None]:
+    """(URL, token) from `qpm.solver.url`: a URL, or a file holding one (token in FILE.token)."""
+    token = os.environ.get("SOLVER_SERVICE_TOKEN") or None
+    if url.startswith(("http://", "https://")):
+        return url, token
+    path = Path(url).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"qpm.solver.url: neither an http(s) URL nor an existing URL file: {url} "
+                                "(slurm/solver_service.sbatch writes the file once the service is up)")
+    token_file = path.with_name(path.name + ".token")
+    if token is None and token_file.is_file():
+        token = token_file.read_text().strip() or None
+    return path.read_text().strip(), token
 
 
 def _solve_rank0(A: np.ndarray, R: np.ndarray, b: np.ndarray, cfg: QPMConfig, seed: int, out_dir: Path):
@@ -28,9 +44,10 @@ def _solve_rank0(A: np.ndarray, R: np.ndarray, b: np.ndarray, cfg: QPMConfig, se
     problem.save(out_dir / "problem.npz")
     if s.url:
         try:
-            log.info("solve: submitting problem %s to the solver service %s", problem.content_hash()[:12], s.url)
-            return SolverClient(s.url).solve(problem, backend=s.backend)
-        except SolverServiceError as exc:
+            url, token = service_address(s.url)
+            log.info("solve: submitting problem %s to the solver service %s", problem.content_hash()[:12], url)
+            return SolverClient(url, token=token, retries=s.retries).solve(problem, backend=s.backend)
+        except (SolverServiceError, FileNotFoundError) as exc:
             if not s.fallback_local:
                 raise
             log.warning("solve: the solver service failed (%s); solving in process with the open-source "

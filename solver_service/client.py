@@ -6,6 +6,7 @@ submitting is idempotent (the job id is a content hash), so retrying a POST is s
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import time
 import urllib.error
@@ -13,6 +14,9 @@ import urllib.request
 
 from .problem import Problem
 from .result import Result
+
+
+log = logging.getLogger("solver_service.client")
 
 
 class SolverServiceError(RuntimeError):
@@ -38,7 +42,10 @@ class SolverClient:
         last = ""
         for attempt in range(attempts):
             if attempt:
-                time.sleep(min(self.max_backoff, self.backoff * 2 ** (attempt - 1)))
+                delay = min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
+                log.warning("solver service %s: %s; retrying in %.1f s (attempt %d of %d)", url, last, delay,
+                            attempt + 1, attempts)
+                time.sleep(delay)
             request = urllib.request.Request(url, data=body, method=method, headers=headers)
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:

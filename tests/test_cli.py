@@ -78,3 +78,14 @@ def test_finished_stage_is_reused_and_changed_config_gets_a_new_stage(write_conf
     assert len(list(out.glob("*/dense-*"))) == 2  # a new key, a new folder; the old result is untouched
     saved = yaml.safe_load((out / "t" / "config.yaml").read_text())
     assert saved["dense"]["optim"]["lr"] == 0.01  # the resolved config of the latest run is kept
+
+
+def test_overrides_before_and_after_options_are_both_applied(write_config):
+    shown = run_qpm(1, "print-config", str(write_config()), "dense.epochs=7", timeout=120)
+    assert yaml.safe_load(shown.stdout)["dense"]["epochs"] == 7
+    from qpm_dist.cli import build_parser, main
+
+    assert main(["run", "/nonexistent.yaml", "--stage", "dense", "dense.epochs=3"]) == 2  # parsed, then the file
+    with pytest.raises(SystemExit):
+        main(["run", "x.yaml", "--stage", "dense", "--bogus"])
+    assert build_parser().parse_known_args(["run", "x.yaml", "--stage", "dense", "a.b=1"])[1] == ["a.b=1"]
