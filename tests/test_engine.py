@@ -12,7 +12,8 @@ import pytest
 import torch
 import yaml
 
-from helpers import REPO, assert_same_weights, clean_env, load_weights, qpm_command, run_qpm, stage_dir
+from helpers import (REPO, assert_same_weights, clean_env, load_weights, qpm_command, run_qpm, stage_dir,
+                     write_test_config)
 
 
 def out_dir(config: Path) -> Path:
@@ -82,8 +83,17 @@ def _interrupt(config: Path, at_step: int, sig: signal.Signals = signal.SIGTERM,
 LONG = dict(dense={"epochs": 3, "batch_size": 8})  # 48 steps: time to interrupt in the middle of an epoch
 
 
-def test_sigterm_mid_epoch_then_resume_is_bitwise_identical(write_config):
-    reference = train(1, write_config("ref.yaml", **LONG), "data.num_workers=1")
+@pytest.fixture(scope="module")
+def reference_one_rank(tmp_path_factory, tiny_data) -> Path:
+    """An uninterrupted 1-process run of LONG (no loader workers), shared by the resume tests."""
+    tmp = tmp_path_factory.mktemp("ref1")
+    return train(1, write_test_config(tmp / "ref.yaml", tiny_data, tmp / "runs-ref", **LONG))
+
+
+def test_sigterm_mid_epoch_then_resume_is_bitwise_identical(write_config, reference_one_rank):
+    """Interrupted and resumed with a loader worker; equal to the reference that used none (the worker
+    count never changes the data)."""
+    reference = reference_one_rank
     config = write_config("int.yaml", **LONG)
     stopped = _interrupt(config, 5, signal.SIGTERM, 1, "data.num_workers=1")
     assert stopped.returncode == 75, stopped.stderr[-3000:]
@@ -101,8 +111,8 @@ def test_sigterm_mid_epoch_then_resume_is_bitwise_identical(write_config):
     assert steps == list(range(1, 49))  # every step logged exactly once across the two processes
 
 
-def test_resume_auto_skips_corrupt_and_partial_checkpoints(write_config):
-    reference = train(1, write_config("ref.yaml", **LONG))
+def test_resume_auto_skips_corrupt_and_partial_checkpoints(write_config, reference_one_rank):
+    reference = reference_one_rank
     config = write_config("int.yaml", **LONG, engine={**yaml.safe_load(write_config("x.yaml").read_text())["engine"],
                                                       "checkpoint_every_steps": 2, "keep_checkpoints": 3})
     stopped = _interrupt(config, 12)
