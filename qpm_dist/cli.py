@@ -64,7 +64,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, run_dir / "config.yaml")
         log.info("run %s: %d ranks (%s), %s, %d train / %d test images, %d classes", run_dir, info.world_size,
-                 info.backend, info.device, len(data.train_split), len(data.test_split), data.num_classes)
+                 info.backend, info.device, data.num_samples("train"), data.num_samples("test"), data.num_classes)
         ctx = RunContext(cfg=cfg, info=info, run_dir=run_dir, data=data)
         try:
             summaries = run_stages(stages, ctx, args.stage)

@@ -44,9 +44,16 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    dataset: Literal["synthetic", "cub", "folder"] = "synthetic"
+    # synthetic/cub: CUB-200-2011 layout; folder: root/{train,val}/<class>/*; imagenet: train class folders,
+    # val as class folders or flat with the devkit's labels; cars: Stanford Cars with its devkit .mat files.
+    dataset: Literal["synthetic", "cub", "folder", "imagenet", "cars"] = "synthetic"
     root: str = "data/synthetic"
     backend: Literal["folder"] = "folder"
+    # Image decoder: torchvision's decode_jpeg (PIL for files it rejects) or PIL.
+    decoder: Literal["torchvision", "pil"] = "torchvision"
+    # A file that cannot be decoded: stop with its path ("error") or warn with its path and use the next
+    # readable sample instead ("skip"). A missing file always stops.
+    on_corrupt: Literal["error", "skip"] = "error"
     img_size: int = 64
     # Train-time augmentation recipe, see qpm_dist.data.transforms.
     augment: Literal["none", "light", "cub", "imagenet"] = "light"

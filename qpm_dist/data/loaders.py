@@ -37,6 +37,8 @@ class DataSource(Protocol):
     class_names: list[str]
     fingerprint: str
 
+    def num_samples(self, split: str) -> int: ...
+
     def train_loader(self, micro_batch: int, global_batch: int, rank: int, world_size: int,
                      pin_memory: bool = False) -> EpochLoader: ...
 
