@@ -22,7 +22,11 @@ def _fail(message: str) -> int:
 
 def _preflight(cfg) -> None:
     """Check the files a run names, so a typo fails in seconds and not after hours."""
-    if not Path(cfg.data.root).exists():
+    if cfg.data.backend != "folder":
+        if not Path(cfg.data.converted).is_dir():
+            raise FileNotFoundError(f"data.converted: folder not found: {cfg.data.converted} (create it with "
+                                    f"`python -m data_prep to-{cfg.data.backend}`)")
+    elif not Path(cfg.data.root).exists():
         hint = " (create it with `qpm-dist make-synthetic`)" if cfg.data.dataset == "synthetic" else ""
         raise FileNotFoundError(f"data.root: dataset folder not found: {cfg.data.root}{hint}")
     if cfg.model.weights and not Path(cfg.model.weights).expanduser().is_file():

@@ -221,6 +221,18 @@ def read_splits(cfg: DataConfig, seed: int = 0) -> DatasetBundle:
     raise ValueError(f"data.dataset: unknown dataset {cfg.dataset!r}")
 
 
-def build_datasets(cfg: DataConfig, seed: int) -> DatasetBundle:
-    """Read the dataset's annotations (cheap) and check they exist before any training starts."""
+def build_datasets(cfg: DataConfig, seed: int):
+    """The run's DataSource for `data.backend`; reads annotations or the converted manifest (cheap), so a
+    missing or inconsistent dataset fails before any training starts."""
+    if cfg.backend == "ffcv":
+        try:
+            from qpm_dist.data.ffcv_loader import FFCVSource
+        except ImportError as exc:
+            raise ValueError(f"data.backend=ffcv: FFCV is not installed ({exc}); see requirements/ffcv.txt") from None
+
+        return FFCVSource(cfg, seed)
+    if cfg.backend == "wds":
+        from qpm_dist.data.wds_loader import WebDatasetSource
+
+        return WebDatasetSource(cfg, seed)
     return read_splits(cfg, seed)

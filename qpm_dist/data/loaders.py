@@ -31,7 +31,11 @@ class EpochLoader(Protocol):
 
 
 class DataSource(Protocol):
-    """What stages need from a dataset, whatever the storage backend (folders, FFCV, WebDataset)."""
+    """What stages need from a dataset, whatever the storage backend (folders, FFCV, WebDataset).
+
+    Implementations: datasets.DatasetBundle (`data.backend: folder`), ffcv_loader.FFCVSource (`ffcv`),
+    wds_loader.WebDatasetSource (`wds`); `datasets.build_datasets` picks one from the config.
+    """
 
     num_classes: int
     class_names: list[str]

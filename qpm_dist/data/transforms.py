@@ -24,14 +24,19 @@ def _finish(cfg: DataConfig) -> list:
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=cfg.mean, std=cfg.std)]
 
 
-def _squash(cfg: DataConfig) -> bool:
+def squashes(cfg: DataConfig) -> bool:
     """The reference squashes box-cropped CUB images (and our synthetic images) to a square."""
     return cfg.dataset == "synthetic" or cfg.crop_to_box
 
 
+def eval_squashes(cfg: DataConfig) -> bool:
+    """The test transform squashes to size x size (else: resize and centre-crop); the FFCV backend follows it."""
+    return squashes(cfg) or cfg.augment in ("none", "light")
+
+
 def test_transform(cfg: DataConfig) -> v2.Compose:
     s = cfg.img_size
-    if _squash(cfg) or cfg.augment in ("none", "light"):
+    if eval_squashes(cfg):
         geometry = [v2.Resize((s, s), antialias=True)]
     else:
         geometry = [v2.Resize(round(s * 256 / 224), antialias=True), v2.CenterCrop(s)]
@@ -47,7 +52,7 @@ def train_transform(cfg: DataConfig) -> v2.Compose:
     elif cfg.augment == "cub":
         geometry = (
             [v2.Resize((s, s), antialias=True)]
-            if _squash(cfg)
+            if squashes(cfg)
             else [v2.Resize(s, antialias=True), v2.RandomCrop(s, padding=4)]
         )
         ops = geometry + [v2.RandomHorizontalFlip(), v2.ColorJitter(0.1, 0.1, 0.1), v2.TrivialAugmentWide()]
