@@ -68,7 +68,7 @@ def identity(fmt: str, args, bundle, options: dict) -> dict:
     """Everything that determines the output bytes (workers and progress bars do not)."""
     return {"format": fmt, "dataset": args.dataset, "source_root": str(Path(args.root).resolve()),
             "source_fingerprint": bundle.fingerprint, "crop_to_box": bool(args.crop_to_box),
-            "splits": sorted(args.splits), "options": options}
+            "split_names": sorted(args.splits), "options": options}
 
 
 def _read_json(path: Path) -> dict | None:

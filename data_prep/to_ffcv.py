@@ -87,9 +87,10 @@ def convert_split(out: Path, split: str, items: list, args, progress: bool) -> d
     bad = np.flatnonzero(labels == PLACEHOLDER_LABEL)
     by_index = {item[0]: item[1] for item in items}
     skipped = [{"index": int(indices[b]), "path": by_index[int(indices[b])]} for b in bad]
-    for s in skipped:
-        convert.warn(f"{s['path']}: unreadable, left out of {name} (--on-corrupt {args.on_corrupt})")
-    if skipped and args.on_corrupt != "skip":
+    if args.on_corrupt == "skip":
+        for entry in skipped:
+            convert.warn(f"{entry['path']}: unreadable, left out of {name} (--on-corrupt skip)")
+    elif skipped:
         tmp.unlink()
         listing = "\n  ".join(s["path"] for s in skipped)
         raise ValueError(f"{len(skipped)} unreadable image(s) in the {split} split (use --on-corrupt skip to "

@@ -3,8 +3,9 @@
 Each split is shuffled once (seeded) and then cut into shards of `--samples-per-shard` samples, or of about
 `--shard-size` bytes, so that a shard is a random sample of the split and streaming readers need only a
 small shuffle buffer. A sample is `<key>.jpg|png` (the source file's bytes unchanged, unless --crop-to-box
-or --max-side asks for a re-encode), `<key>.cls` (label) and `<key>.idx` (its index in the source split,
-which the loader uses to seed augmentation exactly like the folder backend). Every image is decoded once
+or --max-side asks for a re-encode) and `<key>.cls` (label); the key is the sample's index in the source
+split (9 digits), which the loader uses to seed augmentation exactly like the folder backend (no third
+member per sample: tar headers are a visible part of the read cost). Every image is decoded once
 while writing, so a corrupt file is caught here (stop, or leave it out with a warning, by --on-corrupt).
 
 Shards are written by worker processes, each to a temp name renamed when complete, with a small JSON
@@ -102,8 +103,7 @@ def write_shard(task: tuple) -> dict:
                     convert.warn(f"{exc}; left out (--on-corrupt skip)")
                     skipped.append({"index": index, "path": path, "error": str(exc)})
                     continue
-                sink.write({"__key__": f"{index:09d}", ext: data, "cls": str(label).encode(),
-                            "idx": str(index).encode()})
+                sink.write({"__key__": f"{index:09d}", ext: data, "cls": str(label).encode()})
                 count += 1
         record = {"file": name, "count": count, "bytes": tmp.stat().st_size, "skipped": skipped}
         convert.write_json(Path(out) / f"{name}.json", record)

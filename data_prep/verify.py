@@ -38,7 +38,7 @@ def check_wds_shard(task: tuple) -> dict:
             where = f"{path}:{sample['__key__']}"
             try:
                 key = next(k for k in IMAGE_KEYS if k in sample)
-                indices.append(int(sample["idx"]))
+                indices.append(int(sample["__key__"]))
                 labels.append(int(sample["cls"]))
                 decode(np.frombuffer(sample[key], dtype=np.uint8), where, decoder)
             except StopIteration:

@@ -34,10 +34,9 @@ def wds_samples(folder: Path, split: str) -> dict[int, tuple[int, str]]:
         with tarfile.open(tar_path) as tar:
             members = {m.name: m for m in tar.getmembers()}
             for name in members:
-                if name.endswith(".idx"):
-                    key = name[: -len(".idx")]
-                    index = int(tar.extractfile(members[name]).read())
-                    label = int(tar.extractfile(members[key + ".cls"]).read())
+                if name.endswith(".cls"):
+                    index = int(name[: -len(".cls")])  # the key is the sample's source index
+                    label = int(tar.extractfile(members[name]).read())
                     assert index not in out, f"index {index} twice"
                     out[index] = (label, tar_path.name)
     return out

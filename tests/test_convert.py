@@ -37,6 +37,10 @@ def test_wds_round_trip_keeps_every_sample_and_label(tiny_data, tmp_path, capfd)
     capfd.readouterr()
     assert data_prep("verify", out, "--workers", "1", "--quiet") == 0
     assert "train: OK: 128 samples decode" in capfd.readouterr().out
+    stamp = (out / "train-000000.tar").stat().st_mtime_ns
+    convert("wds", tiny_data, out, "--samples-per-shard", "24")  # the same command again: nothing to do
+    assert "already converted" in capfd.readouterr().out
+    assert (out / "train-000000.tar").stat().st_mtime_ns == stamp
 
 
 def test_wds_stops_on_a_corrupt_image_and_resumes_without_rewriting_finished_shards(tiny_data, tmp_path, capfd):

@@ -64,11 +64,16 @@ def test_exact_epoch_drops_less_than_one_global_batch(wds_dir, tiny_data):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_continues_with_the_next_unseen_batch(wds_dir, tiny_data, workers):
     src = source(wds_dir, tiny_data, num_workers=workers)
-    full = epoch_indices(src, 2, 8, 24, 1, 3)  # 5 batches per rank; 2 workers make 3 and 2 of them
+    loader = src.train_loader(8, 24, 1, 3, return_index=True)  # 5 batches per rank; 2 workers make 3 and 2
+    loader.set_epoch(2)
+    full = list(loader)
     for skip in (1, 2, 4):
-        rest = epoch_indices(src, 2, 8, 24, 1, 3, skip=skip)
-        for (xa, ya, ia), (xb, yb, ib) in zip(rest, full[skip:], strict=True):
+        loader.set_epoch(2, skip)  # the same loader: its persistent workers pick up the new position
+        rest = list(loader)
+        fresh = epoch_indices(src, 2, 8, 24, 1, 3, skip=skip)  # a restarted process
+        for (xa, ya, ia), (xb, yb, ib), (xc, _, ic) in zip(rest, full[skip:], fresh, strict=True):
             assert torch.equal(ia, ib) and torch.equal(ya, yb) and torch.equal(xa, xb)
+            assert torch.equal(ic, ib) and torch.equal(xc, xb)
 
 
 def test_augmentation_equals_the_folder_backend(wds_dir, tiny_data):
@@ -95,7 +100,10 @@ def test_eval_shards_without_padding(wds_dir, tiny_data, world):
     src = source(wds_dir, tiny_data, num_workers=2)
     seen = []
     for rank in range(world):
-        for images, labels, idx in src.eval_loader("test", 5, rank, world, return_index=True):
+        loader = src.eval_loader("test", 5, rank, world, return_index=True)
+        batches = list(loader)
+        assert len(batches) == len(loader)
+        for images, labels, idx in batches:
             assert images.shape[1:] == (3, 32, 32) and images.dtype == torch.float32
             seen += idx.tolist()
     assert sorted(seen) == list(range(32))

@@ -33,6 +33,7 @@ padding, so all-reduced sums count every sample once.
 from __future__ import annotations
 
 import itertools
+import multiprocessing
 import random
 import warnings
 from pathlib import Path
@@ -41,11 +42,12 @@ from typing import Iterator
 import numpy as np
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from qpm_dist.config import DataConfig
-from qpm_dist.data.datasets import sample_seed
+from qpm_dist.data.datasets import sample_seed, seeded_cpu_rng
 from qpm_dist.data.decode import CorruptImageError, decode
+from qpm_dist.data.loaders import collate
 from qpm_dist.data.manifest import check_matches_config, load_manifest
 from qpm_dist.data.transforms import test_transform, train_transform
 
@@ -141,12 +143,11 @@ class _SampleDecoder:
         where = f"{sample.get('__url__')}:{sample.get('__key__')}"
         if key is None:
             raise ValueError(f"{where}: no image entry (expected one of {IMAGE_KEYS})")
-        index, label = int(sample["idx"]), int(sample["cls"])
+        index, label = int(sample["__key__"]), int(sample["cls"])  # the key is the source index
         image = decode(np.frombuffer(sample[key], dtype=np.uint8), where, self.decoder)
         seed = (sample_seed(self.seed, self.epoch, index) if self.salt is None
                 else sample_seed(self.salt, self.epoch, position))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded_cpu_rng(seed):
             image = self.transform(image)
         return (image, label, index) if self.return_index else (image, label)
 
@@ -196,7 +197,20 @@ class TrainStream(IterableDataset):
         bounds = even_bounds(self.batches, self.workers)
         self.worker_batches = [bounds[k + 1] - bounds[k] for k in range(self.workers)]
         self.worker_first_batch = bounds[:-1]
-        self.epoch, self.skip = 0, 0
+        # (epoch, batches to skip) in shared memory: persistent loader workers read the current values
+        # each time an epoch's iteration starts (they are forked once, not per epoch).
+        self._position = multiprocessing.RawArray("q", 2)
+
+    @property
+    def epoch(self) -> int:
+        return self._position[0]
+
+    @property
+    def skip(self) -> int:
+        return self._position[1]
+
+    def set_position(self, epoch: int, skip: int) -> None:
+        self._position[0], self._position[1] = epoch, skip
 
     def _logical_worker(self) -> tuple[int, int]:
         """(logical worker this process plays, batches of it already consumed): rotated on resume so the
@@ -238,7 +252,7 @@ class TrainStream(IterableDataset):
             wds.shuffle(buffer, initial=buffer, rng=self._rng(self.epoch, stream_id, 2)),
             _skip(done * self.micro),
             decoder,
-            wds.batched(self.micro, collation_fn=default_collate, partial=False),
+            wds.batched(self.micro, collation_fn=collate, partial=False),
             _take(n_batches),
         )
         return iter(pipeline)
@@ -256,7 +270,9 @@ class EvalStream(IterableDataset):
         self.transform, self.cfg, self.seed, self.return_index = transform, cfg, seed, return_index
 
     def __len__(self) -> int:
-        return -(-(self.stop - self.start) // self.batch_size)
+        """Batches over all workers (each worker ends with its own partial batch)."""
+        bounds = even_bounds(self.stop - self.start, self.workers)
+        return sum(-(-(bounds[k + 1] - bounds[k]) // self.batch_size) for k in range(self.workers))
 
     def __iter__(self):
         info = get_worker_info()
@@ -268,32 +284,32 @@ class EvalStream(IterableDataset):
         decoder = _SampleDecoder(self.transform, self.seed, 0, self.cfg.decoder, self.cfg.on_corrupt,
                                  self.return_index)
         pipeline = wds.DataPipeline(lambda: read_pieces(urls), decoder,
-                                    wds.batched(self.batch_size, collation_fn=default_collate, partial=True))
+                                    wds.batched(self.batch_size, collation_fn=collate, partial=True))
         return iter(pipeline)
 
 
 # ------------------------------------------------------------------------------------------- loaders
 class WebDatasetTrainLoader:
-    """EpochLoader over a TrainStream: a fresh DataLoader per epoch carries (epoch, skip) to its workers."""
+    """EpochLoader over a TrainStream, with persistent workers that read (epoch, skip) when an epoch starts."""
 
     def __init__(self, stream: TrainStream, num_workers: int, pin_memory: bool = False) -> None:
-        self.stream, self.num_workers, self.pin_memory = stream, num_workers, pin_memory
+        self.stream = stream
+        # A private generator: creating an iterator must not consume the global RNG (see TrainLoader).
+        self.loader = DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                                 persistent_workers=num_workers > 0, generator=torch.Generator())
 
     @property
     def batches_per_epoch(self) -> int:
         return self.stream.batches
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        self.stream.epoch, self.stream.skip = epoch, skip_batches
+        self.stream.set_position(epoch, skip_batches)
 
     def __len__(self) -> int:
         return self.stream.batches - self.stream.skip
 
     def __iter__(self):
-        # A private generator: creating the iterator must not consume the global RNG (see TrainLoader).
-        loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                            generator=torch.Generator())
-        return iter(loader)
+        return iter(self.loader)
 
 
 class WebDatasetSource:
