@@ -56,8 +56,9 @@ class SourceImages:
 def convert_split(out: Path, split: str, items: list, args, progress: bool) -> dict:
     import torch
     from ffcv.fields import IntField, RGBImageField
-    from ffcv.reader import Reader
     from ffcv.writer import DatasetWriter
+
+    from qpm_dist.data.ffcv_loader import beton_columns
 
     name = f"{split}.beton"
     sidecar = out / f"{name}.json"
@@ -82,8 +83,8 @@ def convert_split(out: Path, split: str, items: list, args, progress: bool) -> d
         if not progress:
             sys.stderr = saved
             devnull.close()
-    metadata = Reader(str(tmp)).metadata
-    labels, indices = metadata["f1"], metadata["f2"]
+    columns = beton_columns(tmp)
+    labels, indices = columns["label"], columns["index"]
     bad = np.flatnonzero(labels == PLACEHOLDER_LABEL)
     by_index = {item[0]: item[1] for item in items}
     skipped = [{"index": int(indices[b]), "path": by_index[int(indices[b])]} for b in bad]

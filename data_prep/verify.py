@@ -58,16 +58,16 @@ def check_ffcv_rows(task: tuple) -> dict:
     from ffcv.reader import Reader
 
     from qpm_dist.data.decode import decode
+    from qpm_dist.data.ffcv_loader import beton_columns
 
     torch.set_num_threads(1)
     path, start, stop, decoder = task
-    reader = Reader(path)
     data = np.memmap(path, dtype=np.uint8, mode="r")
-    table = np.sort(reader.alloc_table, order="ptr")
-    meta = reader.metadata[start:stop]
+    table = np.sort(Reader(path).alloc_table, order="ptr")
+    columns = beton_columns(path)
     errors = []
-    for row, entry in zip(range(start, stop), meta):
-        image, label = entry["f0"], int(entry["f1"])
+    for row in range(start, stop):
+        image, label = columns["image"][row], int(columns["label"][row])
         if label < 0:  # a placeholder for a left-out source image
             continue
         ptr = int(image["data_ptr"])
@@ -135,15 +135,15 @@ def verify_split(root: Path, manifest: dict, split: str, source: dict | None, po
         labels = np.array([y for r in results for y in r["labels"]], dtype=np.int64)
         problems += [e for r in results for e in r["errors"]]
     else:
-        from ffcv.reader import Reader
+        from qpm_dist.data.ffcv_loader import beton_columns
 
         path = root / info["file"]
-        reader = Reader(str(path))
-        meta = reader.metadata
-        keep = meta["f1"] >= 0
-        indices, labels = meta["f2"][keep].astype(np.int64), meta["f1"][keep].astype(np.int64)
-        step = max(1, min(2000, len(meta) // (4 * max(1, workers)) or 1))
-        tasks = [(str(path), a, min(a + step, len(meta)), decoder) for a in range(0, len(meta), step)]
+        columns = beton_columns(path)
+        keep = columns["label"] >= 0  # label -1: placeholder of an image left out at conversion
+        indices, labels = columns["index"][keep].astype(np.int64), columns["label"][keep].astype(np.int64)
+        rows = len(keep)
+        step = max(1, min(2000, rows // (4 * max(1, workers)) or 1))
+        tasks = [(str(path), a, min(a + step, rows), decoder) for a in range(0, rows, step)]
         results = _run_tasks(check_ffcv_rows, tasks, pool, f"verify {split}", progress, lambda t: t[2] - t[1])
         problems += [e for r in results for e in r["errors"]]
     if len(indices) != info["num_samples"]:

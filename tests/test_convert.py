@@ -100,10 +100,10 @@ needs_ffcv = pytest.mark.skipif(importlib.util.find_spec("ffcv") is None, reason
 
 
 def ffcv_rows(path):
-    from ffcv.reader import Reader
+    from qpm_dist.data.ffcv_loader import beton_columns
 
-    meta = Reader(str(path)).metadata
-    return meta["f1"].astype(int), meta["f2"].astype(int)
+    columns = beton_columns(path)
+    return columns["label"].astype(int), columns["index"].astype(int)
 
 
 @needs_ffcv

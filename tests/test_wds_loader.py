@@ -132,3 +132,14 @@ def test_corrupt_sample_in_a_shard_stops_or_is_replaced(wds_dir, tiny_data, tmp_
         shares = [epoch_indices(lenient, 0, 8, 16, r, 2) for r in range(2)]
     seen = [int(i) for s in shares for _, _, idx in s for i in idx]
     assert len(seen) == 128 and int(bad_key) not in seen  # replaced by a neighbour: batches stay full
+
+
+def test_backend_options_are_checked_before_training(wds_dir, tiny_data, tmp_path):
+    from qpm_dist.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="data.converted: data.backend=wds needs"):
+        load_config(overrides=["data.backend=wds"])
+    with pytest.raises(ValueError, match="converted from a 'synthetic' dataset, but data.dataset=cub"):
+        source(wds_dir, tiny_data, dataset="cub")
+    with pytest.raises(FileNotFoundError, match="to-wds"):
+        source(tmp_path / "nothing", tiny_data)

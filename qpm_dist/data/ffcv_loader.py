@@ -47,6 +47,13 @@ from qpm_dist.data.manifest import check_matches_config, load_manifest
 from qpm_dist.data.transforms import eval_squashes
 
 
+def beton_columns(path: str | Path) -> dict[str, np.ndarray]:
+    """The per-sample metadata columns of a .beton by field name ('image', 'label', 'index'); FFCV stores
+    them as f0, f1, ... in field order."""
+    reader = Reader(str(path))
+    return {name: reader.metadata[f"f{i}"] for i, name in enumerate(reader.field_names)}
+
+
 def _full_image(height, width, scale, ratio):
     return 0, 0, height, width
 
@@ -181,7 +188,7 @@ class FFCVSource:
             path = self.root / self.manifest["splits"][split]["file"]
             if not path.is_file():
                 raise FileNotFoundError(f"data.converted: {path} listed in dataset.json is missing")
-            labels = Reader(str(path)).metadata["f1"]
+            labels = beton_columns(path)["label"]
             # Rows of images left out at conversion (placeholders, label -1) are never loaded.
             self.files[split], self.rows[split] = str(path), np.flatnonzero(labels >= 0).astype(np.int64)
         image_pipeline(cfg, True, None)  # an unsupported augment recipe fails here, before training
