@@ -7,3 +7,5 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p bench/out
 echo "== engine overhead (2 ranks, gloo) =="
 python -m torch.distributed.run --standalone --nproc-per-node 2 bench/engine_overhead.py --out bench/out/engine_overhead.json
+echo "== data loaders (2 loader workers; first run generates and converts the images, a few minutes) =="
+python bench/loader_bench.py --out bench/out/loader.json

@@ -13,7 +13,7 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
+import re
 import sys
 from pathlib import Path
 
@@ -78,10 +78,12 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
+_OWNED = re.compile(r"^(\.convert\.json|dataset\.json|(train|test)(-\d{6}\.tar|\.beton)(\.json)?|\..*\.tmp)$")
+
+
 def owned(name: str) -> bool:
-    """Files a converter writes into its output folder."""
-    return (name in (PLAN_FILE, "dataset.json") or name.endswith((".tar", ".beton", ".json", ".tmp"))
-            or name.startswith("."))
+    """Files a converter writes into its output folder (the only ones --force deletes)."""
+    return _OWNED.match(name) is not None
 
 
 def prepare_output(out: Path, ident: dict, force: bool) -> str:
@@ -100,8 +102,8 @@ def prepare_output(out: Path, ident: dict, force: bool) -> str:
                                   f"use --force to replace its converted files, or choose another folder")
     elif out.exists():
         for entry in out.iterdir():
-            if owned(entry.name):
-                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+            if owned(entry.name) and entry.is_file():
+                entry.unlink()
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / PLAN_FILE, ident)
     return "new"
