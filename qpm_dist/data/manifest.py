@@ -34,7 +34,8 @@ def load_manifest(folder: str | Path, expect_format: str | None = None) -> dict[
     if not path.is_file():
         hint = f"; create it with `python -m data_prep to-{expect_format} {folder} ...`" if expect_format else ""
         reason = "folder not found" if not folder.exists() else f"no {MANIFEST} (conversion not finished?)"
-        raise FileNotFoundError(f"data.converted: {folder}: {reason}{hint}")
+        prefix = "data.converted: " if expect_format else ""  # the loaders name the config key
+        raise FileNotFoundError(f"{prefix}{folder}: {reason}{hint}")
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
