@@ -28,8 +28,9 @@ class RandomResizedCrop(v2.RandomResizedCrop):
     memory before resizing and returns it channels-last.
 
     Why: decode_jpeg returns HWC memory and torch's uint8 antialiased bilinear kernel works on channels-last
-    input; given a strided crop view it repacks it internally, which made the resize about 1.3-1.5x slower
-    (docs/BENCHMARKS.md, "Data loaders"). loaders.collate then stacks such images without transposing.
+    input; given a strided crop view it repacks it internally, which made the crop + resize about 1.3x slower
+    (657 against 512 us per image, docs/BENCHMARKS.md "Data loaders"). loaders.collate then stacks such
+    images without transposing.
     """
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
