@@ -18,8 +18,7 @@ Transforms (FFCV's JIT operations, same semantics as qpm_dist.data.transforms):
       brightness/contrast/saturation jitter 0.1 (torchvision's ColorJitter applies them in random order,
       FFCV in a fixed one); augment=none: the test transform. Other recipes (light, cub) need per-sample
       torchvision ops FFCV cannot run: use the folder or wds backend for them.
-  test: resize to img_size*256/224 and centre-crop img_size (FFCV's CenterCropRGBImageDecoder with ratio
-      224/256), or squash to img_size x img_size for box-cropped / synthetic data, as the folder backend.
+  test: resize and centre-crop img_size (FFCV's CenterCropRGBImageDecoder with transforms.eval_crop_ratio), or squash to img_size x img_size for box-cropped / synthetic data, as the folder backend.
   FFCV resizes with OpenCV's INTER_AREA, torchvision with antialiased bilinear: pixel values differ slightly.
 CPU path: normalisation in FFCV's NormalizeImage (numba), float32 NCHW out. GPU path (the trainer passes
 pin_memory=True when it trains on CUDA): uint8 batches go to this rank's GPU with ToDevice and are
@@ -44,7 +43,7 @@ from ffcv.traversal_order.base import TraversalOrder
 from qpm_dist.config import DataConfig
 from qpm_dist.data.loaders import EpochShardSampler
 from qpm_dist.data.manifest import check_matches_config, class_parts, load_manifest
-from qpm_dist.data.transforms import eval_squashes
+from qpm_dist.data.transforms import eval_crop_ratio, eval_squashes
 
 
 def beton_columns(path: str | Path) -> dict[str, np.ndarray]:
@@ -96,7 +95,7 @@ def image_pipeline(cfg: DataConfig, train: bool, device: torch.device | None) ->
     if eval_squashes(cfg):
         test = SquashRGBImageDecoder((s, s))
     else:
-        test = CenterCropRGBImageDecoder((s, s), ratio=224 / 256)
+        test = CenterCropRGBImageDecoder((s, s), ratio=eval_crop_ratio(cfg))
     if not train or cfg.augment == "none":
         ops = [test]
     elif cfg.augment == "imagenet":

@@ -8,8 +8,8 @@ Recipes (`data.augment`):
              RandomCrop(padding 4)), flip, ColorJitter(0.1, 0.1, 0.1), TrivialAugmentWide;
 * imagenet – RandomResizedCrop(size), flip, ColorJitter(0.1, 0.1, 0.1) (on float32 in [0, 1]). Unlike the
              reference we always normalise (spec bug 4: ImageNet-pretrained weights expect normalised input).
-Test: squash to size x size for `cub`/`light`/`none` on box-cropped data, else resize to size*256/224 and
-centre-crop, as the reference does.
+Test: squash to size x size for `cub`/`light`/`none` on box-cropped data, else resize and centre-crop: the
+shorter side to size for `cub` (the reference's CUB/Cars test transform), to size*256/224 for `imagenet`.
 """
 
 from __future__ import annotations
@@ -55,12 +55,17 @@ def eval_squashes(cfg: DataConfig) -> bool:
     return squashes(cfg) or cfg.augment in ("none", "light")
 
 
+def eval_crop_ratio(cfg: DataConfig) -> float:
+    """Centre-crop side / resized shorter side of the test transform when it does not squash."""
+    return 1.0 if cfg.augment == "cub" else 224 / 256
+
+
 def test_transform(cfg: DataConfig) -> v2.Compose:
     s = cfg.img_size
     if eval_squashes(cfg):
         geometry = [v2.Resize((s, s), antialias=True)]
     else:
-        geometry = [v2.Resize(round(s * 256 / 224), antialias=True), v2.CenterCrop(s)]
+        geometry = [v2.Resize(round(s / eval_crop_ratio(cfg)), antialias=True), v2.CenterCrop(s)]
     return v2.Compose(geometry + _finish(cfg))
 
 
