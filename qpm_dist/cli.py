@@ -1,4 +1,4 @@
-"""`qpm-dist` command line: run | demo | make-synthetic | print-config | launch.
+"""`qpm-dist` command line: run | demo | compare | make-synthetic | print-config | launch.
 
 Exit codes: 0 success, 2 bad input (config, paths, files; reported before any training starts),
 75 stopped by SIGTERM/SIGUSR1 after writing a checkpoint (rerun the same command to resume).
@@ -48,7 +48,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from qpm_dist.methods.stages import RunContext, run_stages
     from qpm_dist.utils import log, setup_logging
 
-    stages = method_stages(cfg.method)
+    stages = method_stages(cfg.method, cfg)
     if args.stage is not None and args.stage not in [s.name for s in stages]:
         return _fail(f"--stage: unknown stage {args.stage!r}; {cfg.method} has: {', '.join(s.name for s in stages)}")
 
@@ -133,19 +133,35 @@ def demo_summary(run_dir: Path) -> str:
         found = sorted(run_dir.glob(pattern), key=lambda p: p.stat().st_mtime)
         return found[-1] if found else None
 
-    metrics_file, report = newest("evaluate-*/metrics.json"), newest("report-*/report.html")
+    metrics_file, report = newest("*evaluate-*/metrics.json"), newest("*report-*/report.html")
     lines = ["", "qpm-dist demo: done."]
     if metrics_file:
+        from qpm_dist.report.build import METHOD_LABELS
+
         m = json.loads(metrics_file.read_text())
-        d, q = m["dense"], m["qpm"]
-        lines.append(f"  test top-1: dense {d['accuracy']:.1f}%  QPM {q['accuracy']:.1f}%  "
-                     f"({q['NFfeatures']} features, {q['PerClass']:.0f} per class)")
+        method = next((k for k in m if k != "dense"), "qpm")
+        d, q, label = m["dense"], m[method], METHOD_LABELS.get(method, method)
+        lines.append(f"  test top-1: dense {d['accuracy']:.1f}%  {label} {q['accuracy']:.1f}%  "
+                     f"({q['NFfeatures']} features, {q['PerClass']:.1f} per class)")
         if q.get("part_recovery") is not None:
-            lines.append(f"  ground-truth class-part links recovered by QPM's assignment: {100 * q['part_recovery']:.1f}% "
-                         f"(a random assignment: {100 * q['part_recovery_random']:.1f}%)")
+            lines.append(f"  ground-truth class-part links recovered by {label}'s assignment: "
+                         f"{100 * q['part_recovery']:.1f}% (a random assignment: {100 * q['part_recovery_random']:.1f}%)")
     if report:
         lines.append(f"  report: {report.resolve()}")
     return "\n".join(lines)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Dense, QPM, SLDD and Q-SENN side by side from the metrics.json files under an output folder."""
+    from qpm_dist.report.compare import write_comparison
+
+    if not Path(args.out_dir).is_dir():
+        return _fail(f"compare: output folder not found: {args.out_dir}")
+    text, path = write_comparison(Path(args.out_dir), args.html)
+    print(text)
+    if path is not None:
+        print(f"written {path}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--nproc", type=int, default=2)
     demo.add_argument("overrides", nargs="*")
     demo.set_defaults(func=cmd_demo)
+
+    compare = sub.add_parser("compare", help="the metrics of every method run under OUT_DIR side by side")
+    compare.add_argument("out_dir", nargs="?", default="runs", help="the runs' run.out_dir (default: runs)")
+    compare.add_argument("--html", help="where to write the HTML table (default: OUT_DIR/compare.html)")
+    compare.set_defaults(func=cmd_compare)
 
     sub.add_parser("make-synthetic", help="generate the synthetic dataset (see --help)", add_help=False)
     sub.add_parser("launch", help="print or --run the torchrun/deepspeed command for one or more nodes (see --help)",
