@@ -178,7 +178,7 @@ class SagaSolverConfig:
 
 @dataclass
 class FastSolverConfig:
-    tol: float = 1e-5  # per λ: stop at ‖proximal-gradient residual‖_∞ <= tol (a KKT measure)
+    tol: float = 1e-4  # per λ: stop at ‖proximal-gradient residual‖_∞ <= tol (a KKT measure)
     max_iter: int = 2000  # per λ
     screening: bool = True  # sequential strong rules + KKT check (large feature counts)
 

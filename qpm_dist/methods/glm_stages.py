@@ -36,7 +36,7 @@ from qpm_dist.losses import ClassificationLoss
 from qpm_dist.methods.common import data_key, prepare_for_training, seed_rank_streams
 from qpm_dist.methods.stages import RunContext
 from qpm_dist.models.io import load_classifier, state_digest
-from qpm_dist.models.net import Classifier
+from qpm_dist.models.net import Classifier, ModelOutput
 from qpm_dist.stats.accumulate import FeatureSums
 from qpm_dist.utils import atomic_open, atomic_write_text, log
 
@@ -68,6 +68,13 @@ def solver_key(cfg: Config, path: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ features
 
 
+def raw_features(out: ModelOutput) -> torch.Tensor:
+    """The pooled feature maps of a model's output: for a sparse head the selected channels BEFORE its
+    normalisation (the head returns z = (f − μ)/σ as `features`; fitting on z but installing statistics of z
+    on raw f was spec bug 3)."""
+    return out.feature_maps.float().mean(dim=(2, 3))
+
+
 class FeaturesStage:
     def __init__(self, name: str = "features", model_stage: str = "dense") -> None:
         self.name, self.model_stage = name, model_stage
@@ -95,7 +102,7 @@ class FeaturesStage:
                     images, labels = images.to(info.device, non_blocking=True), labels.to(info.device)
                     with _autocast(ctx)():
                         out = model(images)
-                    pooled = out.feature_maps.float().mean(dim=(2, 3))  # raw pooled (selected) features
+                    pooled = raw_features(out)
                     writer.add(pooled, labels)
                     if split == "train":
                         sums.update(pooled, labels)
