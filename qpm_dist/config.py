@@ -410,6 +410,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return cfg
 
 
+def backbone_features(model: ModelConfig) -> int:
+    """Channels of the backbone's last feature maps (the F that QPM selects from)."""
+    return {"resnet18": 512, "resnet34": 512, "resnet50": 2048}.get(model.arch, 4 * model.tiny_width)
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks that a type annotation cannot express."""
     for phase_name in ("dense", "finetune"):
@@ -432,6 +437,9 @@ def validate(cfg: Config) -> None:
     q = cfg.qpm
     if not 1 <= q.n_per_class <= q.n_features:
         raise ConfigError(f"qpm.n_per_class ({q.n_per_class}) must be between 1 and qpm.n_features ({q.n_features})")
+    if q.n_features > backbone_features(cfg.model):
+        raise ConfigError(f"qpm.n_features ({q.n_features}) exceeds the {backbone_features(cfg.model)} features of "
+                          f"model.arch={cfg.model.arch}")
     if q.solver.time_limit <= 0:
         raise ConfigError(f"qpm.solver.time_limit: expected a positive number of seconds, got {q.solver.time_limit}")
     _validate_glm(cfg)

@@ -3,14 +3,44 @@ signal handling, exit codes and process groups are real."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Small enough for seconds per run on 2 CPU cores, large enough for several steps per epoch.
+TINY_DATA = dict(classes=4, parts=6, parts_per_class=2, min_size=32, max_size=40, train_per_class=32,
+                 test_per_class=8, seed=0)
+
+BASE_CONFIG = {
+    "run": {"name": "t", "seed": 0},
+    "data": {"dataset": "synthetic", "img_size": 32, "num_workers": 0, "augment": "light"},
+    "model": {"arch": "tiny_resnet", "tiny_width": 8, "dropout": 0.2},
+    "dense": {"epochs": 2, "batch_size": 16, "eval_batch_size": 32, "eval_every_epochs": 1,
+              "optim": {"lr": 0.05, "head_lr": 0.1}, "schedule": {"name": "step", "step_epochs": 1, "gamma": 0.5}},
+    "engine": {"precision": "fp32", "progress": False, "log_every_steps": 1,
+               "deepspeed_config": str(REPO / "configs/deepspeed/zero1.json")},
+    "qpm": {"n_features": 6, "n_per_class": 2},  # the tiny model has 32 features
+    "wandb": {"mode": "disabled"},
+}
+
+
+def write_test_config(path: Path, data_root: Path, out_dir: Path, **updates: dict) -> Path:
+    """BASE_CONFIG with this data root and out_dir, each section updated (one level deep), as YAML."""
+    cfg = json.loads(json.dumps(BASE_CONFIG))
+    cfg["data"]["root"] = str(data_root)
+    cfg["run"]["out_dir"] = str(out_dir)
+    for section, values in updates.items():
+        cfg.setdefault(section, {}).update(values)
+    path = Path(path)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
 
 
 def qpm_command(nproc: int, *args: str) -> list[str]:

@@ -67,13 +67,13 @@ def test_unknown_stage_and_print_config(write_config):
 
 def test_finished_stage_is_reused_and_changed_config_gets_a_new_stage(write_config):
     config = write_config(dense={"epochs": 1})
-    first = run_qpm(1, "run", str(config))
+    first = run_qpm(1, "run", str(config), "--stage", "dense")
     assert first.returncode == 0, first.stderr[-2000:]
     out = Path(yaml.safe_load(config.read_text())["run"]["out_dir"])
     done = stage_dir(out)
-    again = run_qpm(1, "run", str(config), "engine.log_every_steps=5")  # logging does not change results
+    again = run_qpm(1, "run", str(config), "--stage", "dense", "engine.log_every_steps=5")  # logging does not change results
     assert again.returncode == 0 and f"finished earlier, reusing {done}" in again.stderr
-    changed = run_qpm(1, "run", str(config), "dense.optim.lr=0.01")
+    changed = run_qpm(1, "run", str(config), "--stage", "dense", "dense.optim.lr=0.01")
     assert changed.returncode == 0
     assert len(list(out.glob("*/dense-*"))) == 2  # a new key, a new folder; the old result is untouched
     saved = yaml.safe_load((out / "t" / "config.yaml").read_text())

@@ -78,3 +78,9 @@ def test_every_shipped_config_loads():
     for path in configs:
         cfg = load_config(path, ["model.weights=/somewhere/resnet50.pth"])
         assert cfg.qpm.n_per_class <= cfg.qpm.n_features, path
+
+
+def test_more_features_than_the_backbone_has_is_an_error():
+    with pytest.raises(ConfigError, match=r"qpm\.n_features \(50\) exceeds the 32 features of model\.arch=tiny_resnet"):
+        load_config(None, ["model.arch=tiny_resnet", "model.tiny_width=8"])
+    assert load_config(None, ["model.arch=tiny_resnet", "model.tiny_width=8", "qpm.n_features=32"])

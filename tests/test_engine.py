@@ -12,7 +12,8 @@ import pytest
 import torch
 import yaml
 
-from helpers import REPO, assert_same_weights, clean_env, load_weights, qpm_command, run_qpm, stage_dir
+from helpers import (REPO, assert_same_weights, clean_env, load_weights, qpm_command, run_qpm, stage_dir,
+                     write_test_config)
 
 
 def out_dir(config: Path) -> Path:
@@ -20,7 +21,7 @@ def out_dir(config: Path) -> Path:
 
 
 def train(nproc: int, config: Path, *overrides: str) -> Path:
-    proc = run_qpm(nproc, "run", str(config), *overrides)
+    proc = run_qpm(nproc, "run", str(config), "--stage", "dense", *overrides)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return stage_dir(out_dir(config))
 
@@ -40,12 +41,13 @@ def test_two_ranks_equal_one_rank_with_the_same_global_batch(write_config):
     from qpm_dist.config import load_config
     from qpm_dist.methods.common import build_dense_model
 
-    init = build_dense_model(load_config(None, ["model.arch=tiny_resnet", "model.tiny_width=8", "model.norm=group"]), 4)
+    init_cfg = load_config(None, ["model.arch=tiny_resnet", "model.tiny_width=8", "model.norm=group", "qpm.n_features=6"])
+    init = build_dense_model(init_cfg, 4)
     assert not torch.allclose(init.state_dict()["backbone.conv1.weight"], w1["backbone.conv1.weight"])
 
 
 def _launch(nproc: int, config: Path, *overrides: str) -> subprocess.Popen:
-    return subprocess.Popen(qpm_command(nproc, "run", str(config), *overrides), cwd=REPO, env=clean_env(),
+    return subprocess.Popen(qpm_command(nproc, "run", str(config), "--stage", "dense", *overrides), cwd=REPO, env=clean_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -81,8 +83,17 @@ def _interrupt(config: Path, at_step: int, sig: signal.Signals = signal.SIGTERM,
 LONG = dict(dense={"epochs": 3, "batch_size": 8})  # 48 steps: time to interrupt in the middle of an epoch
 
 
-def test_sigterm_mid_epoch_then_resume_is_bitwise_identical(write_config):
-    reference = train(1, write_config("ref.yaml", **LONG), "data.num_workers=1")
+@pytest.fixture(scope="module")
+def reference_one_rank(tmp_path_factory, tiny_data) -> Path:
+    """An uninterrupted 1-process run of LONG (no loader workers), shared by the resume tests."""
+    tmp = tmp_path_factory.mktemp("ref1")
+    return train(1, write_test_config(tmp / "ref.yaml", tiny_data, tmp / "runs-ref", **LONG))
+
+
+def test_sigterm_mid_epoch_then_resume_is_bitwise_identical(write_config, reference_one_rank):
+    """Interrupted and resumed with a loader worker; equal to the reference that used none (the worker
+    count never changes the data)."""
+    reference = reference_one_rank
     config = write_config("int.yaml", **LONG)
     stopped = _interrupt(config, 5, signal.SIGTERM, 1, "data.num_workers=1")
     assert stopped.returncode == 75, stopped.stderr[-3000:]
@@ -91,7 +102,7 @@ def test_sigterm_mid_epoch_then_resume_is_bitwise_identical(write_config):
     (ckpt,) = list((run / "checkpoints").glob("step_*"))
     meta = json.loads((ckpt / "meta.json").read_text())
     assert 5 <= meta["global_step"] < 48 and meta["step_in_epoch"] % 16 != 0, meta  # really mid-epoch
-    resumed = run_qpm(1, "run", str(config), "data.num_workers=1")
+    resumed = run_qpm(1, "run", str(config), "--stage", "dense", "data.num_workers=1")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed dense from {ckpt}" in resumed.stderr
     assert_same_weights(load_weights(reference / "model.pt"), load_weights(run / "model.pt"))
@@ -100,8 +111,8 @@ def test_sigterm_mid_epoch_then_resume_is_bitwise_identical(write_config):
     assert steps == list(range(1, 49))  # every step logged exactly once across the two processes
 
 
-def test_resume_auto_skips_corrupt_and_partial_checkpoints(write_config):
-    reference = train(1, write_config("ref.yaml", **LONG))
+def test_resume_auto_skips_corrupt_and_partial_checkpoints(write_config, reference_one_rank):
+    reference = reference_one_rank
     config = write_config("int.yaml", **LONG, engine={**yaml.safe_load(write_config("x.yaml").read_text())["engine"],
                                                       "checkpoint_every_steps": 2, "keep_checkpoints": 3})
     stopped = _interrupt(config, 12)
@@ -112,7 +123,7 @@ def test_resume_auto_skips_corrupt_and_partial_checkpoints(write_config):
     state = newest / "state.pt"
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # torn write / disk corruption
     (newest.parent / "step_999999999.tmp").mkdir()  # a save that never finished
-    resumed = run_qpm(1, "run", str(config))
+    resumed = run_qpm(1, "run", str(config), "--stage", "dense")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"skipping unreadable checkpoint {newest}" in resumed.stderr
     assert "skipping partial checkpoint" in resumed.stderr
@@ -126,7 +137,7 @@ def test_two_ranks_signal_to_one_worker_then_resume_is_bitwise_identical(write_c
     stopped = _interrupt(config, 6, signal.SIGUSR1, 2)
     assert stopped.returncode != 0
     assert stopped.stderr.count("exitcode  : 75") == 2 or "exitcode: 75" in stopped.stderr, stopped.stderr[-3000:]
-    resumed = run_qpm(2, "run", str(config))
+    resumed = run_qpm(2, "run", str(config), "--stage", "dense")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_weights(load_weights(reference / "model.pt"), load_weights(stage_dir(out_dir(config)) / "model.pt"))
 
@@ -144,7 +155,7 @@ def test_deepspeed_zero1_two_ranks_trains_saves_and_resumes(write_config):
     (ckpt,) = list((run / "checkpoints").glob("step_*"))
     assert sorted(p.name for p in ckpt.iterdir() if p.name.startswith("zero_pp")) == [
         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
-    resumed = run_qpm(2, "run", str(config))
+    resumed = run_qpm(2, "run", str(config), "--stage", "dense")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_weights(load_weights(reference / "model.pt"), load_weights(run / "model.pt"))
     trained = json.loads((run / "result.json").read_text())
@@ -156,7 +167,7 @@ def test_wandb_offline_resume_continues_the_same_run(write_config):
     config = write_config("wb.yaml", **LONG, engine=engine, wandb={"mode": "offline", "project": "qpm-test"})
     stopped = _interrupt(config, 4)
     assert stopped.returncode == 75, stopped.stderr[-3000:]
-    resumed = run_qpm(1, "run", str(config), "wandb.mode=offline")
+    resumed = run_qpm(1, "run", str(config), "--stage", "dense", "wandb.mode=offline")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     runs = sorted((stage_dir(out_dir(config)) / "wandb").glob("offline-run-*"))
     assert len(runs) == 2, runs

@@ -24,8 +24,7 @@ import psutil
 import pytest
 import yaml
 
-from conftest import BASE_CONFIG
-from helpers import REPO, assert_same_weights, clean_env, load_weights, stage_dir
+from helpers import REPO, assert_same_weights, clean_env, load_weights, stage_dir, write_test_config
 
 ENTRY = REPO / "tests" / "rank_weights_entry.py"
 # 3 epochs x 16 steps: long enough to stop a run in the middle of an epoch.
@@ -33,14 +32,8 @@ LONG = {"dense": {"epochs": 3, "batch_size": 8}}
 
 
 def write_config(directory: Path, name: str, data_root: Path, **engine) -> Path:
-    cfg = json.loads(json.dumps(BASE_CONFIG))
-    cfg["data"]["root"] = str(data_root)
-    cfg["run"]["out_dir"] = str(directory / f"runs-{name}")
-    cfg["dense"].update(LONG["dense"])
-    cfg["engine"].update(engine)
-    path = directory / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_test_config(directory / f"{name}.yaml", data_root, directory / f"runs-{name}", dense=LONG["dense"],
+                             engine=engine)
 
 
 def out_dir(config: Path) -> Path:
@@ -73,7 +66,8 @@ def _no_leftover_processes():
 
 def start(config: Path, log: Path, *launch_options: str) -> subprocess.Popen:
     """`qpm-dist launch --run ...` for one node, output to `log`."""
-    cmd = [sys.executable, "-m", "qpm_dist", "launch", "--run", "--script", str(ENTRY), *launch_options, str(config)]
+    cmd = [sys.executable, "-m", "qpm_dist", "launch", "--run", "--script", str(ENTRY), *launch_options, str(config),
+           "--stage", "dense"]
     # torchrun's INFO log (rendezvous, restarts) and Python stacks on SIGABRT: what a failure report needs
     env = {**clean_env(), "LOGLEVEL": "INFO", "PYTHONFAULTHANDLER": "1"}
     with open(log, "w") as fh:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import run_qpm, stage_dir
+from helpers import run_qpm, stage_dir, write_test_config
 
 QPM = dict(
     model={"arch": "tiny_resnet", "tiny_width": 8, "norm": "group", "dropout": 0.0},
@@ -28,18 +28,8 @@ def out_of(config: Path) -> Path:
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory, tiny_data):
     """One full 2-rank run shared by the tests below (the expensive part)."""
-    import yaml
-
-    from conftest import BASE_CONFIG
-
     tmp = tmp_path_factory.mktemp("qpm2")
-    cfg = json.loads(json.dumps(BASE_CONFIG))
-    cfg["data"]["root"] = str(tiny_data)
-    cfg["run"]["out_dir"] = str(tmp / "runs-two")
-    for k, v in QPM.items():
-        cfg.setdefault(k, {}).update(v)
-    config = tmp / "two.yaml"
-    config.write_text(yaml.safe_dump(cfg))
+    config = write_test_config(tmp / "two.yaml", tiny_data, tmp / "runs-two", **QPM)
     proc = run_qpm(2, "run", str(config))
     assert proc.returncode == 0, proc.stderr[-4000:]
     return config, proc

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from helpers import REPO, clean_env, run_qpm, stage_dir
+from helpers import REPO, clean_env, run_qpm, stage_dir, write_test_config
 
 TINY_QPM = dict(qpm={"n_features": 6, "n_per_class": 2, "solver": {"time_limit": 30, "retries": 1}})
 
@@ -45,16 +45,8 @@ def service(tmp_path_factory):
 @pytest.fixture(scope="module")
 def stats_ready(tmp_path_factory, tiny_data):
     """A run folder whose dense and stats stages are finished; each test then only solves."""
-    from conftest import BASE_CONFIG
-
     tmp = tmp_path_factory.mktemp("solve")
-    cfg = json.loads(json.dumps(BASE_CONFIG))
-    cfg["data"]["root"] = str(tiny_data)
-    cfg["run"]["out_dir"] = str(tmp / "runs")
-    cfg["dense"]["epochs"] = 1
-    cfg.update(TINY_QPM)
-    config = tmp / "config.yaml"
-    config.write_text(yaml.safe_dump(cfg))
+    config = write_test_config(tmp / "config.yaml", tiny_data, tmp / "runs", dense={"epochs": 1}, **TINY_QPM)
     proc = run_qpm(1, "run", str(config), "--stage", "stats")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return config

@@ -17,8 +17,8 @@ from qpm_dist.stats.accumulate import collect_feature_sums
 
 root, out = sys.argv[1], Path(sys.argv[2])
 info = dist.init("cpu")
-cfg = load_config(None, ["model.arch=tiny_resnet", "model.tiny_width=8", f"data.root={root}", "data.img_size=32",
-                         "data.num_workers=0"])
+cfg = load_config(None, ["model.arch=tiny_resnet", "model.tiny_width=8", "qpm.n_features=6", f"data.root={root}",
+                         "data.img_size=32", "data.num_workers=0"])
 data = build_datasets(cfg.data, seed=0)
 model = build_dense_model(cfg, data.num_classes)
 loader = data.eval_loader("train", 8, info.rank, info.world_size)
