@@ -437,9 +437,11 @@ def validate(cfg: Config) -> None:
     q = cfg.qpm
     if not 1 <= q.n_per_class <= q.n_features:
         raise ConfigError(f"qpm.n_per_class ({q.n_per_class}) must be between 1 and qpm.n_features ({q.n_features})")
-    if q.n_features > backbone_features(cfg.model):
-        raise ConfigError(f"qpm.n_features ({q.n_features}) exceeds the {backbone_features(cfg.model)} features of "
-                          f"model.arch={cfg.model.arch}")
+    # n_features of the method that runs (the other methods' sections are not used by this run)
+    section = getattr(cfg, cfg.method)
+    if section.n_features > backbone_features(cfg.model):
+        raise ConfigError(f"{cfg.method}.n_features ({section.n_features}) exceeds the {backbone_features(cfg.model)} "
+                          f"features of model.arch={cfg.model.arch}")
     if q.solver.time_limit <= 0:
         raise ConfigError(f"qpm.solver.time_limit: expected a positive number of seconds, got {q.solver.time_limit}")
     _validate_glm(cfg)

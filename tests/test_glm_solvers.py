@@ -18,6 +18,16 @@ from qpm_dist.glm.saga import SagaGLM, SagaOptions
 from qpm_dist.glm.synthetic import synthetic_features
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The solvers' tensors here are tiny: with several intra-op threads on a shared 2-core machine, glm-saga's
+    thousands of small minibatch ops run ~10x slower (thread hand-offs), so these tests use one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def problem(n=600, d=40, c=5, seed=0, n_test=200):
     X, y, Xt, yt = synthetic_features(n, d, c, n_test=n_test, seed=seed, noise=0.7)
     X, y, Xt, yt = map(torch.from_numpy, (X, y, Xt, yt))
