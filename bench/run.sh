@@ -11,3 +11,5 @@ echo "== feature statistics: streamed sums vs the reference's per-class loop (N=
 python bench/stats_bench.py --out bench/out/stats.json
 echo "== solver: exactness, medium, CUB and ImageNet size =="
 python bench/solver_bench.py --out bench/out/solver_bench.json
+echo "== data loaders (2 loader workers; first run generates and converts the images, a few minutes) =="
+python bench/loader_bench.py --out bench/out/loader.json

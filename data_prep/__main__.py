@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from data_prep import synthetic
+from data_prep import synthetic, to_ffcv, to_wds, verify
 
-COMMAND_MODULES = [synthetic]
+COMMAND_MODULES = [synthetic, to_ffcv, to_wds, verify]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,7 +22,11 @@ def _fail(message: str) -> int:
 
 def _preflight(cfg) -> None:
     """Check the files a run names, so a typo fails in seconds and not after hours."""
-    if not Path(cfg.data.root).exists():
+    if cfg.data.backend != "folder":
+        if not Path(cfg.data.converted).is_dir():
+            raise FileNotFoundError(f"data.converted: folder not found: {cfg.data.converted} (create it with "
+                                    f"`python -m data_prep to-{cfg.data.backend}`)")
+    elif not Path(cfg.data.root).exists():
         hint = " (create it with `qpm-dist make-synthetic`)" if cfg.data.dataset == "synthetic" else ""
         raise FileNotFoundError(f"data.root: dataset folder not found: {cfg.data.root}{hint}")
     if cfg.model.weights and not Path(cfg.model.weights).expanduser().is_file():
@@ -64,7 +68,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, run_dir / "config.yaml")
         log.info("run %s: %d ranks (%s), %s, %d train / %d test images, %d classes", run_dir, info.world_size,
-                 info.backend, info.device, len(data.train_split), len(data.test_split), data.num_classes)
+                 info.backend, info.device, data.num_samples("train"), data.num_samples("test"), data.num_classes)
         ctx = RunContext(cfg=cfg, info=info, run_dir=run_dir, data=data)
         try:
             summaries = run_stages(stages, ctx, args.stage)

@@ -44,9 +44,25 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    dataset: Literal["synthetic", "cub", "folder"] = "synthetic"
+    # synthetic/cub: CUB-200-2011 layout; folder: root/{train,val}/<class>/*; imagenet: train class folders,
+    # val as class folders or flat with the devkit's labels; cars: Stanford Cars with its devkit .mat files.
+    dataset: Literal["synthetic", "cub", "folder", "imagenet", "cars"] = "synthetic"
     root: str = "data/synthetic"
-    backend: Literal["folder"] = "folder"
+    # folder: decode the image files (no conversion needed); ffcv / wds: read what
+    # `python -m data_prep to-ffcv|to-wds` wrote into `converted` (root is then not read).
+    backend: Literal["folder", "ffcv", "wds"] = "folder"
+    converted: Optional[str] = None
+    # Image decoder of the folder and wds backends: torchvision's decode_jpeg (PIL for files it rejects) or PIL.
+    decoder: Literal["torchvision", "pil"] = "torchvision"
+    # A file that cannot be decoded: stop with its path ("error") or warn with its path and use the next
+    # readable sample instead ("skip"). A missing file always stops.
+    on_corrupt: Literal["error", "skip"] = "error"
+    # wds: "exact" reads every sample once per epoch (all but < one global batch, equal batches per rank);
+    # "resampled" draws shards with replacement (WebDataset's resampled=True) for the same number of steps.
+    wds_mode: Literal["exact", "resampled"] = "exact"
+    wds_shuffle_buffer: int = 1000  # samples per loader worker
+    # ffcv: let the OS page cache hold the .beton (FFCV's os_cache=True, the ffcv-imagenet setting).
+    ffcv_os_cache: bool = True
     img_size: int = 64
     # Train-time augmentation recipe, see qpm_dist.data.transforms.
     augment: Literal["none", "light", "cub", "imagenet"] = "light"
@@ -449,6 +465,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.img_size: expected an integer >= 8, got {cfg.data.img_size}")
     if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3:
         raise ConfigError("data.mean and data.std: expected 3 values (RGB)")
+    if cfg.data.backend != "folder" and not cfg.data.converted:
+        raise ConfigError(f"data.converted: data.backend={cfg.data.backend} needs the folder written by "
+                          f"`python -m data_prep to-{cfg.data.backend}`")
+    if cfg.data.wds_shuffle_buffer < 1:
+        raise ConfigError("data.wds_shuffle_buffer: expected an integer >= 1")
     if cfg.engine.keep_checkpoints < 1:
         raise ConfigError("engine.keep_checkpoints: expected an integer >= 1")
 

@@ -18,7 +18,7 @@ from typing import Iterable, Iterator, Protocol
 import numpy as np
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_collate, get_worker_info
 
 
 class EpochLoader(Protocol):
@@ -33,7 +33,11 @@ class EpochLoader(Protocol):
 
 
 class DataSource(Protocol):
-    """What stages need from a dataset, whatever the storage backend (folders, FFCV, WebDataset)."""
+    """What stages need from a dataset, whatever the storage backend (folders, FFCV, WebDataset).
+
+    Implementations: datasets.DatasetBundle (`data.backend: folder`), ffcv_loader.FFCVSource (`ffcv`),
+    wds_loader.WebDatasetSource (`wds`); `datasets.build_datasets` picks one from the config.
+    """
 
     num_classes: int
     class_names: list[str]
@@ -47,6 +51,21 @@ class DataSource(Protocol):
 
     def eval_loader(self, split: str, batch_size: int, rank: int, world_size: int,
                     pin_memory: bool = False) -> Iterable[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+def collate(batch: list[tuple]) -> list:
+    """default_collate, except that images in channels-last memory (as decode_jpeg and
+    transforms.RandomResizedCrop leave them) are stacked into a channels_last batch: a plain copy instead of
+    a transposing one. Inside a loader worker the batch goes to shared memory, as with default_collate."""
+    first = batch[0][0]
+    if not (type(first) is torch.Tensor and first.ndim == 3 and first.shape[0] > 1 and first.stride(0) == 1):
+        return default_collate(batch)
+    images = torch.empty((len(batch), *first.shape), dtype=first.dtype, memory_format=torch.channels_last)
+    if get_worker_info() is not None:
+        images.share_memory_()
+    for i, sample in enumerate(batch):
+        images[i].copy_(sample[0])
+    return [images, *default_collate([sample[1:] for sample in batch])]
 
 
 class EpochShardSampler(Sampler[tuple[int, int]]):
@@ -93,6 +112,7 @@ class TrainLoader:
             sampler=self.sampler,
             drop_last=True,
             num_workers=num_workers,
+            collate_fn=collate,
             pin_memory=pin_memory,
             persistent_workers=num_workers > 0,
             # A private generator: creating an iterator must not consume the global RNG, or a run resumed
@@ -117,5 +137,5 @@ class TrainLoader:
 def eval_loader(dataset: Dataset, batch_size: int, rank: int, world_size: int, num_workers: int,
                 pin_memory: bool = False) -> DataLoader:
     shard = Subset(dataset, range(rank, len(dataset), world_size))
-    return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin_memory,
-                      generator=torch.Generator())
+    return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate,
+                      pin_memory=pin_memory, generator=torch.Generator())

@@ -23,7 +23,7 @@ from qpm_dist.utils import atomic_open, atomic_write_text
 def data_key(cfg: Config) -> dict[str, Any]:
     """Data settings that change results (not the folder name: the dataset fingerprint covers content)."""
     d = to_dict(cfg.data)
-    for name in ("root", "num_workers"):
+    for name in ("root", "converted", "num_workers"):
         d.pop(name)
     return d
 

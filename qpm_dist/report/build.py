@@ -50,24 +50,36 @@ def shared_pairs(weights: np.ndarray, count: int) -> list[tuple[int, int, int]]:
 
 
 @torch.no_grad()
-def best_example(model, dataset, indices: np.ndarray, label: int, device: torch.device, limit: int):
-    """A correctly classified test image of class `label` whose class features are peaked and strong.
+def best_examples(model, loader, classes: set[int], device: torch.device, limit: int) -> dict[int, tuple]:
+    """Per class in `classes`: the best of its first `limit` test images, as (image, feature maps, correct).
 
-    Score = Σ_j max_p softmax(M_j) × Σ_j z_j over the class's features j (specs/qpm.md §8.3); only correctly
+    Best = a correctly classified image (if the class has one) whose class features are peaked and strong:
+    score Σ_j max_p softmax(M_j) × Σ_j z_j over the class's features j (specs/qpm.md §8.3); only correctly
     classified images compete when there is one (the reference's shift could let a wrong one win, bug 22).
+    One pass over the loader in test order, stopping once every class has had `limit` images: WebDataset
+    and FFCV shards have no random access, and ImageNet's classes cannot all be held in memory at once.
     """
-    chosen = indices[:limit]
-    images = torch.stack([dataset[int(i)][0] for i in chosen]).to(device)
-    out = model(images)
-    feats = (model.head.class_weights()[label] != 0).nonzero().flatten()
-    peaks = torch.softmax(out.feature_maps[:, feats].flatten(2).float(), dim=2).amax(dim=2).sum(dim=1)
-    strength = out.features[:, feats].float().sum(dim=1)
-    score = peaks * strength
-    correct = out.logits.argmax(dim=1) == label
-    if correct.any():
-        score = torch.where(correct, score, torch.full_like(score, -torch.inf))
-    best = int(score.argmax())
-    return images[best].cpu(), out.feature_maps[best].cpu(), bool(correct[best])
+    class_weights = model.head.class_weights()
+    seen = dict.fromkeys(classes, 0)
+    best: dict[int, tuple] = {}
+    for images, labels in loader:
+        keep = []
+        for i, y in enumerate(labels.tolist()):
+            if seen.get(y, limit) < limit:
+                seen[y] += 1
+                keep.append(i)
+        if keep:
+            batch, ys = images[keep].to(device), labels[keep].tolist()
+            out = model(batch)
+            for row, y in enumerate(ys):
+                feats = (class_weights[y] != 0).nonzero().flatten()
+                peaks = torch.softmax(out.feature_maps[row, feats].flatten(1).float(), dim=1).amax(dim=1).sum()
+                key = (bool(out.logits[row].argmax() == y), float(peaks * out.features[row, feats].float().sum()))
+                if y not in best or key > best[y][0]:
+                    best[y] = (key, batch[row].cpu(), out.feature_maps[row].cpu())
+        if all(n >= limit for n in seen.values()):
+            break
+    return {c: (image, maps, key[0]) for c, (key, image, maps) in best.items()}
 
 
 def _img(path: Path) -> str:
@@ -117,27 +129,19 @@ def _render(ctx, out_dir: Path, path: Path, method: str, evaluate_stage: str, mo
         part = matching.get(j)
         return f"f{selected[j]} ≈ {part_names[part]}" if part is not None and part_names else f"f{selected[j]}"
 
-    test = data.dataset("test", augment=False)
-    labels = np.asarray(data.test_split.labels)
     fig_dir = out_dir / "figures"
     fig_dir.mkdir(exist_ok=True)
     mean, std = cfg.data.mean, cfg.data.std
-    examples: dict[int, tuple] = {}
-
-    def example(c: int):
-        if c not in examples:
-            idx = np.flatnonzero(labels == c)
-            if idx.size == 0:
-                examples[c] = None
-            else:
-                img, maps, ok = best_example(model, test, idx, c, device, limit=16)
-                examples[c] = (figures.denormalise(img, mean, std), maps, ok)
-        return examples[c]
+    pairs = shared_pairs(weights, cfg.report.class_pairs)
+    listed = range(min(data.num_classes, cfg.report.max_classes))
+    loader = data.eval_loader("test", cfg.eval.batch_size, rank=0, world_size=1)
+    found = best_examples(model, loader, {c for pair in pairs for c in pair[:2]} | set(listed), device, limit=16)
+    examples = {c: (figures.denormalise(img, mean, std), maps, ok) for c, (img, maps, ok) in found.items()}
 
     log.info("report: rendering figures into %s", fig_dir)
     comparisons = []
-    for c1, c2, shared in shared_pairs(weights, cfg.report.class_pairs):
-        e1, e2 = example(c1), example(c2)
+    for c1, c2, shared in pairs:
+        e1, e2 = examples.get(c1), examples.get(c2)
         if e1 is None or e2 is None:
             continue
         f1, f2 = set(np.flatnonzero(weights[c1])), set(np.flatnonzero(weights[c2]))
@@ -149,10 +153,10 @@ def _render(ctx, out_dir: Path, path: Path, method: str, evaluate_stage: str, mo
         comparisons.append((names[c1], names[c2], shared, png))
 
     class_rows = []
-    for c in range(min(data.num_classes, cfg.report.max_classes)):
+    for c in listed:
         feats = [int(j) for j in np.flatnonzero(weights[c])]
         sharing = {j: [names[o] for o in np.flatnonzero(weights[:, j]) if o != c] for j in feats}
-        ex = example(c)
+        ex = examples.get(c)
         png = None
         if ex is not None:
             png = fig_dir / f"class_{c:04d}.png"

@@ -1,0 +1,139 @@
+"""What `to-ffcv` and `to-wds` share: source arguments, reading the source splits, the output folder's
+identity (so a rerun resumes and a different conversion is never mixed in), and the final manifest.
+
+An output folder holds `.convert.json` (format, source, options) while a conversion runs and
+`dataset.json` (qpm_dist.data.manifest) once it is finished. Rerunning the same command resumes: finished
+shards / .beton files are kept, unfinished ones (temp names) are redone. A folder holding anything else is
+refused unless --force, which deletes only the files a converter writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+PLAN_FILE = ".convert.json"
+DATASETS = ("imagenet", "cub", "cars", "folder", "synthetic")
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (respects affinity masks, e.g. under SLURM)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def add_source_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("out_dir", type=Path, help="output folder (give it to training as data.converted)")
+    ap.add_argument("--dataset", required=True, choices=DATASETS, help="source layout, as data.dataset")
+    ap.add_argument("--root", required=True, type=Path, help="source dataset folder, as data.root")
+    ap.add_argument("--splits", nargs="+", default=["train", "test"], choices=["train", "test"],
+                    help="splits to convert (default: both; training needs both)")
+    ap.add_argument("--crop-to-box", action="store_true",
+                    help="store images cropped to their bounding box (CUB, Cars); train with data.crop_to_box=true")
+    ap.add_argument("--max-side", type=int, default=None,
+                    help="shrink images whose longer side exceeds this many pixels (default: keep the size)")
+    ap.add_argument("--jpeg-quality", type=int, default=90, help="quality of re-encoded JPEGs (default %(default)s)")
+    ap.add_argument("--on-corrupt", choices=["error", "skip"], default="error",
+                    help="an unreadable image stops the conversion (default) or is left out with a warning; "
+                         "left-out samples are listed in dataset.json")
+    ap.add_argument("--decoder", choices=["torchvision", "pil"], default="torchvision", help=argparse.SUPPRESS)
+    ap.add_argument("--workers", type=int, default=None, help="worker processes (default: usable CPUs)")
+    ap.add_argument("--force", action="store_true", help="replace an existing, different conversion in OUT_DIR")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def read_source(args):
+    """The source dataset's splits through the same readers training uses (DatasetBundle)."""
+    from qpm_dist.config import DataConfig
+    from qpm_dist.data.datasets import read_splits
+
+    cfg = DataConfig(dataset=args.dataset, root=str(args.root), crop_to_box=args.crop_to_box)
+    return read_splits(cfg)
+
+
+def split_items(bundle, split: str, crop_to_box: bool) -> list[tuple[int, str, int, list[float] | None]]:
+    """(index, absolute path, label, box or None) of every sample of a split, in reader order."""
+    s = bundle.train_split if split == "train" else bundle.test_split
+    if crop_to_box and s.boxes is None:
+        raise ValueError(f"--crop-to-box: the {split} split of this dataset has no bounding boxes")
+    return [(i, str(s.image_dir / p), int(s.labels[i]), s.boxes[i].tolist() if crop_to_box else None)
+            for i, p in enumerate(s.paths)]
+
+
+def identity(fmt: str, args, bundle, options: dict) -> dict:
+    """Everything that determines the output bytes (workers and progress bars do not)."""
+    return {"format": fmt, "dataset": args.dataset, "source_root": str(Path(args.root).resolve()),
+            "source_fingerprint": bundle.fingerprint, "crop_to_box": bool(args.crop_to_box),
+            "split_names": sorted(args.splits), "options": options}
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+_OWNED = re.compile(r"^(\.convert\.json|dataset\.json|(train|test)(-\d{6}\.tar|\.beton)(\.json)?|\..*\.tmp)$")
+
+
+def owned(name: str) -> bool:
+    """Files a converter writes into its output folder (the only ones --force deletes)."""
+    return _OWNED.match(name) is not None
+
+
+def prepare_output(out: Path, ident: dict, force: bool) -> str:
+    """'complete' (nothing to do), 'resume' or 'new'; refuses to mix different conversions."""
+    from qpm_dist.data.manifest import MANIFEST
+
+    manifest, plan = _read_json(out / MANIFEST), _read_json(out / PLAN_FILE)
+    same = lambda d: d is not None and {k: d.get(k) for k in ident} == ident  # noqa: E731
+    if not force:
+        if same(manifest):
+            return "complete"
+        if same(plan):
+            return "resume"
+        if out.exists() and any(out.iterdir()):
+            raise FileExistsError(f"{out} is not empty and holds no unfinished conversion with these options; "
+                                  f"use --force to replace its converted files, or choose another folder")
+    elif out.exists():
+        for entry in out.iterdir():
+            if owned(entry.name) and entry.is_file():
+                entry.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / PLAN_FILE, ident)
+    return "new"
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def fingerprint(ident: dict) -> str:
+    """Identifies the converted content: source annotations plus every option that changes pixels or order."""
+    keep = {k: ident[k] for k in ("format", "dataset", "source_fingerprint", "crop_to_box", "options")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
+
+
+def finish(out: Path, ident: dict, bundle, splits: dict) -> dict:
+    """Write dataset.json (last: it marks the conversion finished) and drop the plan file."""
+    from qpm_dist.data.manifest import MANIFEST, VERSION
+
+    manifest = {**ident, "version": VERSION, "num_classes": bundle.num_classes,
+                "class_names": list(bundle.class_names), "fingerprint": fingerprint(ident), "splits": splits}
+    if getattr(bundle, "class_parts", None) is not None:  # synthetic ground truth, for the part metrics
+        manifest["class_parts"] = bundle.class_parts.astype(int).tolist()
+    write_json(out / MANIFEST, manifest)
+    (out / PLAN_FILE).unlink(missing_ok=True)
+    return manifest
+
+
+def warn(message: str) -> None:
+    """To the process's real stderr, also from worker processes and while a progress bar is silenced."""
+    print(f"warning: {message}", file=sys.__stderr__ or sys.stderr, flush=True)

@@ -1,0 +1,69 @@
+"""`dataset.json`: what `python -m data_prep to-ffcv|to-wds` wrote, read by the ffcv/wds loaders and `verify`.
+
+Why one manifest: the loaders need the class list, per-split sample counts and (WebDataset) the per-shard
+sample counts without opening any data file — exact epochs and equal batch counts per rank are planned from
+these counts alone. It is written last and atomically, so its presence marks a finished conversion.
+
+    {"format": "ffcv" | "wds", "version": 1, "dataset": "imagenet", "source_root": ..., "crop_to_box": false,
+     "num_classes": C, "class_names": [...], "source_fingerprint": ..., "fingerprint": ..., "options": {...},
+     "class_parts": [[0, 1, ...], ...]                                     (synthetic data only)
+     "splits": {"train": {"num_samples": N, "skipped": [{"index": i, "path": ..., "error": ...}],
+                          "file": "train.beton"                                        (ffcv)
+                          "shards": [{"file": "train-000000.tar", "count": n, "bytes": b}, ...]   (wds)
+               }, "test": {...}}}
+
+Sample `index` everywhere is the position in the source split (as the folder backend numbers samples),
+so per-sample augmentation seeds and labels can be compared across backends.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qpm_dist.config import DataConfig
+
+MANIFEST = "dataset.json"
+VERSION = 1
+
+
+def load_manifest(folder: str | Path, expect_format: str | None = None) -> dict[str, Any]:
+    """Read and check a converted folder's manifest; errors name the folder and the fix."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        hint = f"; create it with `python -m data_prep to-{expect_format} {folder} ...`" if expect_format else ""
+        reason = "folder not found" if not folder.exists() else f"no {MANIFEST} (conversion not finished?)"
+        prefix = "data.converted: " if expect_format else ""  # the loaders name the config key
+        raise FileNotFoundError(f"{prefix}{folder}: {reason}{hint}")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if manifest.get("version") != VERSION:
+        raise ValueError(f"{path}: manifest version {manifest.get('version')}, this code reads version {VERSION}")
+    if expect_format and manifest.get("format") != expect_format:
+        raise ValueError(f"{path}: holds {manifest.get('format')!r} data, but data.backend={expect_format}")
+    for split in ("train", "test"):
+        if split not in manifest.get("splits", {}):
+            raise ValueError(f"{path}: no '{split}' split (convert both splits)")
+    return manifest
+
+
+def class_parts(manifest: dict) -> np.ndarray | None:
+    """The ground-truth class x part matrix the converter copied from synthetic data, else None."""
+    parts = manifest.get("class_parts")
+    return None if parts is None else np.asarray(parts, dtype=np.uint8)
+
+
+def check_matches_config(manifest: dict, cfg: DataConfig, folder: str | Path) -> None:
+    """The data options baked in at conversion must be the ones the run asks for."""
+    where = Path(folder) / MANIFEST
+    if manifest["dataset"] != cfg.dataset:
+        raise ValueError(f"{where}: converted from a '{manifest['dataset']}' dataset, but data.dataset={cfg.dataset}")
+    if bool(manifest["crop_to_box"]) != cfg.crop_to_box:
+        raise ValueError(f"{where}: converted with crop_to_box={manifest['crop_to_box']}, but "
+                         f"data.crop_to_box={cfg.crop_to_box} (rerun the conversion with or without --crop-to-box)")
