@@ -96,7 +96,9 @@ class FeaturesStage:
         for split in ("train", "test"):
             loader = ctx.data.eval_loader(split, per_rank, info.rank, info.world_size,
                                           pin_memory=info.device.type == "cuda")
-            writer = ShardWriter(out_dir, split, info.rank, len(loader.dataset), dim, cfg.glm.features_dtype)
+            # every backend's eval loader yields rows rank, rank + W, ... of the split (no padding)
+            rows_here = len(range(info.rank, ctx.data.num_samples(split), info.world_size))
+            writer = ShardWriter(out_dir, split, info.rank, rows_here, dim, cfg.glm.features_dtype)
             with tqdm(total=len(loader), desc=f"features: {split}", leave=False, disable=not info.is_main) as bar:
                 for images, labels in loader:
                     images, labels = images.to(info.device, non_blocking=True), labels.to(info.device)
