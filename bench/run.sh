@@ -13,3 +13,7 @@ echo "== solver: exactness, medium, CUB and ImageNet size =="
 python bench/solver_bench.py --out bench/out/solver_bench.json
 echo "== data loaders (2 loader workers; first run generates and converts the images, a few minutes) =="
 python bench/loader_bench.py --out bench/out/loader.json
+echo "== sparse GLM solvers: fast vs glm-saga on the same standardised features (N=20k, F=512, C=100) =="
+# glm-saga's full path (100 + 100 λ, up to 2000 epochs each) takes hours on a CPU; the path is shortened for
+# BOTH solvers identically (docs/BENCHMARKS.md "Sparse solvers"). Without these options: the reference's path.
+python bench/sparse_bench.py --selection-points 10 --fit-points 20 --max-epochs 10 --out bench/out/sparse.json

@@ -1,4 +1,4 @@
-"""`qpm-dist` command line: run | demo | make-synthetic | print-config | launch.
+"""`qpm-dist` command line: run | demo | compare | make-synthetic | print-config | launch.
 
 Exit codes: 0 success, 2 bad input (config, paths, files; reported before any training starts),
 75 stopped by SIGTERM/SIGUSR1 after writing a checkpoint (rerun the same command to resume).
@@ -52,7 +52,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from qpm_dist.methods.stages import RunContext, run_stages
     from qpm_dist.utils import log, setup_logging
 
-    stages = method_stages(cfg.method)
+    stages = method_stages(cfg.method, cfg)
     if args.stage is not None and args.stage not in [s.name for s in stages]:
         return _fail(f"--stage: unknown stage {args.stage!r}; {cfg.method} has: {', '.join(s.name for s in stages)}")
 
@@ -105,51 +105,95 @@ def cmd_make_synthetic(argv: list[str]) -> int:
     return data_prep_main(["make-synthetic", *argv])
 
 
+DEMO_METHODS = "qpm,sldd,qsenn"
+
+
+def demo_configs(config: str, methods: str) -> list[tuple[str, Path]]:
+    """(method, config) for `qpm-dist demo --methods`: QPM runs --config, the others configs/demo_<method>.yaml
+    next to it (they share its dense stage: same data, model and dense settings, same run directory)."""
+    out = []
+    for method in [m.strip() for m in methods.split(",") if m.strip()]:
+        if method not in ("qpm", "sldd", "qsenn"):
+            raise ValueError(f"--methods: unknown method {method!r}; expected some of qpm,sldd,qsenn")
+        out.append((method, Path(config) if method == "qpm" else Path(config).parent / f"demo_{method}.yaml"))
+    if not out:
+        raise ValueError("--methods: expected at least one of qpm,sldd,qsenn")
+    return out
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Generate the embedded dataset (once), run every QPM stage with `nproc` CPU processes under torchrun,
-    then print the headline numbers and where the report is."""
+    """Generate the embedded dataset (once), run each method's stages with `nproc` CPU processes under
+    torchrun (QPM, then SLDD and Q-SENN on the same dense model), then print the headline numbers, the
+    methods side by side and where the reports are."""
     from data_prep.synthetic import generate
     from qpm_dist.config import ConfigError, load_config
 
     root = Path(args.data)
     try:
-        cfg = load_config(args.config, [f"data.root={root}", *args.overrides])
-    except ConfigError as exc:
+        runs = demo_configs(args.config, args.methods)
+        configs = [(method, path, load_config(path, [f"data.root={root}", *args.overrides])) for method, path in runs]
+    except (ConfigError, ValueError) as exc:
         return _fail(str(exc))
     if not (root / "synthetic.json").is_file():
         print(f"qpm-dist demo: generating the synthetic dataset in {root}", flush=True)
         generate(root, progress=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-           "-m", "qpm_dist", "run", args.config, f"data.root={root}", *args.overrides]
-    print("qpm-dist demo:", " ".join(cmd), flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    code = subprocess.call(cmd, env=env)
-    if code == 0:
-        print(demo_summary(Path(cfg.run.out_dir) / cfg.run.name), flush=True)
-    return code
+    for method, path, _ in configs:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+               "-m", "qpm_dist", "run", str(path), f"data.root={root}", *args.overrides]
+        print(f"qpm-dist demo ({method}):", " ".join(cmd), flush=True)
+        code = subprocess.call(cmd, env=env)
+        if code != 0:
+            return code
+    method, _, cfg = configs[0]
+    print(demo_summary(Path(cfg.run.out_dir) / cfg.run.name), flush=True)
+    if len(configs) > 1:
+        from qpm_dist.report.compare import write_comparison
+
+        text, page = write_comparison(Path(cfg.run.out_dir))
+        print(f"\n  methods side by side (also in every report and {page}):\n{text}", flush=True)
+    return 0
 
 
 def demo_summary(run_dir: Path) -> str:
-    """Dense vs QPM accuracy, part recovery vs a random assignment, and the report's path."""
+    """Per method: dense vs method accuracy, part recovery vs a random assignment, and the report's path."""
     import json
+
+    from qpm_dist.report.build import METHOD_LABELS
 
     def newest(pattern: str) -> Path | None:
         found = sorted(run_dir.glob(pattern), key=lambda p: p.stat().st_mtime)
         return found[-1] if found else None
 
-    metrics_file, report = newest("evaluate-*/metrics.json"), newest("report-*/report.html")
     lines = ["", "qpm-dist demo: done."]
-    if metrics_file:
-        m = json.loads(metrics_file.read_text())
-        d, q = m["dense"], m["qpm"]
-        lines.append(f"  test top-1: dense {d['accuracy']:.1f}%  QPM {q['accuracy']:.1f}%  "
-                     f"({q['NFfeatures']} features, {q['PerClass']:.0f} per class)")
-        if q.get("part_recovery") is not None:
-            lines.append(f"  ground-truth class-part links recovered by QPM's assignment: {100 * q['part_recovery']:.1f}% "
-                         f"(a random assignment: {100 * q['part_recovery_random']:.1f}%)")
-    if report:
-        lines.append(f"  report: {report.resolve()}")
+    for prefix in ("", "sldd_", "qsenn_"):
+        metrics_file, report = newest(f"{prefix}evaluate-*/metrics.json"), newest(f"{prefix}report-*/report.html")
+        if metrics_file:
+            m = json.loads(metrics_file.read_text())
+            method = next((k for k in m if k != "dense"), "qpm")
+            d, q, label = m["dense"], m[method], METHOD_LABELS.get(method, method)
+            lines.append(f"  {label}: test top-1 dense {d['accuracy']:.1f}% -> {label} {q['accuracy']:.1f}%  "
+                         f"({q['NFfeatures']} features, {q['PerClass']:.1f} per class)")
+            if q.get("part_recovery") is not None:
+                lines.append(f"    ground-truth class-part links recovered by {label}'s assignment: "
+                             f"{100 * q['part_recovery']:.1f}% (a random assignment: "
+                             f"{100 * q['part_recovery_random']:.1f}%)")
+        if report:
+            lines.append(f"    report: {report.resolve()}")
     return "\n".join(lines)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Dense, QPM, SLDD and Q-SENN side by side from the metrics.json files under an output folder."""
+    from qpm_dist.report.compare import write_comparison
+
+    if not Path(args.out_dir).is_dir():
+        return _fail(f"compare: output folder not found: {args.out_dir}")
+    text, path = write_comparison(Path(args.out_dir), args.html)
+    print(text)
+    if path is not None:
+        print(f"written {path}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,12 +211,20 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("overrides", nargs="*")
     show.set_defaults(func=cmd_print_config)
 
-    demo = sub.add_parser("demo", help="the whole pipeline on the embedded synthetic dataset, 2 CPU processes")
+    demo = sub.add_parser("demo", help="QPM, SLDD and Q-SENN on the embedded synthetic dataset, 2 CPU processes")
     demo.add_argument("--config", default="configs/demo.yaml")
     demo.add_argument("--data", default="data/synthetic")
     demo.add_argument("--nproc", type=int, default=2)
+    demo.add_argument("--methods", default=DEMO_METHODS,
+                      help=f"comma-separated, run in this order (default {DEMO_METHODS}); sldd/qsenn use "
+                           "demo_<method>.yaml next to --config")
     demo.add_argument("overrides", nargs="*")
     demo.set_defaults(func=cmd_demo)
+
+    compare = sub.add_parser("compare", help="the metrics of every method run under OUT_DIR side by side")
+    compare.add_argument("out_dir", nargs="?", default="runs", help="the runs' run.out_dir (default: runs)")
+    compare.add_argument("--html", help="where to write the HTML table (default: OUT_DIR/compare.html)")
+    compare.set_defaults(func=cmd_compare)
 
     sub.add_parser("make-synthetic", help="generate the synthetic dataset (see --help)", add_help=False)
     sub.add_parser("launch", help="print or --run the torchrun/deepspeed command for one or more nodes (see --help)",

@@ -173,6 +173,79 @@ class QPMConfig:
 
 
 @dataclass
+class GLMPathConfig:
+    """One regularisation path of the sparse GLM (specs/qsenn_sldd.md §3.2, §4, §5)."""
+
+    alpha: float = 0.99  # share of the L1 / group term in the elastic net
+    path_points: int = 100  # λ values from λ_max down to epsilon·λ_max, geometric
+    epsilon: float = 1e-3
+    lookbehind: int = 5  # glm_saga only: stop a λ after this many epochs without improvement
+
+
+@dataclass
+class SagaSolverConfig:
+    """glm-saga's settings (the reference's values)."""
+
+    batch_size: int = 256
+    lr: float = 0.1
+    max_epochs: int = 2000  # per λ
+    tol: float = 1e-4
+
+
+@dataclass
+class FastSolverConfig:
+    tol: float = 1e-4  # per λ: stop at ‖proximal-gradient residual‖_∞ <= tol (a KKT measure)
+    max_iter: int = 2000  # per λ
+    screening: bool = True  # sequential strong rules + KKT check (large feature counts)
+
+
+@dataclass
+class GLMConfig:
+    """The sparse GLM behind SLDD and Q-SENN: feature selection (group lasso) and the sparse fit (elastic net)."""
+
+    # glm_saga: the reference solver (glm-saga's API, rank 0, all rows in memory; small data).
+    # fast: full-batch FISTA over the ranks' feature shards, gradients all-reduced (large data).
+    solver: Literal["glm_saga", "fast"] = "fast"
+    # The features stage: global batch of its pass and the dtype of the per-rank feature files.
+    batch_size: int = 128
+    features_dtype: Literal["float32", "float16"] = "float32"
+    selection: GLMPathConfig = field(default_factory=lambda: GLMPathConfig(alpha=0.8, lookbehind=3))
+    fit: GLMPathConfig = field(default_factory=lambda: GLMPathConfig(alpha=0.99, lookbehind=5))
+    saga: SagaSolverConfig = field(default_factory=SagaSolverConfig)
+    fast: FastSolverConfig = field(default_factory=FastSolverConfig)
+
+
+@dataclass
+class SLDDConfig:
+    n_features: int = 50
+    n_per_class: int = 5
+    # Path point: the densest with at most n_per_class / drop_rate non-zero weights per class (reference 0.5).
+    drop_rate: float = 0.5
+    # Pruning keeps n_per_class·C weights, but first each class's largest `min_per_class` (the reference's
+    # global cut could leave a class empty).
+    min_per_class: int = 1
+    dropout: float = 0.1
+    dropout_before_norm: bool = False
+    train_normalisation: bool = True  # the head's mean/std are fine-tuned (W and b stay frozen)
+
+
+@dataclass
+class QSENNConfig:
+    n_features: int = 50
+    n_per_class: int = 5
+    # Fine-tuning epochs of each round (rounds = len(round_epochs)); round r uses finetune.optim.lr·lr_decay^r
+    # and a fresh optimizer and schedule (finetune.schedule restarted every round).
+    round_epochs: list[int] = field(default_factory=lambda: [10, 10, 10, 40])
+    lr_decay: float = 0.9
+    # Quantisation keeps each class's largest weight when the global threshold would leave the class empty
+    # (0 reproduces the reference, where a class could end with no feature).
+    min_per_class: int = 1
+    dropout: float = 0.1
+    dropout_before_norm: bool = False
+    train_normalisation: bool = True
+
+
+@dataclass
 class EvalConfig:
     batch_size: int = 128  # global
     # Contrastiveness fits a 2-component GMM per feature on a uniform subsample of this many training rows.
@@ -215,13 +288,16 @@ class WandbConfig:
 
 @dataclass
 class Config:
-    method: Literal["qpm"] = "qpm"
+    method: Literal["qpm", "sldd", "qsenn"] = "qpm"
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     dense: PhaseConfig = field(default_factory=_dense_defaults)
     finetune: PhaseConfig = field(default_factory=_finetune_defaults)
     qpm: QPMConfig = field(default_factory=QPMConfig)
+    glm: GLMConfig = field(default_factory=GLMConfig)
+    sldd: SLDDConfig = field(default_factory=SLDDConfig)
+    qsenn: QSENNConfig = field(default_factory=QSENNConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -377,11 +453,14 @@ def validate(cfg: Config) -> None:
     q = cfg.qpm
     if not 1 <= q.n_per_class <= q.n_features:
         raise ConfigError(f"qpm.n_per_class ({q.n_per_class}) must be between 1 and qpm.n_features ({q.n_features})")
-    if q.n_features > backbone_features(cfg.model):
-        raise ConfigError(f"qpm.n_features ({q.n_features}) exceeds the {backbone_features(cfg.model)} features of "
-                          f"model.arch={cfg.model.arch}")
+    # n_features of the method that runs (the other methods' sections are not used by this run)
+    section = getattr(cfg, cfg.method)
+    if section.n_features > backbone_features(cfg.model):
+        raise ConfigError(f"{cfg.method}.n_features ({section.n_features}) exceeds the {backbone_features(cfg.model)} "
+                          f"features of model.arch={cfg.model.arch}")
     if q.solver.time_limit <= 0:
         raise ConfigError(f"qpm.solver.time_limit: expected a positive number of seconds, got {q.solver.time_limit}")
+    _validate_glm(cfg)
     if cfg.data.img_size < 8:
         raise ConfigError(f"data.img_size: expected an integer >= 8, got {cfg.data.img_size}")
     if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3:
@@ -393,6 +472,36 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.wds_shuffle_buffer: expected an integer >= 1")
     if cfg.engine.keep_checkpoints < 1:
         raise ConfigError("engine.keep_checkpoints: expected an integer >= 1")
+
+
+def _validate_glm(cfg: Config) -> None:
+    for name in ("sldd", "qsenn"):
+        section = getattr(cfg, name)
+        if not 1 <= section.n_per_class <= section.n_features:
+            raise ConfigError(f"{name}.n_per_class ({section.n_per_class}) must be between 1 and "
+                              f"{name}.n_features ({section.n_features})")
+        if not 0 <= section.min_per_class <= section.n_per_class:
+            raise ConfigError(f"{name}.min_per_class ({section.min_per_class}) must be between 0 and "
+                              f"{name}.n_per_class ({section.n_per_class})")
+    if not cfg.qsenn.round_epochs or min(cfg.qsenn.round_epochs) < 1:
+        raise ConfigError(f"qsenn.round_epochs: expected a non-empty list of positive integers, got {cfg.qsenn.round_epochs}")
+    if not 0 < cfg.qsenn.lr_decay <= 1:
+        raise ConfigError(f"qsenn.lr_decay: expected a number in (0, 1], got {cfg.qsenn.lr_decay}")
+    if not 0 < cfg.sldd.drop_rate <= 1:
+        raise ConfigError(f"sldd.drop_rate: expected a number in (0, 1], got {cfg.sldd.drop_rate}")
+    g = cfg.glm
+    for name in ("selection", "fit"):
+        p: GLMPathConfig = getattr(g, name)
+        if not 0 <= p.alpha <= 1:
+            raise ConfigError(f"glm.{name}.alpha: expected a number in [0, 1], got {p.alpha}")
+        if p.path_points < 2 or not 0 < p.epsilon < 1 or p.lookbehind < 1:
+            raise ConfigError(f"glm.{name}: expected path_points >= 2, 0 < epsilon < 1 and lookbehind >= 1, got "
+                              f"{p.path_points}, {p.epsilon}, {p.lookbehind}")
+    if g.batch_size < 1 or g.saga.batch_size < 1 or g.saga.max_epochs < 1 or g.fast.max_iter < 1:
+        raise ConfigError("glm.batch_size, glm.saga.batch_size, glm.saga.max_epochs and glm.fast.max_iter must be "
+                          "positive integers")
+    if g.saga.tol <= 0 or g.fast.tol <= 0 or g.saga.lr <= 0:
+        raise ConfigError("glm.saga.tol, glm.saga.lr and glm.fast.tol must be positive")
 
 
 def to_dict(cfg: Any) -> dict:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import run_qpm, stage_dir
+from helpers import REPO, run_qpm, stage_dir
 
 
 def _no_stage_started(config: Path) -> None:
@@ -89,3 +89,16 @@ def test_overrides_before_and_after_options_are_both_applied(write_config):
     with pytest.raises(SystemExit):
         main(["run", "x.yaml", "--stage", "dense", "--bogus"])
     assert build_parser().parse_known_args(["run", "x.yaml", "--stage", "dense", "a.b=1"])[1] == ["a.b=1"]
+
+
+def test_demo_runs_qpm_then_sldd_and_qsenn_on_sibling_configs():
+    from qpm_dist.cli import DEMO_METHODS, demo_configs
+
+    assert DEMO_METHODS == "qpm,sldd,qsenn"
+    runs = demo_configs("configs/demo.yaml", DEMO_METHODS)
+    assert [(m, str(p)) for m, p in runs] == [("qpm", "configs/demo.yaml"), ("sldd", "configs/demo_sldd.yaml"),
+                                              ("qsenn", "configs/demo_qsenn.yaml")]
+    for _, path in runs:
+        assert (REPO / path).is_file()
+    with pytest.raises(ValueError, match="unknown method 'pixpnet'"):
+        demo_configs("configs/demo.yaml", "qpm,pixpnet")

@@ -21,14 +21,25 @@ def read_state(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(Path(path), map_location="cpu", weights_only=True)
 
 
+def sparse_head_options(cfg: Config) -> dict:
+    """Dropout and trainability of the sparse head for the config's method (not stored in a state dict).
+
+    QPM freezes the head's mean/std; SLDD and Q-SENN fine-tune them (specs/qsenn_sldd.md §1).
+    """
+    section = {"sldd": cfg.sldd, "qsenn": cfg.qsenn}.get(cfg.method)
+    if section is None:
+        return {"dropout": cfg.qpm.dropout, "dropout_before_norm": cfg.qpm.dropout_before_norm}
+    return {"dropout": section.dropout, "dropout_before_norm": section.dropout_before_norm,
+            "train_normalisation": section.train_normalisation}
+
+
 def classifier_from_state(cfg: Config, num_classes: int, state: dict[str, torch.Tensor]) -> Classifier:
     """Rebuild a dense or sparse classifier from its state dict and load it (strictly)."""
     m = cfg.model
     backbone = build_backbone(m.arch, m.reduced_strides, m.norm, m.tiny_width)
     if "head.selection" in state:
         head: nn.Module = SparseHead(state["head.selection"], state["head.weight"], state["head.mean"],
-                                     state["head.std"], bias=state.get("head.bias"), dropout=cfg.qpm.dropout,
-                                     dropout_before_norm=cfg.qpm.dropout_before_norm)
+                                     state["head.std"], bias=state.get("head.bias"), **sparse_head_options(cfg))
     else:
         head = DenseHead(backbone.num_features, num_classes, m.dropout)
     model = Classifier(backbone, head)

@@ -95,24 +95,31 @@ def _fmt(value) -> str:
     return html.escape(str(value))
 
 
-def build_report(ctx, out_dir: Path) -> Path:
+METHOD_LABELS = {"qpm": "QPM", "sldd": "SLDD", "qsenn": "Q-SENN"}
+
+
+def build_report(ctx, out_dir: Path, method: str = "qpm", evaluate_stage: str = "evaluate",
+                 model_stage: str = "finetune", summary_stage: str = "solve") -> Path:
+    """The report of `method`'s final model (`model_stage`); `summary_stage`'s summary is shown as its solve."""
     path = out_dir / "report.html"
     if ctx.info.is_main:
-        _render(ctx, out_dir, path)
+        _render(ctx, out_dir, path, method, evaluate_stage, model_stage, summary_stage)
     dist.barrier()
     return path
 
 
-def _render(ctx, out_dir: Path, path: Path) -> None:
+def _render(ctx, out_dir: Path, path: Path, method: str, evaluate_stage: str, model_stage: str,
+            summary_stage: str) -> None:
     cfg, data, device = ctx.cfg, ctx.data, ctx.info.device
-    metrics = json.loads((ctx.outputs["evaluate"] / "metrics.json").read_text())
-    solve = json.loads((ctx.outputs["solve"] / "stage.json").read_text()).get("summary", {})
-    model = load_classifier(cfg, data.num_classes, ctx.outputs["finetune"] / "model.pt").to(device).eval()
+    metrics = json.loads((ctx.outputs[evaluate_stage] / "metrics.json").read_text())
+    solve = json.loads((ctx.outputs[summary_stage] / "stage.json").read_text()).get("summary", {})
+    solve = {k: v for k, v in solve.items() if k != "rank_digests"}
+    model = load_classifier(cfg, data.num_classes, ctx.outputs[model_stage] / "model.pt").to(device).eval()
     weights = model.head.class_weights().detach().cpu().numpy()
     selected = model.head.selection.cpu().numpy()
     names = [n.split(".", 1)[-1] for n in data.class_names]
     # name features by the part they localise (where part boxes exist), else by the class-set matching
-    qpm_metrics = metrics["qpm"]
+    qpm_metrics = metrics[method]
     matching = qpm_metrics.get("feature_part_localisation") or qpm_metrics.get("feature_part_matching") or {}
     matching = {int(k): v for k, v in matching.items()}
     part_names = _part_names(Path(cfg.data.root), data.class_parts)
@@ -157,8 +164,11 @@ def _render(ctx, out_dir: Path, path: Path) -> None:
             figures.class_strip(png, title, ex[0], ex[1], feats, [feature_label(j) for j in feats])
         class_rows.append((names[c], feats, sharing, png))
 
+    from qpm_dist.report.compare import comparison_html, method_columns
+
+    others = comparison_html(method_columns(Path(cfg.run.out_dir), metrics["dense"]))
     atomic_write_text(path, _html(cfg, metrics, solve, selected, weights, names, feature_label, comparisons,
-                                  class_rows))
+                                  class_rows, method, others))
     log.info("report: %s", path)
 
 
@@ -169,9 +179,11 @@ def _part_names(root: Path, class_parts) -> list[str] | None:
     return [line.split(" ", 1)[1] for line in parts_file.read_text().splitlines() if line.strip()]
 
 
-def _html(cfg, metrics, solve, selected, weights, names, feature_label, comparisons, class_rows) -> str:
-    dense, qpm = metrics["dense"], metrics["qpm"]
-    k = cfg.qpm.n_per_class
+def _html(cfg, metrics, solve, selected, weights, names, feature_label, comparisons, class_rows,
+          method: str = "qpm", comparison: str = "") -> str:
+    dense, qpm = metrics["dense"], metrics[method]
+    label = METHOD_LABELS.get(method, method)
+    k = getattr(cfg, method).n_per_class
     metric_rows = list(METRIC_ROWS)
     if k != 5:  # the model's own k next to the paper's @5
         at = [key for key, _ in metric_rows].index("diversity@5") + 1
@@ -193,7 +205,7 @@ def _html(cfg, metrics, solve, selected, weights, names, feature_label, comparis
         + f"</p>{_img(png) if png else ''}</div>"
         for name, feats, sharing, png in class_rows)
     return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>QPM report: {html.escape(cfg.run.name)}</title>
+<html><head><meta charset="utf-8"><title>{label} report: {html.escape(cfg.run.name)}</title>
 <style>
 body {{ font-family: sans-serif; margin: 2em; max-width: 1200px; }}
 table {{ border-collapse: collapse; margin: 1em 0; }}
@@ -201,12 +213,13 @@ td, th {{ border: 1px solid #ccc; padding: 3px 8px; font-size: 13px; text-align:
 img {{ max-width: 100%; }}
 .cls {{ border-top: 1px solid #ddd; margin-top: 1em; }}
 </style></head><body>
-<h1>QPM global explanation — {html.escape(cfg.run.name)}</h1>
+<h1>{label} global explanation — {html.escape(cfg.run.name)}</h1>
 <p>Dataset <b>{html.escape(cfg.data.dataset)}</b> ({len(names)} classes), backbone <b>{html.escape(cfg.model.arch)}</b>,
-{len(selected)} selected features, {cfg.qpm.n_per_class} per class.</p>
-<h2>Metrics: dense vs QPM</h2>
-<table><tr><th>metric</th><th>dense</th><th>QPM</th></tr>{rows}</table>
-<h2>Solve</h2><table>{solve_rows}</table>
+{len(selected)} selected features, {k} per class.</p>
+<h2>Metrics: dense vs {label}</h2>
+<table><tr><th>metric</th><th>dense</th><th>{label}</th></tr>{rows}</table>
+{comparison}
+<h2>{"Solve" if method == "qpm" else "Sparse layer"}</h2><table>{solve_rows}</table>
 <h2>Selected features</h2>
 <table><tr><th>feature</th><th>#classes</th><th>classes</th></tr>{feature_rows}</table>
 <h2>Class comparisons</h2>{compare_html}

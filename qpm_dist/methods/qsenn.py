@@ -1,0 +1,114 @@
+"""Q-SENN (specs/qsenn_sldd.md §7) as a sequence of cached stages, R = len(qsenn.round_epochs) rounds:
+
+    dense -> features -> select -> qsenn_fit0 -> qsenn_sparse0 -> qsenn_finetune0
+          -> qsenn_features1 -> qsenn_fit1 -> qsenn_sparse1 -> qsenn_finetune1 -> ... -> qsenn_finetune{R-1}
+          -> qsenn_evaluate -> qsenn_report
+
+Round 0 uses the dense model's features and the selection (both stages shared with SLDD). Round r ≥ 1
+extracts the RAW pooled selected features of round r−1's fine-tuned model, computes their statistics, fits
+the elastic-net path on them standardised with exactly those statistics, and builds a NEW head (fresh
+mean/std, quantised weights, bias rule) on that model's backbone; the previous head's learned mean/std are
+discarded, as in the reference. (The QPM repository's copy fitted standardised z but installed z's
+statistics on raw features, spec bug 3; here the statistics and the features they normalise are the same.)
+
+qsenn_fitR      elastic-net path (α = 0.99) from λ_max to ε·λ_max (no λ = 0 point); its last point is used
+qsenn_sparseR   ternary quantisation ({−a, 0, +a}, ≈ n_per_class per class) and the bias rule
+qsenn_finetuneR round r: finetune.* with lr·lr_decay^r and qsenn.round_epochs[r] epochs, fresh optimizer
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from qpm_dist.config import Config, PhaseConfig
+from qpm_dist.glm.rules import qsenn_bias, quantize_qsenn
+from qpm_dist.methods.common import DenseStage
+from qpm_dist.methods.glm_stages import (EvaluateStage, FeaturesStage, FinetuneStage, FitStage, ReportStage,
+                                         SelectStage, install_and_save, load_selection, read_path)
+from qpm_dist.methods.stages import RunContext, Stage
+from qpm_dist.models.io import load_classifier, sparse_head_options
+from qpm_dist.models.sparse import SparseHead
+from qpm_dist.utils import log
+
+
+def qsenn_layer(path: dict[str, np.ndarray], n_per_class: int, min_per_class: int) -> dict:
+    """Ternary weights and bias from the last (least regularised, λ > 0) point of the path."""
+    weight, bias = path["weight"][-1], path["bias"][-1]
+    ternary, a = quantize_qsenn(weight, n_per_class, min_per_class)
+    return {"weight": ternary, "magnitude": a, "bias": qsenn_bias(ternary, bias), "fit_bias": bias}
+
+
+def round_phase(cfg: Config, r: int) -> PhaseConfig:
+    """Round r's fine-tuning: finetune.* with lr·lr_decay^r and qsenn.round_epochs[r] epochs."""
+    base = cfg.finetune
+    optim = dataclasses.replace(base.optim, lr=base.optim.lr * cfg.qsenn.lr_decay ** r,
+                                head_lr=None if base.optim.head_lr is None else base.optim.head_lr * cfg.qsenn.lr_decay ** r)
+    return dataclasses.replace(base, epochs=cfg.qsenn.round_epochs[r], optim=optim)
+
+
+class QSENNSparseStage:
+    def __init__(self, r: int) -> None:
+        self.r = r
+        self.name = f"qsenn_sparse{r}"
+        self.model_stage = "dense" if r == 0 else f"qsenn_finetune{r - 1}"
+        self.fit_stage = f"qsenn_fit{r}"
+        self.depends: tuple[str, ...] = (self.model_stage, "select", self.fit_stage)
+
+    def config_parts(self, cfg: Config) -> dict[str, Any]:
+        q = cfg.qsenn
+        return {"n_per_class": q.n_per_class, "min_per_class": q.min_per_class, "dropout": q.dropout,
+                "dropout_before_norm": q.dropout_before_norm, "train_normalisation": q.train_normalisation}
+
+    def run(self, ctx: RunContext, out_dir: Path) -> dict:
+        cfg = ctx.cfg
+        path = read_path(ctx.outputs[self.fit_stage])
+        layer = qsenn_layer(path, cfg.qsenn.n_per_class, cfg.qsenn.min_per_class)
+        selection = load_selection(ctx)
+        model = load_classifier(cfg, ctx.data.num_classes, ctx.outputs[self.model_stage] / "model.pt")
+        if self.r > 0 and not torch.equal(model.head.selection.cpu(), selection):
+            raise RuntimeError(f"{self.model_stage}: the model's selection differs from the select stage's")
+        # round 0: statistics of the dense model's full feature vector are indexed by the selection inside the
+        # head; round r >= 1: statistics of the selected features themselves (same order as the selection)
+        model.head = SparseHead(selection, torch.from_numpy(layer["weight"]), torch.from_numpy(path["mean"]),
+                                torch.from_numpy(path["std"]), bias=torch.from_numpy(layer["bias"]),
+                                **sparse_head_options(cfg))
+        digests = install_and_save(ctx, model, out_dir)
+        W = layer["weight"]
+        counts = (W != 0).sum(axis=1)
+        empty = np.flatnonzero(counts == 0).tolist()
+        if empty:
+            log.warning("qsenn round %d: classes %s have no weight after quantisation", self.r, empty[:20])
+        return {"round": self.r, "lambda": float(path["lam"][-1]), "magnitude": layer["magnitude"],
+                "linear_test_acc_before_quantisation": float(path["test_acc"][-1]),
+                "nonzero_weights": int(counts.sum()), "per_class_min": int(counts.min()),
+                "per_class_max": int(counts.max()), "empty_classes": empty,
+                "positive": int((W > 0).sum()), "negative": int((W < 0).sum()),
+                "features_used": int((W != 0).any(axis=0).sum()),
+                "bias_max_abs": float(np.abs(layer["bias"]).max()), "rank_digests": digests}
+
+
+def stages_for(rounds: int) -> list[Stage]:
+    out: list[Stage] = [DenseStage(), FeaturesStage("features", "dense"), SelectStage("qsenn")]
+    for r in range(rounds):
+        if r == 0:
+            out.append(FitStage("qsenn_fit0", "features", select_columns=True, stop_rule="full", section="qsenn"))
+        else:
+            out.append(FeaturesStage(f"qsenn_features{r}", f"qsenn_finetune{r - 1}"))
+            out.append(FitStage(f"qsenn_fit{r}", f"qsenn_features{r}", select_columns=False, stop_rule="full",
+                                section="qsenn"))
+        out.append(QSENNSparseStage(r))
+        out.append(FinetuneStage(f"qsenn_finetune{r}", f"qsenn_sparse{r}", lambda cfg, r=r: round_phase(cfg, r),
+                                 seed_offset=1 + r))
+    last = f"qsenn_finetune{rounds - 1}"
+    out.append(EvaluateStage("qsenn_evaluate", "qsenn", last))
+    out.append(ReportStage("qsenn_report", "qsenn", "qsenn_evaluate", last, f"qsenn_sparse{rounds - 1}"))
+    return out
+
+
+def stages(cfg: Config | None = None) -> list[Stage]:
+    return stages_for(len(cfg.qsenn.round_epochs) if cfg is not None else 4)
