@@ -42,7 +42,7 @@ from ffcv.traversal_order.base import TraversalOrder
 
 from qpm_dist.config import DataConfig
 from qpm_dist.data.loaders import EpochShardSampler
-from qpm_dist.data.manifest import check_matches_config, class_parts, load_manifest
+from qpm_dist.data.manifest import ConvertedSource
 from qpm_dist.data.transforms import eval_crop_ratio, eval_squashes
 
 
@@ -171,18 +171,13 @@ class FFCVTrainLoader(FFCVBatches):
         return self.batches_per_epoch - self.order.skip_samples // self.micro
 
 
-class FFCVSource:
+class FFCVSource(ConvertedSource):
     """DataSource over a `to-ffcv` folder (`data.converted`)."""
 
+    format = "ffcv"
+
     def __init__(self, cfg: DataConfig, seed: int) -> None:
-        self.cfg, self.seed = cfg, seed
-        self.root = Path(cfg.converted)
-        self.manifest = load_manifest(self.root, "ffcv")
-        check_matches_config(self.manifest, cfg, self.root)
-        self.num_classes = int(self.manifest["num_classes"])
-        self.class_names = list(self.manifest["class_names"])
-        self.fingerprint = self.manifest["fingerprint"]
-        self.class_parts = class_parts(self.manifest)
+        super().__init__(cfg, seed)
         self.files, self.rows = {}, {}
         for split in ("train", "test"):
             path = self.root / self.manifest["splits"][split]["file"]

@@ -67,3 +67,20 @@ def check_matches_config(manifest: dict, cfg: DataConfig, folder: str | Path) ->
     if bool(manifest["crop_to_box"]) != cfg.crop_to_box:
         raise ValueError(f"{where}: converted with crop_to_box={manifest['crop_to_box']}, but "
                          f"data.crop_to_box={cfg.crop_to_box} (rerun the conversion with or without --crop-to-box)")
+
+
+class ConvertedSource:
+    """What the ffcv and wds DataSources share: `data.converted`'s manifest, checked against the run's data
+    options, and the dataset facts it records. Subclasses set `format` and check their own data files."""
+
+    format: str
+
+    def __init__(self, cfg: DataConfig, seed: int) -> None:
+        self.cfg, self.seed = cfg, seed
+        self.root = Path(cfg.converted)
+        self.manifest = load_manifest(self.root, self.format)
+        check_matches_config(self.manifest, cfg, self.root)
+        self.num_classes = int(self.manifest["num_classes"])
+        self.class_names = list(self.manifest["class_names"])
+        self.fingerprint = self.manifest["fingerprint"]
+        self.class_parts = class_parts(self.manifest)

@@ -36,7 +36,6 @@ import itertools
 import multiprocessing
 import random
 import warnings
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -48,7 +47,7 @@ from qpm_dist.config import DataConfig
 from qpm_dist.data.datasets import sample_seed, seeded_cpu_rng
 from qpm_dist.data.decode import CorruptImageError, decode
 from qpm_dist.data.loaders import collate
-from qpm_dist.data.manifest import check_matches_config, class_parts, load_manifest
+from qpm_dist.data.manifest import ConvertedSource
 from qpm_dist.data.transforms import test_transform, train_transform
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "ppm")
@@ -312,18 +311,13 @@ class WebDatasetTrainLoader:
         return iter(self.loader)
 
 
-class WebDatasetSource:
+class WebDatasetSource(ConvertedSource):
     """DataSource over a `to-wds` folder (`data.converted`); see the module docstring for the guarantees."""
 
+    format = "wds"
+
     def __init__(self, cfg: DataConfig, seed: int) -> None:
-        self.cfg, self.seed = cfg, seed
-        self.root = Path(cfg.converted)
-        self.manifest = load_manifest(self.root, "wds")
-        check_matches_config(self.manifest, cfg, self.root)
-        self.num_classes = int(self.manifest["num_classes"])
-        self.class_names = list(self.manifest["class_names"])
-        self.fingerprint = self.manifest["fingerprint"]
-        self.class_parts = class_parts(self.manifest)
+        super().__init__(cfg, seed)
         for split in ("train", "test"):
             for shard in self.manifest["splits"][split]["shards"]:
                 if not (self.root / shard["file"]).is_file():
