@@ -36,6 +36,15 @@ METRIC_ROWS = [
 ]
 
 
+def metric_rows(own_ks=()) -> list[tuple[str, str]]:
+    """METRIC_ROWS plus SID@k / diversity@k rows for each model's own k (≠ 5) after the paper's @5 rows."""
+    rows = list(METRIC_ROWS)
+    at = [key for key, _ in rows].index("diversity@5") + 1
+    rows[at:at] = [(f"{m}@{k}", f"{label}@{k}") for k in sorted(set(own_ks) - {5})
+                   for m, label in (("SID", "SID"), ("diversity", "Diversity"))]
+    return rows
+
+
 def shared_pairs(weights: np.ndarray, count: int) -> list[tuple[int, int, int]]:
     """The `count` class pairs sharing the most features: (c1, c2, shared), most shared first."""
     binary = (weights != 0).astype(np.int64)
@@ -184,12 +193,8 @@ def _html(cfg, metrics, solve, selected, weights, names, feature_label, comparis
     dense, qpm = metrics["dense"], metrics[method]
     label = METHOD_LABELS.get(method, method)
     k = getattr(cfg, method).n_per_class
-    metric_rows = list(METRIC_ROWS)
-    if k != 5:  # the model's own k next to the paper's @5
-        at = [key for key, _ in metric_rows].index("diversity@5") + 1
-        metric_rows[at:at] = [(f"SID@{k}", f"SID@{k}"), (f"diversity@{k}", f"Diversity@{k}")]
     rows = "".join(f"<tr><td>{label}</td><td>{_fmt(dense.get(key))}</td><td>{_fmt(qpm.get(key))}</td></tr>"
-                   for key, label in metric_rows if key in dense or key in qpm)
+                   for key, label in metric_rows([k]) if key in dense or key in qpm)
     solve_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td></tr>" for k, v in solve.items())
     feature_rows = "".join(
         f"<tr><td>{html.escape(feature_label(j))}</td><td>{len(np.flatnonzero(weights[:, j]))}</td>"

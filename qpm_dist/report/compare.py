@@ -11,7 +11,7 @@ import html
 import json
 from pathlib import Path
 
-from qpm_dist.report.build import METHOD_LABELS, METRIC_ROWS, _fmt
+from qpm_dist.report.build import METHOD_LABELS, _fmt, metric_rows
 
 ORDER = ["qpm", "sldd", "qsenn"]
 
@@ -54,11 +54,9 @@ def method_columns(out_dir: Path, dense: dict | None = None) -> list[tuple[str, 
 def _rows(columns: list[tuple[str, str, dict]]) -> list[tuple[str, list]]:
     """METRIC_ROWS present in any column; a sparse model with fewer than 5 features per class has no SID@5,
     so its own SID@k / diversity@k rows follow the paper's @5 (as in the single-method report)."""
-    keys = list(METRIC_ROWS)
-    ks = sorted({round(c[2]["PerClass"]) for c in columns if 0 < (c[2].get("PerClass") or 5) < 5})
-    at = [key for key, _ in keys].index("diversity@5") + 1
-    keys[at:at] = [(f"{m}@{k}", f"{label}@{k}") for k in ks for m, label in (("SID", "SID"), ("diversity", "Diversity"))]
-    return [(label, [c[2].get(key) for c in columns]) for key, label in keys if any(key in c[2] for c in columns)]
+    ks = {round(c[2]["PerClass"]) for c in columns if 0 < (c[2].get("PerClass") or 5) < 5}
+    return [(label, [c[2].get(key) for c in columns]) for key, label in metric_rows(ks)
+            if any(key in c[2] for c in columns)]
 
 
 def comparison_html(columns: list[tuple[str, str, dict]]) -> str:
