@@ -15,6 +15,7 @@ import json
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 PLAN_FILE = ".convert.json"
@@ -132,6 +133,35 @@ def finish(out: Path, ident: dict, bundle, splits: dict) -> dict:
     write_json(out / MANIFEST, manifest)
     (out / PLAN_FILE).unlink(missing_ok=True)
     return manifest
+
+
+def run_conversion(fmt: str, args, options: dict, convert_splits, describe) -> int:
+    """The command both converters share: read the source, skip a finished conversion with the same options,
+    convert the splits (`convert_splits(bundle) -> {split: info}`), write the manifest, print a summary line
+    per split (`describe(info)`). Errors exit 2 and an interrupt 130, both saying how to resume."""
+    from qpm_dist.data.decode import CorruptImageError
+
+    name = f"to-{fmt}"
+    start = time.perf_counter()
+    try:
+        bundle = read_source(args)
+        ident = identity(fmt, args, bundle, options)
+        if prepare_output(args.out_dir, ident, args.force) == "complete":
+            print(f"{args.out_dir}: already converted with these options (dataset.json)")
+            return 0
+        manifest = finish(args.out_dir, ident, bundle, convert_splits(bundle))
+    except (FileNotFoundError, FileExistsError, ValueError, CorruptImageError) as exc:
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        print(f"{name}: finished files are kept; rerun the same command to resume", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted; rerun the same command to resume {args.out_dir}", file=sys.stderr)
+        return 130
+    if not args.quiet:
+        for split, info in manifest["splits"].items():
+            print(f"{split}: {describe(info)}, {len(info['skipped'])} left out")
+        print(f"{args.out_dir}: done in {time.perf_counter() - start:.1f} s")
+    return 0
 
 
 def warn(message: str) -> None:

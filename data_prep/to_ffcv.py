@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -109,36 +108,19 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as exc:
         print(f"to-ffcv: error: FFCV is not installed ({exc}); see requirements/ffcv.txt", file=sys.stderr)
         return 2
-    from qpm_dist.data.decode import CorruptImageError
-
     if not 0.0 <= args.compress_probability <= 1.0 or not 1 <= args.jpeg_quality <= 100:
         print("to-ffcv: error: need 0 <= --compress-probability <= 1 and 1 <= --jpeg-quality <= 100", file=sys.stderr)
         return 2
-    start = time.perf_counter()
-    try:
-        bundle = convert.read_source(args)
-        opts = {"write_mode": args.write_mode, "max_side": args.max_side, "jpeg_quality": args.jpeg_quality,
-                "compress_probability": args.compress_probability, "decoder": args.decoder,
-                "on_corrupt": args.on_corrupt, "seed": args.seed}
-        ident = convert.identity("ffcv", args, bundle, opts)
-        state = convert.prepare_output(args.out_dir, ident, args.force)
-        if state == "complete":
-            print(f"{args.out_dir}: already converted with these options (dataset.json)")
-            return 0
-        splits = {s: convert_split(args.out_dir, s, convert.split_items(bundle, s, args.crop_to_box), args,
-                                   not args.quiet) for s in args.splits}
-        manifest = convert.finish(args.out_dir, ident, bundle, splits)
-    except (FileNotFoundError, FileExistsError, ValueError, CorruptImageError) as exc:
-        print(f"to-ffcv: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"to-ffcv: interrupted; rerun the same command to resume {args.out_dir}", file=sys.stderr)
-        return 130
-    if not args.quiet:
-        for s, info in manifest["splits"].items():
-            print(f"{s}: {info['num_samples']} samples in {info['file']}, {len(info['skipped'])} left out")
-        print(f"{args.out_dir}: done in {time.perf_counter() - start:.1f} s")
-    return 0
+    opts = {"write_mode": args.write_mode, "max_side": args.max_side, "jpeg_quality": args.jpeg_quality,
+            "compress_probability": args.compress_probability, "decoder": args.decoder,
+            "on_corrupt": args.on_corrupt, "seed": args.seed}
+
+    def convert_splits(bundle) -> dict:
+        return {s: convert_split(args.out_dir, s, convert.split_items(bundle, s, args.crop_to_box), args,
+                                 not args.quiet) for s in args.splits}
+
+    return convert.run_conversion("ffcv", args, opts, convert_splits,
+                                  lambda info: f"{info['num_samples']} samples in {info['file']}")
 
 
 def register(subparsers) -> None:

@@ -21,7 +21,6 @@ import json
 import multiprocessing
 import os
 import sys
-import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -142,43 +141,24 @@ def convert_split(out: Path, split: str, items: list, args, opts: dict, progress
 
 
 def run(args: argparse.Namespace) -> int:
-    from qpm_dist.data.decode import CorruptImageError
-
     if args.samples_per_shard is None and args.shard_size is None:
         args.samples_per_shard = 1000
     if (args.samples_per_shard or 1) < 1 or (args.shard_size or 1) <= 0:
         print("to-wds: error: --samples-per-shard and --shard-size must be positive", file=sys.stderr)
         return 2
-    start = time.perf_counter()
-    try:
-        bundle = convert.read_source(args)
-        opts = {"max_side": args.max_side, "jpeg_quality": args.jpeg_quality, "decoder": args.decoder,
-                "on_corrupt": args.on_corrupt, "seed": args.seed, "samples_per_shard": args.samples_per_shard,
-                "shard_size": args.shard_size}
-        ident = convert.identity("wds", args, bundle, opts)
-        state = convert.prepare_output(args.out_dir, ident, args.force)
-        if state == "complete":
-            print(f"{args.out_dir}: already converted with these options (dataset.json)")
-            return 0
+    opts = {"max_side": args.max_side, "jpeg_quality": args.jpeg_quality, "decoder": args.decoder,
+            "on_corrupt": args.on_corrupt, "seed": args.seed, "samples_per_shard": args.samples_per_shard,
+            "shard_size": args.shard_size}
+
+    def convert_splits(bundle) -> dict:
         workers = args.workers or convert.usable_cpus()
         # spawn, not fork: safe although torch (threads) is loaded in this process
         with multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else nullcontext() as pool:
-            splits = {s: convert_split(args.out_dir, s, convert.split_items(bundle, s, args.crop_to_box), args,
-                                       opts, not args.quiet, pool) for s in args.splits}
-        manifest = convert.finish(args.out_dir, ident, bundle, splits)
-    except (FileNotFoundError, FileExistsError, ValueError, CorruptImageError) as exc:
-        print(f"to-wds: error: {exc}", file=sys.stderr)
-        print("to-wds: finished shards are kept; rerun the same command to resume", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"to-wds: interrupted; rerun the same command to resume {args.out_dir}", file=sys.stderr)
-        return 130
-    if not args.quiet:
-        for s, info in manifest["splits"].items():
-            print(f"{s}: {info['num_samples']} samples in {len(info['shards'])} shards, "
-                  f"{len(info['skipped'])} left out")
-        print(f"{args.out_dir}: done in {time.perf_counter() - start:.1f} s")
-    return 0
+            return {s: convert_split(args.out_dir, s, convert.split_items(bundle, s, args.crop_to_box), args,
+                                     opts, not args.quiet, pool) for s in args.splits}
+
+    return convert.run_conversion("wds", args, opts, convert_splits,
+                                  lambda info: f"{info['num_samples']} samples in {len(info['shards'])} shards")
 
 
 def register(subparsers) -> None:
