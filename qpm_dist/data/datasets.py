@@ -149,9 +149,6 @@ class DatasetBundle:
     def num_samples(self, split: str) -> int:
         return len({"train": self.train_split, "test": self.test_split}[split])
 
-    def num_samples(self, split: str) -> int:
-        return len({"train": self.train_split, "test": self.test_split}[split])
-
     def dataset(self, split: str, augment: bool) -> ImageListDataset:
         s = {"train": self.train_split, "test": self.test_split}[split]
         transform = train_transform(self.cfg) if augment else test_transform(self.cfg)

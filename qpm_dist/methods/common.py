@@ -39,6 +39,19 @@ def file_digest(path: str) -> str:
     return h.hexdigest()
 
 
+def autocast(ctx: RunContext):
+    """The run's autocast context factory (engine.precision on this rank's device)."""
+    return autocast_for(ctx.cfg.engine.precision, ctx.info.device)
+
+
+def save_model(model: nn.Module, path: Path) -> None:
+    """Rank 0 writes the state dict (CPU tensors) atomically; every rank waits for it."""
+    if dist.is_main():
+        with atomic_open(path) as fh:
+            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, fh)
+    dist.barrier()
+
+
 def prepare_for_training(model: nn.Module, cfg: Config) -> nn.Module:
     """Convert BatchNorm to SyncBatchNorm when the config asks for it (GPU only)."""
     if cfg.model.norm == "sync_batch":
@@ -94,10 +107,9 @@ class DenseStage:
         model = model.to(info.device)
         per_rank = max(1, ctx.cfg.dense.eval_batch_size // info.world_size)
         loader = ctx.data.eval_loader("test", per_rank, info.rank, info.world_size, pin_memory=info.device.type == "cuda")
-        test = evaluate_accuracy(model, loader, info.device, autocast_for(ctx.cfg.engine.precision, info.device))
+        test = evaluate_accuracy(model, loader, info.device, autocast(ctx))
+        save_model(model, out_dir / "model.pt")
         if info.is_main:
-            with atomic_open(out_dir / "model.pt") as fh:
-                torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, fh)
             atomic_write_text(out_dir / "result.json", json.dumps({"phase": "dense", "epochs": 0, "test": test,
                                                                     "weights": ctx.cfg.model.weights}, indent=1))
         dist.barrier()

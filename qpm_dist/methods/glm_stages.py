@@ -27,29 +27,17 @@ from tqdm import tqdm
 
 from qpm_dist import dist
 from qpm_dist.config import Config, PhaseConfig, to_dict
-from qpm_dist.engine.evaluate import autocast_for
 from qpm_dist.engine.trainer import Trainer, TrainerSetup
 from qpm_dist.glm.path import PathPoint, fit_path, scores_at_start, select_features
 from qpm_dist.glm.problem import class_correlation, lambda_grid, lambda_max, optimal_bias
 from qpm_dist.glm.shards import ShardWriter, load_rows, read_meta, shards_for, write_meta
 from qpm_dist.losses import ClassificationLoss
-from qpm_dist.methods.common import data_key, prepare_for_training, seed_rank_streams
+from qpm_dist.methods.common import autocast, data_key, prepare_for_training, save_model, seed_rank_streams
 from qpm_dist.methods.stages import RunContext
 from qpm_dist.models.io import load_classifier, state_digest
 from qpm_dist.models.net import Classifier, ModelOutput
 from qpm_dist.stats.accumulate import FeatureSums
-from qpm_dist.utils import atomic_open, atomic_write_text, log
-
-
-def _autocast(ctx: RunContext):
-    return autocast_for(ctx.cfg.engine.precision, ctx.info.device)
-
-
-def save_model(model: torch.nn.Module, path: Path) -> None:
-    if dist.is_main():
-        with atomic_open(path) as fh:
-            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, fh)
-    dist.barrier()
+from qpm_dist.utils import atomic_write_text, log
 
 
 def solver_key(cfg: Config, path: str) -> dict[str, Any]:
@@ -102,7 +90,7 @@ class FeaturesStage:
             with tqdm(total=len(loader), desc=f"features: {split}", leave=False, disable=not info.is_main) as bar:
                 for images, labels in loader:
                     images, labels = images.to(info.device, non_blocking=True), labels.to(info.device)
-                    with _autocast(ctx)():
+                    with autocast(ctx)():
                         out = model(images)
                     pooled = raw_features(out)
                     writer.add(pooled, labels)
@@ -343,7 +331,7 @@ class EvaluateStage:
         for name, stage in (("dense", "dense"), (self.method, self.final_stage)):
             model = load_classifier(ctx.cfg, ctx.data.num_classes, ctx.outputs[stage] / "model.pt").to(ctx.info.device)
             log.info("evaluate: %s model", name)
-            results[name] = evaluate_model(model, ctx.data, ctx.info, ctx.cfg.eval, _autocast(ctx), ctx.cfg.run.seed,
+            results[name] = evaluate_model(model, ctx.data, ctx.info, ctx.cfg.eval, autocast(ctx), ctx.cfg.run.seed,
                                            gt_similarity=gt, class_parts=ctx.data.class_parts,
                                            n_per_class=getattr(ctx.cfg, self.method).n_per_class)
         if ctx.info.is_main:

@@ -26,28 +26,17 @@ from tqdm import tqdm
 
 from qpm_dist import dist
 from qpm_dist.config import Config, to_dict
-from qpm_dist.engine.evaluate import autocast_for
 from qpm_dist.engine.trainer import Trainer
 from qpm_dist.losses import ClassificationLoss
-from qpm_dist.methods.common import DenseStage, data_key, prepare_for_training, seed_rank_streams, trainer_setup
+from qpm_dist.methods.common import (DenseStage, autocast, data_key, prepare_for_training, save_model,
+                                     seed_rank_streams, trainer_setup)
 from qpm_dist.methods.stages import RunContext, Stage
 from qpm_dist.models.io import load_classifier, state_digest
 from qpm_dist.models.net import Classifier
 from qpm_dist.models.sparse import SparseHead
 from qpm_dist.stats.accumulate import collect_feature_sums
 from qpm_dist.stats.constants import compute_A, compute_B, compute_R
-from qpm_dist.utils import atomic_open, atomic_write_text, log
-
-
-def _autocast(ctx: RunContext):
-    return autocast_for(ctx.cfg.engine.precision, ctx.info.device)
-
-
-def _save_model(model: torch.nn.Module, path: Path) -> None:
-    if dist.is_main():
-        with atomic_open(path) as fh:
-            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, fh)
-    dist.barrier()
+from qpm_dist.utils import atomic_write_text, log
 
 
 class StatsStage:
@@ -64,7 +53,7 @@ class StatsStage:
         loader = ctx.data.eval_loader("train", per_rank, info.rank, info.world_size,
                                       pin_memory=info.device.type == "cuda")
         with tqdm(total=len(loader), desc="stats: training set", leave=False, disable=not info.is_main) as bar:
-            sums = collect_feature_sums(model, loader, ctx.data.num_classes, info.device, _autocast(ctx),
+            sums = collect_feature_sums(model, loader, ctx.data.num_classes, info.device, autocast(ctx),
                                         progress=bar)
         sums = sums.cpu()
         summary = {"images": int(sums.count), "features": int(sums.sum.numel()), "classes": ctx.data.num_classes,
@@ -131,7 +120,7 @@ class SparseStage:
         digests = dist.all_gather_object(state_digest(model.state_dict()))
         if len(set(digests)) != 1:
             raise RuntimeError(f"sparse models differ across ranks: {digests}")
-        _save_model(model, out_dir / "model.pt")
+        save_model(model, out_dir / "model.pt")
         head = model.head
         return {"selected": head.selection.tolist(), "n_features": head.selection.numel(),
                 "nonzero_weights": int((head.weight != 0).sum()), "rank_digests": digests}
@@ -171,7 +160,7 @@ class EvaluateStage:
         for name, stage in (("dense", "dense"), ("qpm", "finetune")):
             model = load_classifier(ctx.cfg, ctx.data.num_classes, ctx.outputs[stage] / "model.pt").to(ctx.info.device)
             log.info("evaluate: %s model", name)
-            results[name] = evaluate_model(model, ctx.data, ctx.info, ctx.cfg.eval, _autocast(ctx), ctx.cfg.run.seed,
+            results[name] = evaluate_model(model, ctx.data, ctx.info, ctx.cfg.eval, autocast(ctx), ctx.cfg.run.seed,
                                            gt_similarity=gt, class_parts=ctx.data.class_parts,
                                            n_per_class=ctx.cfg.qpm.n_per_class)
         if ctx.info.is_main:

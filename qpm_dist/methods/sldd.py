@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from qpm_dist import dist
 from qpm_dist.config import Config
 from qpm_dist.glm.rules import choose_sldd_point, fill_empty_rows, prune_sldd
 from qpm_dist.methods.common import DenseStage

@@ -6,8 +6,6 @@
 import sys
 from pathlib import Path
 
-import torch
-
 from qpm_dist import dist
 from qpm_dist.config import load_config
 from qpm_dist.data.datasets import build_datasets
