@@ -26,3 +26,25 @@ def test_dense_phase_two_ranks_far_above_chance(write_config, small_data, tmp_pa
     assert result["test"]["count"] == 8 * 16  # every test image evaluated exactly once across the 2 ranks
     chance = 100 / 8
     assert result["test"]["acc"] >= 3.6 * chance, result  # measured: 66.4% after 16 epochs
+
+
+def test_zero_dense_epochs_use_the_named_weights_and_evaluate_them(write_config, tiny_data, tmp_path):
+    """dense.epochs=0 (the ImageNet configs): the dense model is model.weights as given, evaluated on the test set."""
+    import torch
+
+    from qpm_dist.config import ModelConfig
+    from qpm_dist.models.backbones import build_backbone
+
+    torch.manual_seed(3)
+    backbone = build_backbone("tiny_resnet", ModelConfig().reduced_strides, "batch", 8)  # BASE_CONFIG's model
+    weights = tmp_path / "backbone.pt"
+    torch.save(backbone.state_dict(), weights)
+    config = write_config("pretrained.yaml", model={"weights": str(weights)}, dense={"epochs": 0})
+    proc = run_qpm(2, "run", str(config), "--stage", "dense")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = stage_dir(tmp_path / "runs-pretrained")
+    result = json.loads((out / "result.json").read_text())
+    assert result["epochs"] == 0 and result["weights"] == str(weights) and result["test"]["count"] == 32
+    saved = torch.load(out / "model.pt", weights_only=True)
+    for key, value in backbone.state_dict().items():
+        assert torch.equal(saved[f"backbone.{key}"], value), key
