@@ -96,7 +96,7 @@ def build_pipelines(paths: dict[str, Path], workers: int) -> dict[str, object]:
     from torchvision import transforms as T
 
     from qpm_dist.config import DataConfig
-    from qpm_dist.data.datasets import build_datasets
+    from qpm_dist.data.sources import build_datasets
     from qpm_dist.data.loaders import TrainLoader
     from qpm_dist.data.wds_loader import TrainStream, WebDatasetSource, WebDatasetTrainLoader
 

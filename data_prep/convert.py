@@ -50,7 +50,7 @@ def add_source_arguments(ap: argparse.ArgumentParser) -> None:
 def read_source(args):
     """The source dataset's splits through the same readers training uses (DatasetBundle)."""
     from qpm_dist.config import DataConfig
-    from qpm_dist.data.datasets import read_splits
+    from qpm_dist.data.sources import read_splits
 
     cfg = DataConfig(dataset=args.dataset, root=str(args.root), crop_to_box=args.crop_to_box)
     return read_splits(cfg)

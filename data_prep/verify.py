@@ -92,7 +92,7 @@ def check_ffcv_rows(task: tuple) -> dict:
 
 def _source_labels(manifest: dict) -> dict[str, np.ndarray] | None:
     from qpm_dist.config import DataConfig
-    from qpm_dist.data.datasets import read_splits
+    from qpm_dist.data.sources import read_splits
 
     try:
         bundle = read_splits(DataConfig(dataset=manifest["dataset"], root=manifest["source_root"],

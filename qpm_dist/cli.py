@@ -46,7 +46,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _fail(str(exc))
 
     from qpm_dist import dist
-    from qpm_dist.data.datasets import build_datasets
+    from qpm_dist.data.sources import build_datasets
     from qpm_dist.engine.preemption import PREEMPTED_EXIT_CODE, Preempted
     from qpm_dist.methods import method_stages
     from qpm_dist.methods.stages import RunContext, run_stages

@@ -13,7 +13,7 @@ import torch.distributed as torch_dist
 
 from qpm_dist import dist
 from qpm_dist.config import DataConfig
-from qpm_dist.data.datasets import build_datasets
+from qpm_dist.data.sources import build_datasets
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from data_helpers import convert, copy_dataset, data_prep, wds_samples
 from qpm_dist.config import DataConfig
-from qpm_dist.data.datasets import read_splits
+from qpm_dist.data.sources import read_splits
 
 
 def source_labels(root):

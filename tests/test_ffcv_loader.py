@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from data_helpers import convert, source_cfg
-from qpm_dist.data.datasets import build_datasets
+from qpm_dist.data.sources import build_datasets
 from qpm_dist.data.loaders import EpochShardSampler
 
 pytest.importorskip("ffcv")

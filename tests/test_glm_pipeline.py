@@ -106,7 +106,7 @@ def test_qsenn_round_statistics_are_those_of_the_raw_features_they_normalise(qse
     """Round 1 extracts the RAW selected features of round 0's model; the new head normalises raw features
     with exactly their statistics (the QPM repository fitted z but installed z's statistics, spec bug 3)."""
     from qpm_dist.config import load_config
-    from qpm_dist.data.datasets import build_datasets
+    from qpm_dist.data.sources import build_datasets
     from qpm_dist.models.io import load_classifier
 
     out = qsenn_run

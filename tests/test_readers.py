@@ -12,7 +12,8 @@ from PIL import Image
 from scipy.io import savemat
 
 from qpm_dist.config import DataConfig
-from qpm_dist.data.datasets import ImageListDataset, read_splits
+from qpm_dist.data.datasets import ImageListDataset
+from qpm_dist.data.sources import read_splits
 from qpm_dist.data.decode import CorruptImageError, decode, read_image
 
 

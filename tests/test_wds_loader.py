@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from data_helpers import convert, source_cfg
-from qpm_dist.data.datasets import build_datasets
+from qpm_dist.data.sources import build_datasets
 from qpm_dist.data.decode import CorruptImageError
 from qpm_dist.data.wds_loader import even_bounds, resume_position, round_robin, stream_pieces
 

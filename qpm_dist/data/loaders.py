@@ -36,7 +36,7 @@ class DataSource(Protocol):
     """What stages need from a dataset, whatever the storage backend (folders, FFCV, WebDataset).
 
     Implementations: datasets.DatasetBundle (`data.backend: folder`), ffcv_loader.FFCVSource (`ffcv`),
-    wds_loader.WebDatasetSource (`wds`); `datasets.build_datasets` picks one from the config.
+    wds_loader.WebDatasetSource (`wds`); `sources.build_datasets` picks one from the config.
     """
 
     num_classes: int

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from qpm_dist import dist
 from qpm_dist.config import load_config
-from qpm_dist.data.datasets import build_datasets
+from qpm_dist.data.sources import build_datasets
 from qpm_dist.engine.evaluate import autocast_for
 from qpm_dist.methods.common import build_dense_model
 from qpm_dist.stats.accumulate import collect_feature_sums

@@ -1,0 +1,107 @@
+"""Which reader and which storage backend a config names: `read_splits` (the image files and labels of
+`data.dataset`) and `build_datasets` (the run's DataSource for `data.backend`).
+
+Kept apart from `datasets.py`, which the dataset readers (cub, imagenet, cars) and the backends build on:
+this module imports all of them, none of them imports it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from qpm_dist.config import DataConfig
+from qpm_dist.data.datasets import DatasetBundle, Split
+
+
+def _digest(*parts: bytes) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part)
+    return h.hexdigest()
+
+
+def _cub_like(cfg: DataConfig, seed: int) -> DatasetBundle:
+    from qpm_dist.data.cub import load_cub_metadata
+
+    meta = load_cub_metadata(Path(cfg.root))
+    files = ("images.txt", "image_class_labels.txt", "train_test_split.txt", "bounding_boxes.txt")
+    fingerprint = _digest(*((meta.root / f).read_bytes() for f in files if (meta.root / f).is_file()))
+
+    def split(train: bool) -> Split:
+        idx = np.flatnonzero(meta.is_train == train)
+        return Split(meta.root / "images", [meta.paths[i] for i in idx], meta.labels[idx], meta.boxes[idx],
+                     meta.image_ids[idx])
+
+    return DatasetBundle(cfg, split(True), split(False), len(meta.class_names), list(meta.class_names),
+                         fingerprint, seed, class_parts=meta.class_parts)
+
+
+def _class_folders(cfg: DataConfig, seed: int) -> DatasetBundle:
+    """`root/train/<class>/*` and `root/val/<class>/*` (the ImageNet / generic folder layout)."""
+    root = Path(cfg.root)
+    for name in ("train", "val"):
+        if not (root / name).is_dir():
+            raise FileNotFoundError(f"data.root: expected the folder {root / name} with one sub-folder per class")
+    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    if not classes:
+        raise FileNotFoundError(f"data.root: {root / 'train'} has no class sub-folders")
+
+    def scan(split_dir: Path) -> Split:
+        paths, labels = [], []
+        for label, c in enumerate(classes):
+            for p in sorted((split_dir / c).glob("*")) if (split_dir / c).is_dir() else []:
+                if p.suffix.lower() in (".jpg", ".jpeg", ".png"):
+                    paths.append(f"{c}/{p.name}")
+                    labels.append(label)
+        return Split(split_dir, paths, np.array(labels, dtype=np.int64))
+
+    train, test = scan(root / "train"), scan(root / "val")
+    fingerprint = _digest("\n".join(train.paths).encode(), b"|", "\n".join(test.paths).encode())
+    return DatasetBundle(cfg, train, test, len(classes), classes, fingerprint, seed)
+
+
+def _from_reader(cfg: DataConfig, seed: int, read) -> DatasetBundle:
+    """A bundle from a reader that returns (train Split, test Split, class names, fingerprint)."""
+    train, test, class_names, fingerprint = read(Path(cfg.root))
+    return DatasetBundle(cfg, train, test, len(class_names), list(class_names), fingerprint, seed)
+
+
+def read_splits(cfg: DataConfig, seed: int = 0) -> DatasetBundle:
+    """The image files and labels of `cfg.dataset` under `cfg.root` (what the converters read too)."""
+    root = Path(cfg.root)
+    if not root.exists():
+        hint = " (create it with `qpm-dist make-synthetic`)" if cfg.dataset == "synthetic" else ""
+        raise FileNotFoundError(f"data.root: dataset folder not found: {root}{hint}")
+    if cfg.dataset in ("synthetic", "cub"):
+        return _cub_like(cfg, seed)
+    if cfg.dataset == "folder":
+        return _class_folders(cfg, seed)
+    if cfg.dataset == "imagenet":
+        from qpm_dist.data.imagenet import read_imagenet
+
+        return _from_reader(cfg, seed, read_imagenet)
+    if cfg.dataset == "cars":
+        from qpm_dist.data.cars import read_stanford_cars
+
+        return _from_reader(cfg, seed, read_stanford_cars)
+    raise ValueError(f"data.dataset: unknown dataset {cfg.dataset!r}")
+
+
+def build_datasets(cfg: DataConfig, seed: int):
+    """The run's DataSource for `data.backend`; reads annotations or the converted manifest (cheap), so a
+    missing or inconsistent dataset fails before any training starts."""
+    if cfg.backend == "ffcv":
+        try:
+            from qpm_dist.data.ffcv_loader import FFCVSource
+        except ImportError as exc:
+            raise ValueError(f"data.backend=ffcv: FFCV is not installed ({exc}); see requirements/ffcv.txt") from None
+
+        return FFCVSource(cfg, seed)
+    if cfg.backend == "wds":
+        from qpm_dist.data.wds_loader import WebDatasetSource
+
+        return WebDatasetSource(cfg, seed)
+    return read_splits(cfg, seed)
