@@ -26,11 +26,12 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from qpm_dist import dist
 from qpm_dist.config import load_config
 from qpm_dist.data.loaders import TrainLoader, eval_loader
-from qpm_dist.engine.optim import build_optimizer, build_scheduler
+from qpm_dist.engine.optim import build_optimizer, build_scheduler, classifier_param_groups
 from qpm_dist.engine.preemption import StopRequest
+from qpm_dist.engine.task import ClassificationTask
 from qpm_dist.engine.trainer import Trainer, TrainerSetup
-from qpm_dist.losses import ClassificationLoss, feature_diversity_loss
-from qpm_dist.methods.common import build_dense_model
+from qpm_dist.losses import feature_diversity_loss
+from qpm_dist.stages.train import build_dense_model
 
 
 class InMemoryImages(Dataset):
@@ -102,7 +103,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         setup = TrainerSetup(phase="dense", cfg=cfg.dense, engine=cfg.engine, wandb=cfg.wandb, stage_dir=Path(tmp),
                              run_name="bench", resume="never")
-        trainer = Trainer(setup, build_dense_model(cfg, 20), ClassificationLoss(beta), InMemorySource(data), info)
+        trainer = Trainer(setup, build_dense_model(cfg, 20), ClassificationTask(cfg.dense), InMemorySource(data), info)
         from qpm_dist.engine.monitor import MetricsLogger
 
         trainer.logger = MetricsLogger(Path(tmp) / "m.jsonl", info.is_main, cfg.wandb, "x", "b", "b", "dense", {},
@@ -111,7 +112,7 @@ def main() -> None:
         # baseline: same model init, same optimizer groups and schedule
         model = build_dense_model(cfg, 20)
         ddp = DistributedDataParallel(model) if info.world_size > 1 else model
-        optimizer = build_optimizer(model, cfg.dense.optim)
+        optimizer = build_optimizer(classifier_param_groups(model, cfg.dense.optim), cfg.dense.optim)
         sampler = DistributedSampler(data, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=0,
                                      drop_last=True)
         loader = DataLoader(data, batch_size=micro, sampler=sampler, drop_last=True)

@@ -35,24 +35,33 @@ def _preflight(cfg) -> None:
         raise FileNotFoundError(f"engine.deepspeed_config: file not found: {cfg.engine.deepspeed_config}")
 
 
+def _load_config(args: argparse.Namespace, path, overrides):
+    """The plugins named by --plugin (they may register methods), then the config."""
+    from qpm_dist import methods
+    from qpm_dist.config import load_config
+
+    methods.load_plugins(args.plugin)
+    return load_config(path, overrides)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    # Config and paths are checked before torch is even imported: a typo fails in well under a second.
-    from qpm_dist.config import ConfigError, load_config, save_config
+    # Config and paths are checked before any data is read or any process group is formed.
+    from qpm_dist.config import ConfigError, save_config
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = _load_config(args, args.config, args.overrides)
         _preflight(cfg)
-    except (ConfigError, FileNotFoundError) as exc:
+    except (ConfigError, FileNotFoundError, ImportError) as exc:
         return _fail(str(exc))
 
-    from qpm_dist import dist
+    from qpm_dist import dist, methods
     from qpm_dist.data.sources import build_datasets
     from qpm_dist.engine.preemption import PREEMPTED_EXIT_CODE, Preempted
-    from qpm_dist.methods import method_stages
-    from qpm_dist.methods.stages import RunContext, run_stages
+    from qpm_dist.stages.runner import RunContext, run_stages
     from qpm_dist.utils import log, setup_logging
 
-    stages = method_stages(cfg.method, cfg)
+    spec = methods.get(cfg.method)
+    stages = spec.stages(cfg)
     if args.stage is not None and args.stage not in [s.name for s in stages]:
         return _fail(f"--stage: unknown stage {args.stage!r}; {cfg.method} has: {', '.join(s.name for s in stages)}")
 
@@ -69,7 +78,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             save_config(cfg, run_dir / "config.yaml")
         log.info("run %s: %d ranks (%s), %s, %d train / %d test images, %d classes", run_dir, info.world_size,
                  info.backend, info.device, data.num_samples("train"), data.num_samples("test"), data.num_classes)
-        ctx = RunContext(cfg=cfg, info=info, run_dir=run_dir, data=data)
+        ctx = RunContext(cfg=cfg, info=info, run_dir=run_dir, data=data, method=spec)
         try:
             summaries = run_stages(stages, ctx, args.stage)
         except Preempted as exc:
@@ -89,11 +98,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_print_config(args: argparse.Namespace) -> int:
     import yaml
 
-    from qpm_dist.config import ConfigError, load_config, to_dict
+    from qpm_dist.config import ConfigError, to_dict
 
     try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
+        cfg = _load_config(args, args.config, args.overrides)
+    except (ConfigError, ImportError) as exc:
         return _fail(str(exc))
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
     return 0
@@ -105,42 +114,57 @@ def cmd_make_synthetic(argv: list[str]) -> int:
     return data_prep_main(["make-synthetic", *argv])
 
 
-DEMO_METHODS = "qpm,sldd,qsenn"
+def demo_methods() -> list[str]:
+    """The registered methods that have a demo config, in registry order."""
+    from qpm_dist import methods
+
+    return [spec.name for spec in methods.all_specs() if spec.demo_config]
 
 
-def demo_configs(config: str, methods: str) -> list[tuple[str, Path]]:
-    """(method, config) for `qpm-dist demo --methods`: QPM runs --config, the others configs/demo_<method>.yaml
-    next to it (they share its dense stage: same data, model and dense settings, same run directory)."""
+def demo_configs(config: str, names: str) -> list[tuple[str, Path]]:
+    """(method, config) for `qpm-dist demo --methods`: each method's demo config (its spec's `demo_config`),
+    looked up next to --config, which is the first method's (they share the dense stage: same data, model and
+    dense settings, same run directory)."""
+    from qpm_dist import methods
+
+    available = demo_methods()
+    chosen = [m.strip() for m in names.split(",") if m.strip()] if names else available
     out = []
-    for method in [m.strip() for m in methods.split(",") if m.strip()]:
-        if method not in ("qpm", "sldd", "qsenn"):
-            raise ValueError(f"--methods: unknown method {method!r}; expected some of qpm,sldd,qsenn")
-        out.append((method, Path(config) if method == "qpm" else Path(config).parent / f"demo_{method}.yaml"))
+    for method in chosen:
+        if method not in available:
+            raise ValueError(f"--methods: unknown method {method!r}; expected some of {','.join(available)}")
+        demo = methods.get(method).demo_config
+        out.append((method, Path(config) if demo == Path(config).name else Path(config).parent / demo))
     if not out:
-        raise ValueError("--methods: expected at least one of qpm,sldd,qsenn")
+        raise ValueError(f"--methods: expected at least one of {','.join(available)}")
     return out
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Generate the embedded dataset (once), run each method's stages with `nproc` CPU processes under
-    torchrun (QPM, then SLDD and Q-SENN on the same dense model), then print the headline numbers, the
+    torchrun (every method with a demo config, on the same dense model), then print the headline numbers, the
     methods side by side and where the reports are."""
     from data_prep.synthetic import generate
-    from qpm_dist.config import ConfigError, load_config
+    from qpm_dist.config import ConfigError
 
     root = Path(args.data)
     try:
+        from qpm_dist import methods
+
+        methods.load_plugins(args.plugin)
         runs = demo_configs(args.config, args.methods)
-        configs = [(method, path, load_config(path, [f"data.root={root}", *args.overrides])) for method, path in runs]
-    except (ConfigError, ValueError) as exc:
+        configs = [(method, path, _load_config(args, path, [f"data.root={root}", *args.overrides]))
+                   for method, path in runs]
+    except (ConfigError, ValueError, ImportError) as exc:
         return _fail(str(exc))
     if not (root / "synthetic.json").is_file():
         print(f"qpm-dist demo: generating the synthetic dataset in {root}", flush=True)
         generate(root, progress=True)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     for method, path, _ in configs:
+        plugins = [f"--plugin={name}" for name in args.plugin]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-               "-m", "qpm_dist", "run", str(path), f"data.root={root}", *args.overrides]
+               "-m", "qpm_dist", "run", str(path), *plugins, f"data.root={root}", *args.overrides]
         print(f"qpm-dist demo ({method}):", " ".join(cmd), flush=True)
         code = subprocess.call(cmd, env=env)
         if code != 0:
@@ -159,20 +183,21 @@ def demo_summary(run_dir: Path) -> str:
     """Per method: dense vs method accuracy, part recovery vs a random assignment, and the report's path."""
     import json
 
-    from qpm_dist.report.build import METHOD_LABELS
+    from qpm_dist import methods
 
     def newest(pattern: str) -> Path | None:
         found = sorted(run_dir.glob(pattern), key=lambda p: p.stat().st_mtime)
         return found[-1] if found else None
 
     lines = ["", "qpm-dist demo: done."]
-    for prefix in ("", "sldd_", "qsenn_"):
-        metrics_file, report = newest(f"{prefix}evaluate-*/metrics.json"), newest(f"{prefix}report-*/report.html")
+    for spec in methods.all_specs():
+        metrics_file = newest(f"{spec.name}_evaluate-*/metrics.json")
+        report = newest(f"{spec.name}_report-*/report.html")
         if metrics_file:
             m = json.loads(metrics_file.read_text())
-            method = next((k for k in m if k != "dense"), "qpm")
-            d, q, label = m["dense"], m[method], METHOD_LABELS.get(method, method)
-            lines.append(f"  {label}: test top-1 dense {d['accuracy']:.1f}% -> {label} {q['accuracy']:.1f}%  "
+            d, q, label = m.get("dense"), m[spec.name], spec.label
+            dense = f"dense {d['accuracy']:.1f}% -> " if d else ""
+            lines.append(f"  {label}: test top-1 {dense}{label} {q['accuracy']:.1f}%  "
                          f"({q['NFfeatures']} features, {q['PerClass']:.1f} per class)")
             if q.get("part_recovery") is not None:
                 lines.append(f"    ground-truth class-part links recovered by {label}'s assignment: "
@@ -184,11 +209,16 @@ def demo_summary(run_dir: Path) -> str:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    """Dense, QPM, SLDD and Q-SENN side by side from the metrics.json files under an output folder."""
+    """Every method evaluated under an output folder side by side, from its metrics.json files."""
+    from qpm_dist import methods
     from qpm_dist.report.compare import write_comparison
 
     if not Path(args.out_dir).is_dir():
         return _fail(f"compare: output folder not found: {args.out_dir}")
+    try:
+        methods.load_plugins(args.plugin)
+    except ImportError as exc:
+        return _fail(str(exc))
     text, path = write_comparison(Path(args.out_dir), args.html)
     print(text)
     if path is not None:
@@ -199,29 +229,34 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qpm-dist", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    plugin = argparse.ArgumentParser(add_help=False)
+    plugin.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                        help="import MODULE first (repeatable): a method defined outside qpm_dist registers itself "
+                             "there (see README, 'Adding a method')")
 
-    run = sub.add_parser("run", help="run a method's stages (under torchrun for several processes)")
+    run = sub.add_parser("run", parents=[plugin], help="run a method's stages (under torchrun for several processes)")
     run.add_argument("config", help="YAML config file, e.g. configs/demo.yaml")
     run.add_argument("--stage", help="run only this stage (and unfinished stages it depends on)")
     run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dense.optim.lr=0.1")
     run.set_defaults(func=cmd_run)
 
-    show = sub.add_parser("print-config", help="print the resolved config")
+    show = sub.add_parser("print-config", parents=[plugin], help="print the resolved config")
     show.add_argument("config")
     show.add_argument("overrides", nargs="*")
     show.set_defaults(func=cmd_print_config)
 
-    demo = sub.add_parser("demo", help="QPM, SLDD and Q-SENN on the embedded synthetic dataset, 2 CPU processes")
+    demo = sub.add_parser("demo", parents=[plugin],
+                          help="every method with a demo config on the embedded synthetic dataset, 2 CPU processes")
     demo.add_argument("--config", default="configs/demo.yaml")
     demo.add_argument("--data", default="data/synthetic")
     demo.add_argument("--nproc", type=int, default=2)
-    demo.add_argument("--methods", default=DEMO_METHODS,
-                      help=f"comma-separated, run in this order (default {DEMO_METHODS}); sldd/qsenn use "
-                           "demo_<method>.yaml next to --config")
+    demo.add_argument("--methods", default="",
+                      help="comma-separated, run in this order (default: every method with a demo config, "
+                           "in registry order: qpm first); each uses its demo config next to --config")
     demo.add_argument("overrides", nargs="*")
     demo.set_defaults(func=cmd_demo)
 
-    compare = sub.add_parser("compare", help="the metrics of every method run under OUT_DIR side by side")
+    compare = sub.add_parser("compare", parents=[plugin], help="the metrics of every method run under OUT_DIR side by side")
     compare.add_argument("out_dir", nargs="?", default="runs", help="the runs' run.out_dir (default: runs)")
     compare.add_argument("--html", help="where to write the HTML table (default: OUT_DIR/compare.html)")
     compare.set_defaults(func=cmd_compare)

@@ -1,5 +1,11 @@
 """Typed run configuration: dataclasses, YAML files and dotted command-line overrides.
 
+The sections every run shares live here (run, data, model, dense, finetune, eval, report, engine, wandb);
+each method declares its own sections (qpm, glm, ...) in its module, and `config_class()` adds every
+registered method's sections to `Config` (see qpm_dist.methods). A section may define
+`check(self, key)`, which `validate` calls with the section's dotted key; a method's cross-section checks are
+its spec's `validate(cfg)`, run when the config runs that method.
+
 Why hand-written and not OmegaConf/pydantic: the schema is plain stdlib dataclasses (readable, importable
 without extra packages) and the validator is ~100 lines that give the one thing users need from it — an
 immediate error naming the offending key and the expected type, before any expensive work starts.
@@ -72,6 +78,17 @@ class DataConfig:
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
 
+    def check(self, key: str) -> None:
+        if self.img_size < 8:
+            raise ConfigError(f"{key}.img_size: expected an integer >= 8, got {self.img_size}")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ConfigError(f"{key}.mean and {key}.std: expected 3 values (RGB)")
+        if self.backend != "folder" and not self.converted:
+            raise ConfigError(f"{key}.converted: {key}.backend={self.backend} needs the folder written by "
+                              f"`python -m data_prep to-{self.backend}`")
+        if self.wds_shuffle_buffer < 1:
+            raise ConfigError(f"{key}.wds_shuffle_buffer: expected an integer >= 1")
+
 
 @dataclass
 class ModelConfig:
@@ -129,6 +146,18 @@ class PhaseConfig:
     clip_grad_norm: Optional[float] = None
     eval_every_epochs: int = 5
 
+    def check(self, key: str) -> None:
+        for name in ("batch_size", "eval_batch_size", "grad_accum", "eval_every_epochs"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{key}.{name}: expected a positive integer, got {getattr(self, name)}")
+        if self.epochs < 0:
+            raise ConfigError(f"{key}.epochs: expected a non-negative integer, got {self.epochs}")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"{key}.batch_size ({self.batch_size}) must be divisible by {key}.grad_accum "
+                              f"({self.grad_accum})")
+        if self.optim.lr <= 0:
+            raise ConfigError(f"{key}.optim.lr: expected a positive number, got {self.optim.lr}")
+
 
 def _finetune_defaults() -> PhaseConfig:
     return PhaseConfig(
@@ -140,109 +169,6 @@ def _finetune_defaults() -> PhaseConfig:
 
 def _dense_defaults() -> PhaseConfig:
     return PhaseConfig(optim=OptimConfig(lr=0.005, head_lr=0.01))
-
-
-@dataclass
-class SolverConfig:
-    """How rank 0 solves QPM's selection/assignment problem (see solver_service)."""
-
-    # auto: exact HiGHS MILP for small problems, else the fast local search; gurobi needs a licence.
-    backend: Literal["auto", "fast", "highs", "gurobi"] = "auto"
-    time_limit: float = 600.0  # seconds per solve
-    mip_gap: Optional[float] = None
-    threads: Optional[int] = None
-    # A running solver service (`python -m solver_service serve`): its URL (http://host:port), or the path of
-    # a file holding it (slurm/solver_service.sbatch writes one; the token is read from FILE.token). None
-    # solves in process on rank 0. A token can also come from the environment variable SOLVER_SERVICE_TOKEN.
-    url: Optional[str] = None
-    retries: int = 5  # connection attempts after the first, with exponential backoff
-    # When the service cannot be reached: solve in process with an open-source backend instead of failing.
-    fallback_local: bool = True
-
-
-@dataclass
-class QPMConfig:
-    n_features: int = 50
-    n_per_class: int = 5
-    solver: SolverConfig = field(default_factory=SolverConfig)
-    # Sparse head: dropout on the normalised features; True reproduces the reference's order (spec bug 23).
-    dropout: float = 0.1
-    dropout_before_norm: bool = False
-    # Global batch of the streamed statistics pass (test-time transforms, no gradients).
-    stats_batch_size: int = 128
-
-
-@dataclass
-class GLMPathConfig:
-    """One regularisation path of the sparse GLM (specs/qsenn_sldd.md §3.2, §4, §5)."""
-
-    alpha: float = 0.99  # share of the L1 / group term in the elastic net
-    path_points: int = 100  # λ values from λ_max down to epsilon·λ_max, geometric
-    epsilon: float = 1e-3
-    lookbehind: int = 5  # glm_saga only: stop a λ after this many epochs without improvement
-
-
-@dataclass
-class SagaSolverConfig:
-    """glm-saga's settings (the reference's values)."""
-
-    batch_size: int = 256
-    lr: float = 0.1
-    max_epochs: int = 2000  # per λ
-    tol: float = 1e-4
-
-
-@dataclass
-class FastSolverConfig:
-    tol: float = 1e-4  # per λ: stop at ‖proximal-gradient residual‖_∞ <= tol (a KKT measure)
-    max_iter: int = 2000  # per λ
-    screening: bool = True  # sequential strong rules + KKT check (large feature counts)
-
-
-@dataclass
-class GLMConfig:
-    """The sparse GLM behind SLDD and Q-SENN: feature selection (group lasso) and the sparse fit (elastic net)."""
-
-    # glm_saga: the reference solver (glm-saga's API, rank 0, all rows in memory; small data).
-    # fast: full-batch FISTA over the ranks' feature shards, gradients all-reduced (large data).
-    solver: Literal["glm_saga", "fast"] = "fast"
-    # The features stage: global batch of its pass and the dtype of the per-rank feature files.
-    batch_size: int = 128
-    features_dtype: Literal["float32", "float16"] = "float32"
-    selection: GLMPathConfig = field(default_factory=lambda: GLMPathConfig(alpha=0.8, lookbehind=3))
-    fit: GLMPathConfig = field(default_factory=lambda: GLMPathConfig(alpha=0.99, lookbehind=5))
-    saga: SagaSolverConfig = field(default_factory=SagaSolverConfig)
-    fast: FastSolverConfig = field(default_factory=FastSolverConfig)
-
-
-@dataclass
-class SLDDConfig:
-    n_features: int = 50
-    n_per_class: int = 5
-    # Path point: the densest with at most n_per_class / drop_rate non-zero weights per class (reference 0.5).
-    drop_rate: float = 0.5
-    # Pruning keeps n_per_class·C weights, but first each class's largest `min_per_class` (the reference's
-    # global cut could leave a class empty).
-    min_per_class: int = 1
-    dropout: float = 0.1
-    dropout_before_norm: bool = False
-    train_normalisation: bool = True  # the head's mean/std are fine-tuned (W and b stay frozen)
-
-
-@dataclass
-class QSENNConfig:
-    n_features: int = 50
-    n_per_class: int = 5
-    # Fine-tuning epochs of each round (rounds = len(round_epochs)); round r uses finetune.optim.lr·lr_decay^r
-    # and a fresh optimizer and schedule (finetune.schedule restarted every round).
-    round_epochs: list[int] = field(default_factory=lambda: [10, 10, 10, 40])
-    lr_decay: float = 0.9
-    # Quantisation keeps each class's largest weight when the global threshold would leave the class empty
-    # (0 reproduces the reference, where a class could end with no feature).
-    min_per_class: int = 1
-    dropout: float = 0.1
-    dropout_before_norm: bool = False
-    train_normalisation: bool = True
 
 
 @dataclass
@@ -276,6 +202,10 @@ class EngineConfig:
     # Seconds to wait for the other ranks in collectives before giving up.
     timeout_s: int = 1800
 
+    def check(self, key: str) -> None:
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"{key}.keep_checkpoints: expected an integer >= 1")
+
 
 @dataclass
 class WandbConfig:
@@ -288,20 +218,49 @@ class WandbConfig:
 
 @dataclass
 class Config:
-    method: Literal["qpm", "sldd", "qsenn"] = "qpm"
+    """The shared sections. `config_class()` is this class with every registered method's sections added."""
+
+    method: str = "qpm"  # a registered method (qpm_dist.methods)
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     dense: PhaseConfig = field(default_factory=_dense_defaults)
     finetune: PhaseConfig = field(default_factory=_finetune_defaults)
-    qpm: QPMConfig = field(default_factory=QPMConfig)
-    glm: GLMConfig = field(default_factory=GLMConfig)
-    sldd: SLDDConfig = field(default_factory=SLDDConfig)
-    qsenn: QSENNConfig = field(default_factory=QSENNConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def check(self, key: str) -> None:
+        from qpm_dist import methods
+
+        if self.method not in methods.names():
+            raise ConfigError(f"method: expected one of {', '.join(repr(n) for n in methods.names())}, "
+                              f"got {self.method!r}")
+        if self.finetune.epochs == 0:
+            raise ConfigError("finetune.epochs: expected a positive integer, got 0")
+        if self.dense.epochs == 0 and not self.model.weights:
+            raise ConfigError("dense.epochs=0 skips dense training, so model.weights must name the dense model's weights")
+
+
+_CONFIG_CLASSES: dict[tuple, type] = {}
+
+
+def config_class() -> type:
+    """`Config` plus one field per config section of the registered methods (cached per set of sections)."""
+    from qpm_dist import methods
+
+    sections = methods.config_sections()
+    signature = tuple(sorted((name, id(cls)) for name, cls in sections.items()))
+    if signature not in _CONFIG_CLASSES:
+        extra = [(name, cls, field(default_factory=cls)) for name, cls in sorted(sections.items())]
+        _CONFIG_CLASSES[signature] = dataclasses.make_dataclass("Config", extra, bases=(Config,),
+                                                                namespace={"__module__": __name__})
+    return _CONFIG_CLASSES[signature]
+
+
+def default_config() -> Config:
+    return config_class()()
 
 
 # ----------------------------------------------------------------------------------------- validation
@@ -407,7 +366,8 @@ def _nest(path: list[str], value: Any) -> dict:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults, then the YAML file, then each `key.sub=value` override, validated at every layer."""
-    cfg = Config()
+    cls = config_class()
+    cfg = cls()
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -418,90 +378,32 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
-        cfg = _build(Config, data, "", base=cfg)
+        cfg = _build(cls, data, "", base=cfg)
     for text in overrides:
         keys, value = _parse_override(text)
-        cfg = _build(Config, _nest(keys, value), "", base=cfg)
+        cfg = _build(cls, _nest(keys, value), "", base=cfg)
     validate(cfg)
     return cfg
 
 
-def backbone_features(model: ModelConfig) -> int:
-    """Channels of the backbone's last feature maps (the F that QPM selects from)."""
-    return {"resnet18": 512, "resnet34": 512, "resnet50": 2048}.get(model.arch, 4 * model.tiny_width)
+def _check_sections(obj: Any, key: str) -> None:
+    """Call `check(key)` of every section (nested ones too) that defines it, innermost first."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_sections(value, f"{key}.{f.name}" if key else f.name)
+    if hasattr(obj, "check"):
+        obj.check(key)
 
 
 def validate(cfg: Config) -> None:
-    """Cross-field checks that a type annotation cannot express."""
-    for phase_name in ("dense", "finetune"):
-        phase: PhaseConfig = getattr(cfg, phase_name)
-        for fname in ("batch_size", "eval_batch_size", "grad_accum", "eval_every_epochs"):
-            if getattr(phase, fname) < 1:
-                raise ConfigError(f"{phase_name}.{fname}: expected a positive integer, got {getattr(phase, fname)}")
-        if phase.epochs < 0 or (phase.epochs == 0 and phase_name == "finetune"):
-            raise ConfigError(f"{phase_name}.epochs: expected a {'positive' if phase_name == 'finetune' else 'non-negative'}"
-                              f" integer, got {phase.epochs}")
-        if phase.batch_size % phase.grad_accum:
-            raise ConfigError(
-                f"{phase_name}.batch_size ({phase.batch_size}) must be divisible by "
-                f"{phase_name}.grad_accum ({phase.grad_accum})"
-            )
-        if phase.optim.lr <= 0:
-            raise ConfigError(f"{phase_name}.optim.lr: expected a positive number, got {phase.optim.lr}")
-    if cfg.dense.epochs == 0 and not cfg.model.weights:
-        raise ConfigError("dense.epochs=0 skips dense training, so model.weights must name the dense model's weights")
-    q = cfg.qpm
-    if not 1 <= q.n_per_class <= q.n_features:
-        raise ConfigError(f"qpm.n_per_class ({q.n_per_class}) must be between 1 and qpm.n_features ({q.n_features})")
-    # n_features of the method that runs (the other methods' sections are not used by this run)
-    section = getattr(cfg, cfg.method)
-    if section.n_features > backbone_features(cfg.model):
-        raise ConfigError(f"{cfg.method}.n_features ({section.n_features}) exceeds the {backbone_features(cfg.model)} "
-                          f"features of model.arch={cfg.model.arch}")
-    if q.solver.time_limit <= 0:
-        raise ConfigError(f"qpm.solver.time_limit: expected a positive number of seconds, got {q.solver.time_limit}")
-    _validate_glm(cfg)
-    if cfg.data.img_size < 8:
-        raise ConfigError(f"data.img_size: expected an integer >= 8, got {cfg.data.img_size}")
-    if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3:
-        raise ConfigError("data.mean and data.std: expected 3 values (RGB)")
-    if cfg.data.backend != "folder" and not cfg.data.converted:
-        raise ConfigError(f"data.converted: data.backend={cfg.data.backend} needs the folder written by "
-                          f"`python -m data_prep to-{cfg.data.backend}`")
-    if cfg.data.wds_shuffle_buffer < 1:
-        raise ConfigError("data.wds_shuffle_buffer: expected an integer >= 1")
-    if cfg.engine.keep_checkpoints < 1:
-        raise ConfigError("engine.keep_checkpoints: expected an integer >= 1")
+    """Every section's own checks, then the running method's cross-section checks."""
+    from qpm_dist import methods
 
-
-def _validate_glm(cfg: Config) -> None:
-    for name in ("sldd", "qsenn"):
-        section = getattr(cfg, name)
-        if not 1 <= section.n_per_class <= section.n_features:
-            raise ConfigError(f"{name}.n_per_class ({section.n_per_class}) must be between 1 and "
-                              f"{name}.n_features ({section.n_features})")
-        if not 0 <= section.min_per_class <= section.n_per_class:
-            raise ConfigError(f"{name}.min_per_class ({section.min_per_class}) must be between 0 and "
-                              f"{name}.n_per_class ({section.n_per_class})")
-    if not cfg.qsenn.round_epochs or min(cfg.qsenn.round_epochs) < 1:
-        raise ConfigError(f"qsenn.round_epochs: expected a non-empty list of positive integers, got {cfg.qsenn.round_epochs}")
-    if not 0 < cfg.qsenn.lr_decay <= 1:
-        raise ConfigError(f"qsenn.lr_decay: expected a number in (0, 1], got {cfg.qsenn.lr_decay}")
-    if not 0 < cfg.sldd.drop_rate <= 1:
-        raise ConfigError(f"sldd.drop_rate: expected a number in (0, 1], got {cfg.sldd.drop_rate}")
-    g = cfg.glm
-    for name in ("selection", "fit"):
-        p: GLMPathConfig = getattr(g, name)
-        if not 0 <= p.alpha <= 1:
-            raise ConfigError(f"glm.{name}.alpha: expected a number in [0, 1], got {p.alpha}")
-        if p.path_points < 2 or not 0 < p.epsilon < 1 or p.lookbehind < 1:
-            raise ConfigError(f"glm.{name}: expected path_points >= 2, 0 < epsilon < 1 and lookbehind >= 1, got "
-                              f"{p.path_points}, {p.epsilon}, {p.lookbehind}")
-    if g.batch_size < 1 or g.saga.batch_size < 1 or g.saga.max_epochs < 1 or g.fast.max_iter < 1:
-        raise ConfigError("glm.batch_size, glm.saga.batch_size, glm.saga.max_epochs and glm.fast.max_iter must be "
-                          "positive integers")
-    if g.saga.tol <= 0 or g.fast.tol <= 0 or g.saga.lr <= 0:
-        raise ConfigError("glm.saga.tol, glm.saga.lr and glm.fast.tol must be positive")
+    _check_sections(cfg, "")
+    spec = methods.get(cfg.method)
+    if spec.validate is not None:
+        spec.validate(cfg)
 
 
 def to_dict(cfg: Any) -> dict:

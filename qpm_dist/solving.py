@@ -8,13 +8,37 @@ repeated for the same inputs (the stage cache; the service additionally caches b
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Literal, Optional
 
 import numpy as np
 
 from qpm_dist import dist
-from qpm_dist.config import QPMConfig
+from qpm_dist.config import ConfigError
 from qpm_dist.utils import log
+
+@dataclass
+class SolverConfig:
+    """How rank 0 solves QPM's selection/assignment problem (`qpm.solver`, see solver_service)."""
+
+    # auto: exact HiGHS MILP for small problems, else the fast local search; gurobi needs a licence.
+    backend: Literal["auto", "fast", "highs", "gurobi"] = "auto"
+    time_limit: float = 600.0  # seconds per solve
+    mip_gap: Optional[float] = None
+    threads: Optional[int] = None
+    # A running solver service (`python -m solver_service serve`): its URL (http://host:port), or the path of
+    # a file holding it (slurm/solver_service.sbatch writes one; the token is read from FILE.token). None
+    # solves in process on rank 0. A token can also come from the environment variable SOLVER_SERVICE_TOKEN.
+    url: Optional[str] = None
+    retries: int = 5  # connection attempts after the first, with exponential backoff
+    # When the service cannot be reached: solve in process with an open-source backend instead of failing.
+    fallback_local: bool = True
+
+    def check(self, key: str) -> None:
+        if self.time_limit <= 0:
+            raise ConfigError(f"{key}.time_limit: expected a positive number of seconds, got {self.time_limit}")
+
 
 OPEN_SOURCE_FALLBACK = "auto"  # without gurobi installed, auto means HiGHS (small) or the fast search (large)
 
@@ -34,13 +58,12 @@ def service_address(url: str) -> tuple[str, str | None]:
     return path.read_text().strip(), token
 
 
-def _solve_rank0(A: np.ndarray, R: np.ndarray, b: np.ndarray, cfg: QPMConfig, seed: int, out_dir: Path):
+def _solve_rank0(A: np.ndarray, R: np.ndarray, b: np.ndarray, n_features: int, n_per_class: int, s: SolverConfig,
+                 seed: int, out_dir: Path):
     from solver_service import Problem, SolverClient, SolverServiceError, solve
 
-    s = cfg.solver
     options = {"time_limit": s.time_limit, "seed": seed, "mip_gap": s.mip_gap, "threads": s.threads}
-    problem = Problem.create(A, R, b, cfg.n_features, cfg.n_per_class,
-                             {k: v for k, v in options.items() if v is not None})
+    problem = Problem.create(A, R, b, n_features, n_per_class, {k: v for k, v in options.items() if v is not None})
     problem.save(out_dir / "problem.npz")
     if s.url:
         try:
@@ -58,12 +81,14 @@ def _solve_rank0(A: np.ndarray, R: np.ndarray, b: np.ndarray, cfg: QPMConfig, se
     return solve(problem, backend=s.backend)
 
 
-def solve_and_broadcast(A: np.ndarray, R: np.ndarray, b: np.ndarray, cfg: QPMConfig, seed: int,
-                        out_dir: Path) -> dict:
-    """Solve on rank 0, write problem/result files, broadcast {selected, assignment, summary} to all ranks."""
+def solve_and_broadcast(problem: Callable[[], tuple[np.ndarray, np.ndarray, np.ndarray]], n_features: int,
+                        n_per_class: int, cfg: SolverConfig, seed: int, out_dir: Path) -> dict:
+    """Rank 0 reads the problem's constants (A, R, b) from `problem()`, solves, writes problem/result files;
+    {selected, assignment, summary} is broadcast to all ranks (the other ranks never hold the constants)."""
     payload = None
     if dist.is_main():
-        result = _solve_rank0(A, R, b, cfg, seed, out_dir)
+        A, R, b = problem()
+        result = _solve_rank0(A, R, b, n_features, n_per_class, cfg, seed, out_dir)
         result.save(out_dir / "result.npz")
         (out_dir / "solver.log").write_text(result.log)
         log.info("solve: %s", result.summary())

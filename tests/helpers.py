@@ -51,8 +51,11 @@ def qpm_command(nproc: int, *args: str) -> list[str]:
 
 
 def clean_env() -> dict[str, str]:
+    """The environment of a test's subprocess: no torchrun variables of the test process, one thread per rank,
+    and this checkout's packages first on the path (not whichever checkout the venv was installed from)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
-    env.update(OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
+    path = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    env.update(OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1", PYTHONPATH=path)
     return env
 
 
@@ -67,8 +70,25 @@ def stage_dir(out_dir: Path, stage: str = "dense") -> Path:
     return found[0]
 
 
+def wait_for_step(out_dir: Path, stage: str, step: int, proc, timeout: float = 300) -> None:
+    """Wait until a running `stage` under out_dir has logged optimizer step `step` (its metrics.jsonl)."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for metrics in Path(out_dir).glob(f"*/{stage}-*/metrics.jsonl"):
+            lines = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+            if any(r.get("event") == "step" and r["global_step"] >= step for r in lines):
+                return
+        assert proc.poll() is None, f"run ended before step {step}: {proc.communicate()[1][-2000:]}"
+        time.sleep(0.002)
+    raise TimeoutError(f"step {step} not reached")
+
+
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """The state dict of a model file (qpm_dist.models.io), or a plain dict of tensors as saved."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    return saved["state_dict"] if saved.get("format") == "qpm-dist/classifier" else saved
 
 
 def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
@@ -78,3 +98,27 @@ def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
             assert torch.equal(a[key], b[key]), f"{key} differs (max |diff| {(a[key] - b[key]).abs().max()})"
         else:
             torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=lambda m: f"{key}: {m}")
+
+
+def run_in_process(config: Path, *overrides: str, stage: str | None = None):
+    """Run a config's stages in this process (one rank, one thread, as a 1-process `qpm-dist run` would).
+
+    For tests where multi-process behaviour is not the point: no interpreter start, no torch import, no process
+    group. Returns (stage records, RunContext)."""
+    from qpm_dist import dist, methods
+    from qpm_dist.config import load_config
+    from qpm_dist.data.sources import build_datasets
+    from qpm_dist.stages.runner import RunContext, run_stages
+
+    cfg = load_config(config, list(overrides))
+    spec = methods.get(cfg.method)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        info = dist.init("cpu")
+        ctx = RunContext(cfg=cfg, info=info, run_dir=Path(cfg.run.out_dir) / cfg.run.name,
+                         data=build_datasets(cfg.data, cfg.run.seed), method=spec)
+        ctx.run_dir.mkdir(parents=True, exist_ok=True)
+        return run_stages(spec.stages(cfg), ctx, stage), ctx
+    finally:
+        torch.set_num_threads(threads)

@@ -92,10 +92,10 @@ def test_overrides_before_and_after_options_are_both_applied(write_config):
 
 
 def test_demo_runs_qpm_then_sldd_and_qsenn_on_sibling_configs():
-    from qpm_dist.cli import DEMO_METHODS, demo_configs
+    from qpm_dist.cli import demo_configs, demo_methods
 
-    assert DEMO_METHODS == "qpm,sldd,qsenn"
-    runs = demo_configs("configs/demo.yaml", DEMO_METHODS)
+    assert demo_methods() == ["qpm", "sldd", "qsenn"]  # the registry's order
+    runs = demo_configs("configs/demo.yaml", "")
     assert [(m, str(p)) for m, p in runs] == [("qpm", "configs/demo.yaml"), ("sldd", "configs/demo_sldd.yaml"),
                                               ("qsenn", "configs/demo_qsenn.yaml")]
     for _, path in runs:

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qpm_dist.config import Config, ConfigError, load_config, save_config
+from qpm_dist.config import ConfigError, default_config, load_config, save_config
 
 
 def write(tmp_path, text):
@@ -69,7 +69,7 @@ def test_resolved_config_round_trips(tmp_path):
     again = load_config(tmp_path / "resolved.yaml")
     assert again == cfg
     assert yaml.safe_load((tmp_path / "resolved.yaml").read_text())["run"]["name"] == "x"
-    assert again != Config()
+    assert again != default_config()
 
 
 SHIPPED_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))  # not deepspeed/*.json
@@ -101,7 +101,7 @@ def test_every_shipped_config_loads(path):
 
 def test_the_demo_methods_share_the_dense_stage():
     """demo.yaml, demo_sldd.yaml and demo_qsenn.yaml train one dense model (same stage key inputs, same run dir)."""
-    from qpm_dist.methods.common import DenseStage
+    from qpm_dist.stages.train import DenseStage
 
     configs = {name: load_config(Path(__file__).resolve().parents[1] / "configs" / name)
                for name in ("demo.yaml", "demo_sldd.yaml", "demo_qsenn.yaml")}
@@ -110,10 +110,11 @@ def test_the_demo_methods_share_the_dense_stage():
     assert parts[0] == parts[1] == parts[2]
     assert len({(c.run.out_dir, c.run.name) for c in configs.values()}) == 1
     # the features and selection stages are shared by SLDD and Q-SENN as well
-    from qpm_dist.methods.glm_stages import FeaturesStage, SelectStage
+    from qpm_dist.methods.glm_stages import SelectStage, features_stage
 
     sldd, qsenn = configs["demo_sldd.yaml"], configs["demo_qsenn.yaml"]
-    assert FeaturesStage().config_parts(sldd) == FeaturesStage().config_parts(qsenn)
+    features = features_stage("features", "dense")
+    assert features.config_parts(sldd) == features.config_parts(qsenn)
     assert SelectStage("sldd").config_parts(sldd) == SelectStage("qsenn").config_parts(qsenn)
 
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from helpers import run_qpm, stage_dir
+from helpers import load_weights, run_qpm, stage_dir
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +45,6 @@ def test_zero_dense_epochs_use_the_named_weights_and_evaluate_them(write_config,
     out = stage_dir(tmp_path / "runs-pretrained")
     result = json.loads((out / "result.json").read_text())
     assert result["epochs"] == 0 and result["weights"] == str(weights) and result["test"]["count"] == 32
-    saved = torch.load(out / "model.pt", weights_only=True)
+    saved = load_weights(out / "model.pt")
     for key, value in backbone.state_dict().items():
         assert torch.equal(saved[f"backbone.{key}"], value), key

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ import torch
 import yaml
 
 from helpers import (REPO, assert_same_weights, clean_env, load_weights, qpm_command, run_qpm, stage_dir,
-                     write_test_config)
+                     wait_for_step, write_test_config)
 
 
 def out_dir(config: Path) -> Path:
@@ -39,7 +38,7 @@ def test_two_ranks_equal_one_rank_with_the_same_global_batch(write_config):
     assert steps == [16, 16, 16]  # 128 images / global batch 16 x 2 epochs, whatever the split
     # the runs really trained: the first conv moved away from its (seeded) initialisation
     from qpm_dist.config import load_config
-    from qpm_dist.methods.common import build_dense_model
+    from qpm_dist.stages.train import build_dense_model
 
     init_cfg = load_config(None, ["model.arch=tiny_resnet", "model.tiny_width=8", "model.norm=group", "qpm.n_features=6"])
     init = build_dense_model(init_cfg, 4)
@@ -51,23 +50,11 @@ def _launch(nproc: int, config: Path, *overrides: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for_step(config: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        for metrics in out_dir(config).glob("*/dense-*/metrics.jsonl"):
-            lines = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
-            if any(r.get("event") == "step" and r["global_step"] >= step for r in lines):
-                return
-        assert proc.poll() is None, f"run ended before step {step}: {proc.communicate()[1][-2000:]}"
-        time.sleep(0.002)
-    raise TimeoutError(f"step {step} not reached")
-
-
 def _interrupt(config: Path, at_step: int, sig: signal.Signals = signal.SIGTERM, nproc: int = 1,
                *overrides: str) -> subprocess.CompletedProcess:
     """Start a run, send `sig` once it logged `at_step`, return the finished process."""
     proc = _launch(nproc, config, *overrides)
-    _wait_for_step(config, at_step, proc)
+    wait_for_step(out_dir(config), "dense", at_step, proc)
     if nproc == 1:
         proc.send_signal(sig)
     else:  # a signal reaching one worker only must still stop every rank

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import BASE_CONFIG, run_qpm, stage_dir
+from helpers import BASE_CONFIG, load_weights, run_qpm, stage_dir
 from qpm_dist.methods.glm_stages import raw_features
 from qpm_dist.models.sparse import SparseHead
 
@@ -53,20 +53,20 @@ def qsenn_run(tmp_path_factory, tiny_data):
 
 def test_sldd_two_ranks(sldd_run):
     out = sldd_run
-    for stage in ("dense", "features", "select", "sldd_fit", "sldd_sparse", "sldd_finetune", "sldd_evaluate",
+    for stage in ("dense", "features", "glm_select", "sldd_fit", "sldd_sparse", "sldd_finetune", "sldd_evaluate",
                   "sldd_report"):
         assert (stage_dir(out, stage) / "stage.json").is_file(), stage
     meta = json.loads((stage_dir(out, "features") / "shards" / "meta.json").read_text())
     assert meta["world_size"] == 2 and meta["rows"] == {"train": [64, 64], "test": [16, 16]}
-    selected = json.loads((stage_dir(out, "select") / "selection.json").read_text())["selected"]
+    selected = json.loads((stage_dir(out, "glm_select") / "selection.json").read_text())["selected"]
     sparse = json.loads((stage_dir(out, "sldd_sparse") / "stage.json").read_text())["summary"]
     assert len(set(sparse["rank_digests"])) == 1
-    state = torch.load(stage_dir(out, "sldd_finetune") / "model.pt", weights_only=True)
+    state = load_weights(stage_dir(out, "sldd_finetune") / "model.pt")
     assert state["head.selection"].tolist() == selected and len(selected) == 6
     W = state["head.weight"]
     assert W.shape == (4, 6) and int((W != 0).sum()) == 8  # n_per_class · C
     assert bool((W != 0).any(dim=1).all())  # no class without a weight
-    before = torch.load(stage_dir(out, "sldd_sparse") / "model.pt", weights_only=True)
+    before = load_weights(stage_dir(out, "sldd_sparse") / "model.pt")
     assert torch.equal(before["head.weight"], W) and torch.equal(before["head.bias"], state["head.bias"])  # frozen
     assert not torch.equal(before["head.std"], state["head.std"])  # the normalisation is fine-tuned
     path = np.load(stage_dir(out, "sldd_fit") / "path.npz")
@@ -76,18 +76,18 @@ def test_sldd_two_ranks(sldd_run):
     assert metrics["sldd"]["test_images"] == 32 and metrics["sldd"]["train_images"] == 128
     assert metrics["sldd"]["PerClass"] == 2
     html = (stage_dir(out, "sldd_report") / "report.html").read_text()
-    assert "Metrics: dense vs SLDD" in html and "http://" not in html
+    assert "<th>dense</th><th>SLDD</th>" in html and html.count("<th>metric</th>") == 1 and "http://" not in html
 
 
 def test_qsenn_two_ranks_glm_saga(qsenn_run):
     out = qsenn_run
-    names = ["dense", "features", "select", "qsenn_fit0", "qsenn_sparse0", "qsenn_finetune0", "qsenn_features1",
+    names = ["dense", "features", "glm_select", "qsenn_fit0", "qsenn_sparse0", "qsenn_finetune0", "qsenn_features1",
              "qsenn_fit1", "qsenn_sparse1", "qsenn_finetune1", "qsenn_evaluate", "qsenn_report"]
     for stage in names:
         assert (stage_dir(out, stage) / "stage.json").is_file(), stage
-    assert json.loads((stage_dir(out, "select") / "stage.json").read_text())["summary"]["solver"] == "glm_saga"
+    assert json.loads((stage_dir(out, "glm_select") / "stage.json").read_text())["summary"]["solver"] == "glm_saga"
     for r in (0, 1):
-        state = torch.load(stage_dir(out, f"qsenn_sparse{r}") / "model.pt", weights_only=True)
+        state = load_weights(stage_dir(out, f"qsenn_sparse{r}") / "model.pt")
         W, b = state["head.weight"], state["head.bias"]
         values = set(W.unique().tolist())
         assert len(values) == 3 and 0.0 in values and min(values) == -max(values)  # {−a, 0, +a}
@@ -99,7 +99,7 @@ def test_qsenn_two_ranks_glm_saga(qsenn_run):
     metrics = json.loads((stage_dir(out, "qsenn_evaluate") / "metrics.json").read_text())
     assert set(metrics) == {"dense", "qsenn"} and metrics["qsenn"]["test_images"] == 32
     html = (stage_dir(out, "qsenn_report") / "report.html").read_text()
-    assert "Metrics: dense vs Q-SENN" in html
+    assert "<th>dense</th><th>Q-SENN</th>" in html and "<h2>Sparse layer</h2>" in html
 
 
 def test_qsenn_round_statistics_are_those_of_the_raw_features_they_normalise(qsenn_run, tiny_data):
@@ -112,7 +112,7 @@ def test_qsenn_round_statistics_are_those_of_the_raw_features_they_normalise(qse
     out = qsenn_run
     features = stage_dir(out, "qsenn_features1")
     rows = np.concatenate([np.load(features / "shards" / f"train-r{r:04d}-x.npy") for r in (0, 1)])
-    head = torch.load(stage_dir(out, "qsenn_sparse1") / "model.pt", weights_only=True)
+    head = load_weights(stage_dir(out, "qsenn_sparse1") / "model.pt")
     np.testing.assert_allclose(head["head.mean"].numpy(), rows.mean(0), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(head["head.std"].numpy(), rows.std(0), rtol=1e-4, atol=1e-5)
     # the rows are raw pooled maps of the previous round's model, not its normalised z
@@ -120,7 +120,7 @@ def test_qsenn_round_statistics_are_those_of_the_raw_features_they_normalise(qse
                              "model.arch=tiny_resnet", "model.tiny_width=8",
                              "model.norm=group", f"data.img_size={BASE_CONFIG['data']['img_size']}"])
     data = build_datasets(cfg.data, 0)
-    model = load_classifier(cfg, data.num_classes, stage_dir(out, "qsenn_finetune0") / "model.pt").eval()
+    model = load_classifier(stage_dir(out, "qsenn_finetune0") / "model.pt", cfg.model).eval()
     image, _ = data.dataset("train", augment=False)[0]  # rank 0's first row is training sample 0
     with torch.no_grad():
         output = model(image[None])

@@ -1,7 +1,8 @@
 """The package's shape: no import cycles, and no list of method names outside the methods' own modules.
 
 Imports are read with `ast` from every module of qpm_dist, including the ones inside functions (a cycle hidden
-in a function is still a cycle: the two modules cannot be understood, tested or moved apart).
+in a function is still a cycle: the two modules cannot be understood, tested or moved apart); imports under
+`if TYPE_CHECKING:` only name types for annotations and are not counted.
 """
 
 from __future__ import annotations
@@ -26,7 +27,12 @@ def import_graph() -> dict[str, set[str]]:
     for name, path in modules.items():
         targets: set[str] = set()
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        type_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If) and _is_type_checking(block.test)
+                     for n in ast.walk(block)}
+        for node in ast.walk(tree):
+            if id(node) in type_only:
+                continue
             if isinstance(node, ast.Import):
                 targets.update(alias.name for alias in node.names)
             elif isinstance(node, ast.ImportFrom):
@@ -37,6 +43,11 @@ def import_graph() -> dict[str, set[str]]:
                 targets.update(f"{base}.{alias.name}" for alias in node.names)
         graph[name] = {t for t in targets if t in modules and t != name}
     return graph
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:

@@ -56,6 +56,6 @@ def test_training_run_reads_webdataset_shards(tiny_data, tmp_path, write_config)
     assert "128 train / 32 test images" in proc.stderr
     result = json.loads((stage_dir(tmp_path / "runs-config", "dense") / "result.json").read_text())
     assert result["test"]["count"] == 32 and result["global_step"] == 128 // 16
-    metrics = json.loads((stage_dir(tmp_path / "runs-config", "evaluate") / "metrics.json").read_text())
+    metrics = json.loads((stage_dir(tmp_path / "runs-config", "qpm_evaluate") / "metrics.json").read_text())
     assert "part_recovery" in metrics["qpm"]  # the ground truth travels in the shards' manifest
-    assert (stage_dir(tmp_path / "runs-config", "report") / "report.html").is_file()
+    assert (stage_dir(tmp_path / "runs-config", "qpm_report") / "report.html").is_file()

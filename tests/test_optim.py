@@ -4,13 +4,14 @@ import pytest
 import torch
 
 from qpm_dist.config import ModelConfig, OptimConfig, ScheduleConfig
-from qpm_dist.engine.optim import LRFactor, build_optimizer, build_scheduler
+from qpm_dist.engine.optim import LRFactor, build_optimizer, build_scheduler, classifier_param_groups
 from qpm_dist.models.net import build_model
 
 
 def test_dense_groups_use_head_lr_and_norm_weight_decay():
     model = build_model(ModelConfig(arch="tiny_resnet", tiny_width=8), num_classes=4)
-    opt = build_optimizer(model, OptimConfig(lr=0.005, head_lr=0.01, weight_decay=5e-4, norm_weight_decay=0.0))
+    cfg = OptimConfig(lr=0.005, head_lr=0.01, weight_decay=5e-4, norm_weight_decay=0.0)
+    opt = build_optimizer(classifier_param_groups(model, cfg), cfg)
     by_param = {id(p): g for g in opt.param_groups for p in g["params"]}
     head_w, conv_w, bn_w = model.head.linear.weight, model.backbone.conv1.weight, model.backbone.bn1.weight
     assert by_param[id(head_w)]["lr"] == 0.01 and by_param[id(head_w)]["weight_decay"] == 5e-4

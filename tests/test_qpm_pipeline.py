@@ -7,9 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from helpers import run_qpm, stage_dir, write_test_config
+from helpers import load_weights, run_qpm, stage_dir, write_test_config
 
 QPM = dict(
     model={"arch": "tiny_resnet", "tiny_width": 8, "norm": "group", "dropout": 0.0},
@@ -18,7 +17,7 @@ QPM = dict(
     eval={"batch_size": 32},
     report={"class_pairs": 2},
 )
-STAGES = ["dense", "stats", "solve", "sparse", "finetune", "evaluate", "report"]
+STAGES = ["dense", "stats", "qpm_solve", "qpm_sparse", "qpm_finetune", "qpm_evaluate", "qpm_report"]
 
 
 def out_of(config: Path) -> Path:
@@ -40,13 +39,13 @@ def test_two_ranks_run_every_stage_and_install_a_valid_sparse_model(two_rank_run
     out = out_of(config)
     for stage in STAGES:
         assert (stage_dir(out, stage) / "stage.json").is_file(), stage
-    state = torch.load(stage_dir(out, "finetune") / "model.pt", weights_only=True)
+    state = load_weights(stage_dir(out, "qpm_finetune") / "model.pt")
     weight = state["head.weight"]
     assert weight.shape == (4, 6) and set(weight.unique().tolist()) <= {0.0, 1.0}
     assert (weight.sum(1) == 2).all()  # exactly k features per class
     assert len({tuple(row.tolist()) for row in weight}) == 4  # no two classes share all features
     assert weight.sum(0).min() >= 0
-    result = np.load(stage_dir(out, "solve") / "result.npz")
+    result = np.load(stage_dir(out, "qpm_solve") / "result.npz")
     assert result["selected"].tolist() == state["head.selection"].tolist()
 
 
@@ -54,9 +53,9 @@ def test_sparse_heads_identical_on_every_rank(two_rank_run):
     from qpm_dist.models.io import state_digest
 
     config, _ = two_rank_run
-    sparse = stage_dir(out_of(config), "sparse")
+    sparse = stage_dir(out_of(config), "qpm_sparse")
     record = json.loads((sparse / "stage.json").read_text())["summary"]
-    saved = state_digest(torch.load(sparse / "model.pt", weights_only=True))
+    saved = state_digest(load_weights(sparse / "model.pt"))
     assert record["rank_digests"] == [saved, saved]  # both ranks built exactly the saved model
     assert record["n_features"] == 6 and record["nonzero_weights"] == 8
 
@@ -64,7 +63,7 @@ def test_sparse_heads_identical_on_every_rank(two_rank_run):
 def test_metrics_and_report(two_rank_run):
     config, _ = two_rank_run
     out = out_of(config)
-    metrics = json.loads((stage_dir(out, "evaluate") / "metrics.json").read_text())
+    metrics = json.loads((stage_dir(out, "qpm_evaluate") / "metrics.json").read_text())
     for name in ("dense", "qpm"):
         m = metrics[name]
         assert m["test_images"] == 32 and m["train_images"] == 128  # each sample once across 2 ranks
@@ -72,8 +71,12 @@ def test_metrics_and_report(two_rank_run):
                     "structural_grounding", "part_recovery", "part_recovery_random"):
             assert key in m, (name, key)
     assert metrics["qpm"]["NFfeatures"] <= 6 and metrics["qpm"]["PerClass"] == 2
-    html = (stage_dir(out, "report") / "report.html").read_text()
-    assert "Metrics: dense vs QPM" in html and html.count("data:image/png;base64,") >= 4 + 1
+    html = (stage_dir(out, "qpm_report") / "report.html").read_text()
+    # one metrics table (dense and QPM, side by side with any other method), the comparison pictures (accuracy
+    # against each headline metric; recovery against chance), then the solve and the global explanation
+    assert html.count("<th>metric</th>") == 1 and html.count("<h2>Methods compared</h2>") == 1
+    assert "<th>dense</th><th>QPM</th>" in html and "<h2>Solve</h2>" in html
+    assert html.count('alt="comparison figure"') == 2 and html.count("data:image/png;base64,") >= 2 + 4 + 1
     assert "http://" not in html and "https://" not in html  # self-contained, works offline
 
 
@@ -82,13 +85,13 @@ def test_one_rank_run_and_stage_cache_invalidation(write_config):
     first = run_qpm(1, "run", str(config))
     assert first.returncode == 0, first.stderr[-4000:]
     out = out_of(config)
-    old_solve = stage_dir(out, "solve")
-    changed = run_qpm(1, "run", str(config), "qpm.n_features=5", "--stage", "sparse")
+    old_solve = stage_dir(out, "qpm_solve")
+    changed = run_qpm(1, "run", str(config), "qpm.n_features=5", "--stage", "qpm_sparse")
     assert changed.returncode == 0, changed.stderr[-4000:]
     for reused in ("dense", "stats"):
         assert f"stage {reused}: finished earlier, reusing" in changed.stderr
-    solves = sorted(out.glob("*/solve-*"))
+    solves = sorted(out.glob("*/qpm_solve-*"))
     assert len(solves) == 2 and old_solve in solves  # a new solve; the old one is kept, never reused
     new_solve = next(p for p in solves if p != old_solve)
     assert len(np.load(new_solve / "result.npz")["selected"]) == 5
-    assert not list(out.glob("*/finetune-*"))[1:]  # --stage sparse stops before fine-tuning the new model
+    assert not list(out.glob("*/qpm_finetune-*"))[1:]  # --stage sparse stops before fine-tuning the new model

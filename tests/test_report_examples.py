@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from qpm_dist.models.net import ModelOutput
-from qpm_dist.report.build import best_examples
+from qpm_dist.report.sparse import best_examples
 
 
 class StubModel:

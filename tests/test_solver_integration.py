@@ -53,12 +53,12 @@ def stats_ready(tmp_path_factory, tiny_data):
 
 
 def solve(config: Path, *overrides: str):
-    return run_qpm(1, "run", str(config), "--stage", "solve", *overrides, timeout=300)
+    return run_qpm(1, "run", str(config), "--stage", "qpm_solve", *overrides, timeout=300)
 
 
 def newest_solve(config: Path) -> Path:
     out = Path(yaml.safe_load(config.read_text())["run"]["out_dir"])
-    return max(out.glob("*/solve-*"), key=lambda p: p.stat().st_mtime)
+    return max(out.glob("*/qpm_solve-*"), key=lambda p: p.stat().st_mtime)
 
 
 def test_solve_through_the_service_url_file_with_token_and_cache(stats_ready, service):

@@ -71,6 +71,7 @@ class ImageListDataset(Dataset):
         boxes: np.ndarray | None = None,
         decoder: str = "torchvision",
         on_corrupt: str = "error",
+        return_index: bool = False,
     ) -> None:
         if len(paths) != len(labels):
             raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
@@ -82,6 +83,7 @@ class ImageListDataset(Dataset):
         self.boxes = boxes
         self.decoder = decoder
         self.on_corrupt = on_corrupt
+        self.return_index = return_index  # also yield the index of the sample used (see data.batch)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -105,12 +107,12 @@ class ImageListDataset(Dataset):
                               f"readable one", RuntimeWarning, stacklevel=2)
         raise CorruptImageError(f"no image under {self.image_dir} can be decoded")
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         image, used = self.load_readable(index)
         with seeded_cpu_rng(sample_seed(self.seed, epoch, index)):
             image = self.transform(image)
-        return image, int(self.labels[used])
+        return (image, int(self.labels[used]), used) if self.return_index else (image, int(self.labels[used]))
 
 
 @dataclass(frozen=True)
@@ -148,19 +150,19 @@ class DatasetBundle:
     def num_samples(self, split: str) -> int:
         return len({"train": self.train_split, "test": self.test_split}[split])
 
-    def dataset(self, split: str, augment: bool) -> ImageListDataset:
+    def dataset(self, split: str, augment: bool, return_index: bool = False) -> ImageListDataset:
         s = {"train": self.train_split, "test": self.test_split}[split]
         transform = train_transform(self.cfg) if augment else test_transform(self.cfg)
         boxes = s.boxes if self.cfg.crop_to_box else None
         return ImageListDataset(s.image_dir, s.paths, s.labels, transform, seed=self.seed, boxes=boxes,
-                                decoder=self.cfg.decoder, on_corrupt=self.cfg.on_corrupt)
+                                decoder=self.cfg.decoder, on_corrupt=self.cfg.on_corrupt, return_index=return_index)
 
     def train_loader(self, micro_batch: int, global_batch: int, rank: int, world_size: int,
-                     pin_memory: bool = False) -> TrainLoader:
-        return TrainLoader(self.dataset("train", augment=True), micro_batch, global_batch, rank, world_size,
-                           self.seed, self.cfg.num_workers, pin_memory=pin_memory)
+                     pin_memory: bool = False, return_index: bool = False) -> TrainLoader:
+        return TrainLoader(self.dataset("train", augment=True, return_index=return_index), micro_batch, global_batch,
+                           rank, world_size, self.seed, self.cfg.num_workers, pin_memory=pin_memory)
 
-    def eval_loader(self, split: str, batch_size: int, rank: int, world_size: int,
-                    pin_memory: bool = False) -> DataLoader:
-        return eval_loader(self.dataset(split, augment=False), batch_size, rank, world_size, self.cfg.num_workers,
-                           pin_memory=pin_memory)
+    def eval_loader(self, split: str, batch_size: int, rank: int, world_size: int, pin_memory: bool = False,
+                    return_index: bool = False) -> DataLoader:
+        return eval_loader(self.dataset(split, augment=False, return_index=return_index), batch_size, rank,
+                           world_size, self.cfg.num_workers, pin_memory=pin_memory)

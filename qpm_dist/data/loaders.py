@@ -35,6 +35,9 @@ class EpochLoader(Protocol):
 class DataSource(Protocol):
     """What stages need from a dataset, whatever the storage backend (folders, FFCV, WebDataset).
 
+    Loaders yield (images, labels), or (images, labels, index) with `return_index` (the samples' positions in
+    their source split, numbered alike on every backend; see data.batch).
+
     Implementations: datasets.DatasetBundle (`data.backend: folder`), ffcv_loader.FFCVSource (`ffcv`),
     wds_loader.WebDatasetSource (`wds`); `sources.build_datasets` picks one from the config.
     """
@@ -47,10 +50,10 @@ class DataSource(Protocol):
     def num_samples(self, split: str) -> int: ...
 
     def train_loader(self, micro_batch: int, global_batch: int, rank: int, world_size: int,
-                     pin_memory: bool = False) -> EpochLoader: ...
+                     pin_memory: bool = False, return_index: bool = False) -> EpochLoader: ...
 
-    def eval_loader(self, split: str, batch_size: int, rank: int, world_size: int,
-                    pin_memory: bool = False) -> Iterable[tuple[torch.Tensor, torch.Tensor]]: ...
+    def eval_loader(self, split: str, batch_size: int, rank: int, world_size: int, pin_memory: bool = False,
+                    return_index: bool = False) -> Iterable[tuple[torch.Tensor, ...]]: ...
 
 
 def collate(batch: list[tuple]) -> list:

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from qpm_dist import dist
+from qpm_dist.dist import DistInfo
+from qpm_dist.engine.streaming import model_outputs
 
 
 def autocast_for(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
@@ -29,21 +31,13 @@ def accuracy_terms(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     ])
 
 
-@torch.no_grad()
-def evaluate_accuracy(module: nn.Module, loader: Iterable, device: torch.device,
+def evaluate_accuracy(module: nn.Module, loader: Iterable, info: DistInfo,
                       autocast: Callable[[], contextlib.AbstractContextManager],
                       prepare: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
     """Top-1/top-5 accuracy (percent) and mean cross-entropy of `module` over this rank's shard, all-reduced."""
-    was_training = module.training
-    module.eval()
-    prepare = prepare or (lambda x: x.to(device, non_blocking=True))
-    sums = torch.zeros(4, device=device, dtype=torch.float64)
-    for images, targets in loader:
-        images, targets = prepare(images), targets.to(device, non_blocking=True)
-        with autocast():
-            logits = module(images).logits.float()
-        sums += accuracy_terms(logits, targets)
+    sums = torch.zeros(4, device=info.device, dtype=torch.float64)
+    for output, targets in model_outputs(module, loader, info, autocast, prepare=prepare):
+        sums += accuracy_terms(output.logits.float(), targets)
     loss, top1, top5, count = dist.all_reduce(sums).tolist()
-    module.train(was_training)
     count = max(count, 1.0)
     return {"loss": loss / count, "acc": 100.0 * top1 / count, "acc5": 100.0 * top5 / count, "count": int(count)}

@@ -15,32 +15,32 @@ from torch import nn
 from qpm_dist.config import OptimConfig, ScheduleConfig
 
 
-def param_groups(model: nn.Module, cfg: OptimConfig, head_prefix: str = "head.") -> list[dict]:
-    """Split trainable parameters into backbone/head x decayed/not-decayed groups.
+def classifier_param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """Trainable parameters of a classifier in backbone/head x decayed/not-decayed groups.
 
-    The head may use its own learning rate (dense phase: backbone 0.005, classifier 0.01); normalisation
-    parameters and biases may use their own weight decay (`norm_weight_decay`, e.g. 0 for ImageNet).
+    The head (the `model.head` module) may use its own learning rate (dense phase: backbone 0.005,
+    classifier 0.01); normalisation parameters and biases may use their own weight decay
+    (`norm_weight_decay`, e.g. 0 for ImageNet). Groups come in a fixed order (backbone before head, decayed
+    before not), so an optimizer's state lines up with its checkpoint.
     """
     norm_wd = cfg.weight_decay if cfg.norm_weight_decay is None else cfg.norm_weight_decay
     head_lr = cfg.lr if cfg.head_lr is None else cfg.head_lr
+    in_head = {id(p) for p in model.head.parameters()}
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if not p.requires_grad:
             continue
-        is_head = name.startswith(head_prefix)
         no_decay = p.ndim <= 1  # norm weights/biases and all biases
-        groups.setdefault((is_head, no_decay), []).append(p)
-    out = []
-    for (is_head, no_decay), params in sorted(groups.items()):
-        out.append({"params": params, "lr": head_lr if is_head else cfg.lr,
-                    "weight_decay": norm_wd if no_decay else cfg.weight_decay})
-    if not out:
+        groups.setdefault((id(p) in in_head, no_decay), []).append(p)
+    return [{"params": params, "lr": head_lr if is_head else cfg.lr,
+             "weight_decay": norm_wd if no_decay else cfg.weight_decay}
+            for (is_head, no_decay), params in sorted(groups.items())]
+
+
+def build_optimizer(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """The optimizer of `cfg` over parameter groups that carry their own `lr` (and `weight_decay`)."""
+    if not groups or not any(g["params"] for g in groups):
         raise ValueError("the model has no trainable parameters")
-    return out
-
-
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     if cfg.name == "adamw":

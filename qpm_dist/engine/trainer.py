@@ -1,28 +1,30 @@
-"""The training loop every phase of every method uses (dense training, fine-tuning).
+"""The training loop every phase of every method uses (dense training, fine-tuning, ...).
 
-What it guarantees:
+What a phase optimises is a training task (`engine.task`): the trainer calls its `step` for every micro-batch
+and its epoch hooks, and builds the optimizer from its parameter groups. What it guarantees:
 * the global batch (phase.batch_size) is split over ranks and accumulation steps, so results do not
   depend on the number of processes (up to batch-norm statistics and floating-point reduction order);
 * every rank runs the same number of steps; evaluation all-reduces sums, so every test sample counts once;
 * checkpoints at epoch ends, every `checkpoint_every_steps`, and on SIGTERM/SIGUSR1 (then exit 75);
   resuming restores model, optimizer, scheduler, grad scaler, the position inside the epoch and every
   rank's RNG state, so an interrupted and resumed CPU run ends bitwise equal to an uninterrupted one;
-* progress bar and metrics (JSON lines, wandb) on rank 0 only.
+* the task's epoch-end hook runs once per epoch, before that epoch's checkpoint, never again on resume;
+* progress bar and metrics (JSON lines, wandb) on rank 0 only: the task's named logs, all-reduced.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
-
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from qpm_dist import dist
 from qpm_dist.config import EngineConfig, PhaseConfig, WandbConfig
+from qpm_dist.data.batch import Batch
 from qpm_dist.data.loaders import DataSource
 from qpm_dist.dist import DistInfo
 from qpm_dist.engine.checkpoint import CheckpointManager, capture_rng, restore_rng
@@ -31,9 +33,9 @@ from qpm_dist.engine.monitor import MetricsLogger, new_run_id
 from qpm_dist.engine.optim import build_optimizer, build_scheduler
 from qpm_dist.engine.preemption import Preempted, StopRequest
 from qpm_dist.engine.strategy import DDPStrategy, DeepSpeedStrategy
-from qpm_dist.utils import atomic_open, atomic_write_text, log
-
-Criterion = Callable[[Any, torch.Tensor, nn.Module], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
+from qpm_dist.engine.task import TrainingTask
+from qpm_dist.models.io import save_classifier
+from qpm_dist.utils import atomic_write_text, log
 
 
 @dataclass
@@ -47,21 +49,22 @@ class Progress:
 class TrainerSetup:
     """Everything a phase needs besides the model and the data."""
 
-    phase: str  # "dense", "finetune", ...
+    phase: str  # the config section of the phase ("dense", "finetune"), named in errors and logs
     cfg: PhaseConfig
     engine: EngineConfig
     wandb: WandbConfig
     stage_dir: Path
-    run_name: str
+    run_name: str  # wandb: the run is "<run_name>/<stage>" in group <run_name>
+    stage: str = ""  # the stage this phase trains for (default: the phase)
     resume: str = "auto"  # "auto", "never" or a checkpoint directory
     config_dict: dict | None = None
 
 
 class Trainer:
-    def __init__(self, setup: TrainerSetup, model: nn.Module, criterion: Criterion, data: DataSource,
+    def __init__(self, setup: TrainerSetup, model: nn.Module, task: TrainingTask, data: DataSource,
                  info: DistInfo) -> None:
         self.setup, self.cfg, self.info = setup, setup.cfg, info
-        self.criterion, self.data = criterion, data
+        self.task, self.data = task, data
         world = info.world_size
         if self.cfg.batch_size % (world * self.cfg.grad_accum):
             raise ValueError(
@@ -70,12 +73,15 @@ class Trainer:
             )
         self.micro_batch = self.cfg.batch_size // (world * self.cfg.grad_accum)
         pin = info.device.type == "cuda"
-        self.loader = data.train_loader(self.micro_batch, self.cfg.batch_size, info.rank, world, pin_memory=pin)
+        self.fields = task.batch_fields(data)
+        extra = {"return_index": True} if self.fields else {}
+        self.loader = data.train_loader(self.micro_batch, self.cfg.batch_size, info.rank, world, pin_memory=pin,
+                                        **extra)
         self.steps_per_epoch = self.loader.batches_per_epoch // self.cfg.grad_accum
         if model_uses_sync_bn(model) and info.device.type != "cuda" and world > 1:
             raise ValueError("model.norm=sync_batch needs GPUs (torch's SyncBatchNorm does not run on CPU); "
                              "use model.norm=group or batch")
-        optimizer = build_optimizer(model, self.cfg.optim)
+        optimizer = build_optimizer(task.param_groups(model), self.cfg.optim)
         scheduler = build_scheduler(optimizer, self.cfg.schedule, self.steps_per_epoch, self.cfg.epochs)
         common = dict(info=info, precision=setup.engine.precision, channels_last=setup.engine.channels_last,
                       grad_accum=self.cfg.grad_accum, clip_grad_norm=self.cfg.clip_grad_norm)
@@ -109,17 +115,19 @@ class Trainer:
         client = self.strategy.load(path)
         self.progress = Progress(**client["progress"])
         self.run_id = client["run_id"]
+        self.task.load_state_dict(client.get("task", {}))
         rng = client["rng"]
         if len(rng) == self.info.world_size:
             restore_rng(rng[self.info.rank])
         else:
             log.warning("checkpoint was written by %d ranks, this run has %d: data order is unchanged but "
                         "per-rank random streams (dropout) are not restored", len(rng), self.info.world_size)
-        log.info("resumed %s from %s (epoch %d, step %d of the epoch, global step %d)", self.setup.phase, path,
+        log.info("resumed %s from %s (epoch %d, step %d of the epoch, global step %d)", self.setup.stage or self.setup.phase, path,
                  self.progress.epoch, self.progress.step_in_epoch, self.progress.global_step)
 
     def save_checkpoint(self) -> Path:
-        client = {"progress": asdict(self.progress), "run_id": self.run_id, "rng": dist.all_gather_object(capture_rng())}
+        client = {"progress": asdict(self.progress), "run_id": self.run_id, "task": self.task.state_dict(),
+                  "rng": dist.all_gather_object(capture_rng())}
         meta = {"phase": self.setup.phase, "strategy": self.strategy.name, "world_size": self.info.world_size,
                 **asdict(self.progress)}
         return self.checkpoints.save(self.strategy, self.progress.global_step, client, meta)
@@ -130,7 +138,8 @@ class Trainer:
         self._resume()
         stage_dir = self.setup.stage_dir
         self.logger = MetricsLogger(stage_dir / "metrics.jsonl", self.info.is_main, self.setup.wandb, self.run_id,
-                                    name=f"{self.setup.run_name}/{self.setup.phase}", group=self.setup.run_name,
+                                    name=f"{self.setup.run_name}/{self.setup.stage or self.setup.phase}",
+                                    group=self.setup.run_name,
                                     job_type=self.setup.phase, config=self.setup.config_dict or {},
                                     directory=stage_dir)
         last_eval: dict = {}
@@ -138,6 +147,7 @@ class Trainer:
             with StopRequest() as stop:
                 while self.progress.epoch < self.cfg.epochs:
                     train_stats = self.train_epoch(stop)
+                    self.task.on_epoch_end(self)
                     epoch = self.progress.epoch
                     self.progress.epoch += 1
                     self.progress.step_in_epoch = 0
@@ -153,57 +163,50 @@ class Trainer:
             result = {"phase": self.setup.phase, "epochs": self.cfg.epochs, "global_step": self.progress.global_step,
                       "world_size": self.info.world_size, "strategy": self.strategy.name,
                       "seconds": round(time.time() - start, 2), "test": last_eval}
+            if self.task.state_dict():  # what the task's hooks recorded (e.g. which epochs they ran at)
+                result["task"] = self.task.state_dict()
             self._export(result)
             return result
         finally:
             self.logger.close()
 
     def train_epoch(self, stop: StopRequest) -> dict:
-        accum, device = self.cfg.grad_accum, self.info.device
+        accum = self.cfg.grad_accum
         self.loader.set_epoch(self.progress.epoch, skip_batches=self.progress.step_in_epoch * accum)
         self.module.train()
-        sums = torch.zeros(5, device=device, dtype=torch.float64)  # loss, ce, fdl, correct, count
-        window = torch.zeros_like(sums)
+        self.task.on_epoch_start(self)
+        epoch_sums, window = MetricWindow(self.info.device), MetricWindow(self.info.device)
         bar = tqdm(total=self.steps_per_epoch, initial=self.progress.step_in_epoch, leave=False, dynamic_ncols=True,
                    desc=f"{self.setup.phase} epoch {self.progress.epoch + 1}/{self.cfg.epochs}",
                    disable=not (self.info.is_main and self.setup.engine.progress))
         every = self.setup.engine.log_every_steps
         tick, micro = time.perf_counter(), 0
-        batch_count = torch.tensor(float(self.micro_batch), device=device, dtype=torch.float64)
         try:
-            for images, targets in self.loader:
+            for item in self.loader:
                 micro += 1
                 boundary = micro % accum == 0
-                images = self.strategy.prepare(images)
-                targets = targets.to(device, non_blocking=True)
+                batch = Batch.of(item).join(self.fields)
                 with self.strategy.accumulate(boundary):
-                    with self.strategy.autocast():
-                        output = self.strategy.forward(images)
-                        loss, parts = self.criterion(output, targets, self.module)
+                    loss, logs = self.task.step(batch, self.strategy)
                     self.strategy.backward(loss)
                 self.strategy.step(boundary)
-                window += torch.stack([
-                    loss.detach().double() * batch_count,
-                    parts.get("ce", loss).detach().double() * batch_count,
-                    parts.get("fdl", torch.zeros((), device=device)).detach().double() * batch_count,
-                    (output.logits.argmax(1) == targets).sum().double(),
-                    batch_count,
-                ])
+                window.add({"loss": loss, **logs}, batch.size)
                 if not boundary:
                     continue
                 self.progress.step_in_epoch += 1
                 self.progress.global_step += 1
                 bar.update(1)
                 if every and self.progress.global_step % every == 0:
-                    sums += window
-                    stats = _summarise(dist.all_reduce(window.clone()))
+                    epoch_sums.merge(window)
+                    stats = window.all_reduced()
                     elapsed = time.perf_counter() - tick
                     stats["images_per_s"] = round(stats.pop("count") / max(elapsed, 1e-9), 1)
                     self.logger.log({"phase": self.setup.phase, "event": "step", "epoch": self.progress.epoch,
                                      "global_step": self.progress.global_step, "lr": self.strategy.lr(), **stats},
                                     step=self.progress.global_step)
-                    bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['acc']:.1f}")
-                    window.zero_()
+                    bar.set_postfix({k: f"{stats[k]:.3f}" if k == "loss" else f"{stats[k]:.1f}"
+                                     for k in ("loss", "acc") if k in stats})
+                    window.clear()
                     tick = time.perf_counter()
                 if dist.any_rank(stop.requested):
                     path = self.save_checkpoint()
@@ -215,8 +218,8 @@ class Trainer:
                     self.save_checkpoint()
         finally:
             bar.close()
-        sums += window
-        stats = _summarise(dist.all_reduce(sums))
+        epoch_sums.merge(window)
+        stats = epoch_sums.all_reduced()
         stats.pop("count")
         return {f"train_{k}": v for k, v in stats.items()}
 
@@ -232,17 +235,14 @@ class Trainer:
         per_rank = max(1, self.cfg.eval_batch_size // self.info.world_size)
         loader = self.data.eval_loader("test", per_rank, self.info.rank, self.info.world_size,
                                        pin_memory=self.info.device.type == "cuda")
-        return evaluate_accuracy(self.module, loader, self.info.device, self.strategy.autocast, self.strategy.prepare)
+        return evaluate_accuracy(self.module, loader, self.info, self.strategy.autocast, self.strategy.prepare)
 
     def _export(self, result: dict) -> None:
-        """Write the trained weights (`model.pt`) and `result.json`; they mark the phase as finished."""
+        """Write the trained model (`model.pt`, see models.io) and `result.json`; they mark the phase as finished."""
         state = self.strategy.export_state_dict(self.checkpoints.complete()[0])
         if self.info.is_main:
-            with atomic_open(self.setup.stage_dir / "model.pt") as fh:
-                torch.save(state, fh)
-            import json
-
-            atomic_write_text(self.setup.stage_dir / "result.json", json.dumps(result, indent=1))
+            save_classifier(self.setup.stage_dir / "model.pt", self.module, state)
+            atomic_write_text(self.setup.stage_dir / "result.json", json.dumps(result, indent=1, default=str))
         dist.barrier()
 
 
@@ -250,7 +250,36 @@ def model_uses_sync_bn(model: nn.Module) -> bool:
     return any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
 
 
-def _summarise(sums: torch.Tensor) -> dict:
-    loss, ce, fdl, correct, count = sums.tolist()
-    count = max(count, 1.0)
-    return {"loss": loss / count, "ce": ce / count, "fdl": fdl / count, "acc": 100.0 * correct / count, "count": count}
+class MetricWindow:
+    """Named sums of the task's logs (each a per-sample mean, weighted by its batch size) and the sample count.
+
+    The names are the same on every rank (every rank runs the same task), so one all-reduce of the sums stacked
+    in name order combines them."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, logs: dict[str, torch.Tensor], size: int) -> None:
+        for name, value in logs.items():
+            term = value.detach().double() * size
+            self.sums[name] = self.sums[name] + term if name in self.sums else term
+        self.count += size
+
+    def merge(self, other: "MetricWindow") -> None:
+        for name, value in other.sums.items():
+            self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
+        self.count += other.count
+
+    def clear(self) -> None:
+        self.sums, self.count = {}, 0
+
+    def all_reduced(self) -> dict[str, float]:
+        """{name: Σ value·size / Σ size over all ranks, ..., "count": Σ size}."""
+        names = sorted(self.sums)
+        stacked = torch.stack([self.sums[n].to(self.device) for n in names]
+                              + [torch.tensor(float(self.count), device=self.device, dtype=torch.float64)])
+        totals = dist.all_reduce(stacked).tolist()
+        count = max(totals[-1], 1.0)
+        return {**{n: v / count for n, v in zip(names, totals[:-1])}, "count": totals[-1]}

@@ -1,4 +1,4 @@
-"""CE + beta * FDL, the loss of every QPM / Q-SENN / SLDD training phase (specs/qpm.md §4.2)."""
+"""CE + beta * FDL, the loss of every training phase of QPM and the glm-based methods (specs/qpm.md §4.2)."""
 
 from __future__ import annotations
 

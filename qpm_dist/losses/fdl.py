@@ -1,4 +1,4 @@
-"""Feature diversity loss (QPM / Q-SENN / SLDD), as defined in specs/qpm.md §4.3.
+"""Feature diversity loss (QPM and the glm-based sparse layers), as defined in specs/qpm.md §4.3.
 
 For each sample b with predicted class c = argmax(logits_b):
 

@@ -1,14 +1,12 @@
-"""Stages shared by SLDD and Q-SENN (specs/qsenn_sldd.md §2, §4, §5, §8): the glm-based sparse layer.
+"""Stages shared by the glm-based sparse layers of SLDD and Q-SENN (specs/qsenn_sldd.md §2, §4, §5, §8).
 
-features  one pass of a model (dense, or the previous Q-SENN round's fine-tuned one) over the training and
-          test sets with test-time transforms; every rank writes its rows' RAW pooled features (for a sparse
-          model: of the selected channels, before the head's normalisation, spec bug 3) to its own shard file
-          and adds them to the streamed FeatureSums (one all-reduce) that give mean, std and class sums
-select    feature selection along the group-lasso path (qpm_dist.glm.path)
-fit       the elastic-net path on the selected, standardised features
-finetune  the backbone (and the head's mean/std) fine-tuned through the frozen sparse weights and bias
-evaluate  accuracy and interpretability metrics of the dense and the final model
-report    the HTML report, with a comparison of every method run under the same run.out_dir
+features    the shared training-set pass of a model (dense, or the previous Q-SENN round's fine-tuned one) over
+            the training and test sets with test-time transforms; every rank writes its rows' RAW pooled
+            features (for a sparse model: of the selected channels, before the head's normalisation, spec bug 3)
+            to its own shard file and adds them to the streamed FeatureSums (one all-reduce) that give mean, std
+            and class sums
+glm_select  feature selection along the group-lasso path (qpm_dist.glm.path)
+<m>_fit     the elastic-net path on the selected, standardised features
 
 Solvers: `glm.solver=fast` runs on every rank over its own shards (gradients all-reduced);
 `glm.solver=glm_saga` runs on rank 0 over all rows while the other ranks wait.
@@ -16,28 +14,29 @@ Solvers: `glm.solver=fast` runs on every rank over its own shards (gradients all
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from qpm_dist import dist
-from qpm_dist.config import Config, PhaseConfig, to_dict
-from qpm_dist.engine.trainer import Trainer, TrainerSetup
+from qpm_dist.config import Config, ConfigError, to_dict
 from qpm_dist.glm.path import PathPoint, fit_path, scores_at_start, select_features
 from qpm_dist.glm.problem import class_correlation, lambda_grid, lambda_max, optimal_bias
 from qpm_dist.glm.shards import ShardWriter, load_rows, read_meta, shards_for, write_meta
-from qpm_dist.losses import ClassificationLoss
-from qpm_dist.methods.common import autocast, data_key, prepare_for_training, save_model, seed_rank_streams
-from qpm_dist.methods.stages import RunContext
-from qpm_dist.models.io import load_classifier, state_digest
 from qpm_dist.models.net import Classifier, ModelOutput
+from qpm_dist.stages.artifacts import from_main, on_main, read_json, read_npz, write_json
+from qpm_dist.stages.runner import RunContext
+from qpm_dist.stages.train_pass import Accumulator, TrainingSetPass
 from qpm_dist.stats.accumulate import FeatureSums
-from qpm_dist.utils import atomic_write_text, log
+from qpm_dist.utils import atomic_open, atomic_write_text, log
+
+FEATURE_SUMS = "sums.npz"  # a features stage's all-reduced sums of the training rows
+SELECTION = "selection.json"  # glm_select: {"selected": [...], "entry_order": [...], ...}
+PATH, PATH_TABLE = "path.npz", "path.json"  # a fit stage's path: arrays, and one readable row per point
+SELECT_STAGE = "glm_select"
 
 
 def solver_key(cfg: Config, path: str) -> dict[str, Any]:
@@ -63,50 +62,56 @@ def raw_features(out: ModelOutput) -> torch.Tensor:
     return out.feature_maps.float().mean(dim=(2, 3))
 
 
-class FeaturesStage:
-    def __init__(self, name: str = "features", model_stage: str = "dense") -> None:
-        self.name, self.model_stage = name, model_stage
-        self.depends: tuple[str, ...] = (model_stage,)
+class FeatureShards(Accumulator):
+    """Every row's raw pooled features, in this rank's shard file of each split (glm.shards)."""
 
-    def config_parts(self, cfg: Config) -> dict[str, Any]:
-        return {"data": data_key(cfg), "precision": cfg.engine.precision, "dtype": cfg.glm.features_dtype}
+    def __init__(self, out_dir: Path, rank: int, dim: int, dtype: str) -> None:
+        self.out_dir, self.rank, self.dim, self.dtype = out_dir, rank, dim, dtype
+        self.rows: dict[str, int] = {}
 
-    @torch.no_grad()
-    def run(self, ctx: RunContext, out_dir: Path) -> dict:
-        info, cfg = ctx.info, ctx.cfg
-        model = load_classifier(cfg, ctx.data.num_classes, ctx.outputs[self.model_stage] / "model.pt").to(info.device)
-        model.eval()
-        per_rank = max(1, cfg.glm.batch_size // info.world_size)
-        head = model.head
-        dim = int(head.selection.numel()) if hasattr(head, "selection") else model.num_features
-        sums = FeatureSums.zeros(dim, ctx.data.num_classes, info.device)
-        rows: dict[str, int] = {}
-        for split in ("train", "test"):
-            loader = ctx.data.eval_loader(split, per_rank, info.rank, info.world_size,
-                                          pin_memory=info.device.type == "cuda")
-            # every backend's eval loader yields rows rank, rank + W, ... of the split (no padding)
-            rows_here = len(range(info.rank, ctx.data.num_samples(split), info.world_size))
-            writer = ShardWriter(out_dir, split, info.rank, rows_here, dim, cfg.glm.features_dtype)
-            with tqdm(total=len(loader), desc=f"features: {split}", leave=False, disable=not info.is_main) as bar:
-                for images, labels in loader:
-                    images, labels = images.to(info.device, non_blocking=True), labels.to(info.device)
-                    with autocast(ctx)():
-                        out = model(images)
-                    pooled = raw_features(out)
-                    writer.add(pooled, labels)
-                    if split == "train":
-                        sums.update(pooled, labels)
-                    bar.update(1)
-            rows[split] = writer.close()
-        sums = sums.all_reduce().cpu()
-        all_rows = dist.all_gather_object(rows)
-        if info.is_main:
-            sums.save(out_dir / "sums.npz")
-            write_meta(out_dir, {"world_size": info.world_size, "dim": dim, "dtype": cfg.glm.features_dtype,
-                                 "rows": {s: [r[s] for r in all_rows] for s in ("train", "test")}})
-        dist.barrier()
-        return {"train_rows": sum(r["train"] for r in all_rows), "test_rows": sum(r["test"] for r in all_rows),
-                "features": dim, "zero_variance_features": int((sums.std <= 0).sum()), "model": self.model_stage}
+    def start(self, split: str, rows: int) -> None:
+        self.writer = ShardWriter(self.out_dir, split, self.rank, rows, self.dim, self.dtype)
+
+    def update(self, split: str, output: ModelOutput, labels: torch.Tensor) -> None:
+        self.writer.add(raw_features(output), labels)
+
+    def end(self, split: str) -> None:
+        self.rows[split] = self.writer.close()
+
+    def finish(self, out_dir: Path) -> dict[str, Any]:
+        every = dist.all_gather_object(self.rows)
+        meta = {"world_size": len(every), "dim": self.dim, "dtype": self.dtype,
+                "rows": {split: [r[split] for r in every] for split in self.rows}}
+        on_main(write_meta, out_dir, meta)
+        return {f"{split}_rows": sum(counts) for split, counts in meta["rows"].items()} | {"features": self.dim}
+
+
+class TrainingFeatureSums(Accumulator):
+    """Streamed sums of the raw training features (mean, std, class sums), one all-reduce."""
+
+    def __init__(self, dim: int, num_classes: int, device: torch.device) -> None:
+        self.sums = FeatureSums.zeros(dim, num_classes, device)
+
+    def update(self, split: str, output: ModelOutput, labels: torch.Tensor) -> None:
+        if split == "train":
+            self.sums.update(raw_features(output), labels)
+
+    def finish(self, out_dir: Path) -> dict[str, Any]:
+        sums = self.sums.all_reduce().cpu()
+        on_main(sums.save, out_dir / FEATURE_SUMS)
+        return {"zero_variance_features": int((sums.std <= 0).sum())}
+
+
+def features_stage(name: str, model_stage: str) -> TrainingSetPass:
+    """The training-set pass writing feature shards (train and test) and the training rows' sums."""
+
+    def accumulators(ctx: RunContext, model: Classifier, out_dir: Path) -> list[Accumulator]:
+        dim = int(model.head.class_weights().shape[1])  # the features the head reads (selected ones if sparse)
+        return [FeatureShards(out_dir, ctx.info.rank, dim, ctx.cfg.glm.features_dtype),
+                TrainingFeatureSums(dim, ctx.data.num_classes, ctx.info.device)]
+
+    return TrainingSetPass(name, model_stage, accumulators, batch_size=lambda cfg: cfg.glm.batch_size,
+                           splits=("train", "test"), key=lambda cfg: {"dtype": cfg.glm.features_dtype})
 
 
 class GLMData:
@@ -115,7 +120,7 @@ class GLMData:
     def __init__(self, ctx: RunContext, features_stage: str, columns: torch.Tensor | None = None) -> None:
         self.ctx = ctx
         self.folder = ctx.outputs[features_stage]
-        sums = FeatureSums.load(self.folder / "sums.npz")
+        sums = FeatureSums.load(self.folder / FEATURE_SUMS)
         self.columns = columns
         cols = slice(None) if columns is None else columns
         self.mean, self.std = sums.mean[cols], sums.std[cols]
@@ -153,9 +158,10 @@ class GLMData:
         return SagaGLM(X, y, self.num_classes, bias, opts, test=test, log_path=log_path)
 
 
-def _participates(cfg: Config) -> bool:
-    """fast: every rank walks the path (collectives inside); glm_saga: rank 0 alone."""
-    return cfg.glm.solver == "fast" or dist.is_main()
+def on_solver_ranks(cfg: Config, walk: Callable[[], Any]) -> Any:
+    """Run a path walk where the solver runs: every rank for `fast` (collectives inside; the ranks agree),
+    rank 0 alone for `glm_saga`. Returns the walk's result on rank 0 (and, for `fast`, everywhere), else None."""
+    return walk() if cfg.glm.solver == "fast" or dist.is_main() else None
 
 
 def _progress(ctx: RunContext) -> Callable[[str], None] | None:
@@ -166,7 +172,10 @@ def _progress(ctx: RunContext) -> Callable[[str], None] | None:
 
 
 class SelectStage:
-    name = "select"
+    """glm_select: the first `n_features` features to enter the group-lasso path (shared by SLDD and Q-SENN;
+    `section` names the method section whose n_features it reads)."""
+
+    name = SELECT_STAGE
 
     def __init__(self, section: str, features_stage: str = "features") -> None:
         self.section, self.features_stage = section, features_stage
@@ -184,22 +193,22 @@ class SelectStage:
         p = cfg.glm.selection
         lam_max = lambda_max(data.corr, p.alpha, group=True)
         lams = lambda_grid(lam_max, p.path_points, p.epsilon)
-        payload = None
-        if _participates(cfg):
+
+        def walk() -> dict:
             solver = data.solver(cfg, "selection", with_test=False, log_path=out_dir / "glm_saga.log")
             order, records = select_features(solver, lams, p.alpha, n_features, scores_at_start(data.corr, True),
                                              progress=_progress(ctx))
-            payload = {"selected": sorted(order), "entry_order": order, "lambda_max": lam_max,
-                       "solver": cfg.glm.solver, "path_points_visited": len(records), "path": records}
-        payload = dist.broadcast_object(payload)
-        if ctx.info.is_main:
-            atomic_write_text(out_dir / "selection.json", json.dumps(payload, indent=1))
-        dist.barrier()
+            return {"selected": sorted(order), "entry_order": order, "lambda_max": lam_max,
+                    "solver": cfg.glm.solver, "path_points_visited": len(records), "path": records}
+
+        result = on_solver_ranks(cfg, walk)
+        payload = from_main(lambda: result)
+        write_json(out_dir / SELECTION, payload)
         return {k: v for k, v in payload.items() if k != "path"}
 
 
 def load_selection(ctx: RunContext) -> torch.Tensor:
-    return torch.tensor(json.loads((ctx.outputs["select"] / "selection.json").read_text())["selected"])
+    return torch.tensor(read_json(ctx.outputs[SELECT_STAGE] / SELECTION)["selected"])
 
 
 # ------------------------------------------------------------------------------------------------ fit
@@ -211,19 +220,20 @@ class FitStage:
     def __init__(self, name: str, features_stage: str, select_columns: bool, stop_rule: str, section: str) -> None:
         self.name, self.features_stage, self.select_columns = name, features_stage, select_columns
         self.stop_rule, self.section = stop_rule, section
-        self.depends: tuple[str, ...] = (features_stage, "select") if select_columns else (features_stage,)
+        self.depends: tuple[str, ...] = (features_stage, SELECT_STAGE) if select_columns else (features_stage,)
 
     def config_parts(self, cfg: Config) -> dict[str, Any]:
         parts = {"stop_rule": self.stop_rule, **solver_key(cfg, "fit")}
         if self.stop_rule == "sldd":
-            s = cfg.sldd
+            s = getattr(cfg, self.section)
             parts["cap"] = s.n_per_class / s.drop_rate
         return parts
 
     def _stop(self, cfg: Config, num_classes: int) -> Callable[[list[PathPoint]], bool] | None:
         if self.stop_rule != "sldd":
             return None
-        cap = cfg.sldd.n_per_class / cfg.sldd.drop_rate
+        s = getattr(cfg, self.section)
+        cap = s.n_per_class / s.drop_rate
         seen = np.zeros(num_classes, dtype=bool)
 
         def stop(points: list[PathPoint]) -> bool:
@@ -240,118 +250,46 @@ class FitStage:
         p = cfg.glm.fit
         lam_max = lambda_max(data.corr, p.alpha, group=False)
         lams = lambda_grid(lam_max, p.path_points, p.epsilon)
-        points = None
-        if _participates(cfg):
+
+        def walk() -> list[PathPoint]:
             solver = data.solver(cfg, "fit", with_test=True, log_path=out_dir / "glm_saga.log")
-            points = fit_path(solver, lams, p.alpha, self._stop(cfg, data.num_classes), progress=_progress(ctx))
-        if ctx.info.is_main:
-            np.savez(out_dir / "path.npz", lam=np.array([q.lam for q in points]),
-                     weight=np.stack([q.weight for q in points]), bias=np.stack([q.bias for q in points]),
-                     nnz=np.array([q.nnz for q in points]), train_acc=np.array([q.train_acc for q in points]),
-                     test_acc=np.array([q.test_acc for q in points]), mean=data.mean.numpy(), std=data.std.numpy())
-            atomic_write_text(out_dir / "path.json", json.dumps(
-                [{"index": q.index, "lam": q.lam, "per_class": q.per_class, "train_acc": q.train_acc,
-                  "test_acc": q.test_acc, "seconds": q.seconds, **q.info} for q in points], indent=1))
-        summary = None
-        if ctx.info.is_main:
-            last = points[-1]
-            summary = {"solver": cfg.glm.solver, "lambda_max": lam_max, "points": len(points),
-                       "last_per_class": last.per_class, "last_train_acc": last.train_acc,
-                       "last_test_acc": last.test_acc, "seconds": round(sum(q.seconds for q in points), 2)}
-        dist.barrier()
-        return dist.broadcast_object(summary)
+            return fit_path(solver, lams, p.alpha, self._stop(cfg, data.num_classes), progress=_progress(ctx))
+
+        points = on_solver_ranks(cfg, walk)
+        on_main(write_path, out_dir, points, data.mean, data.std)
+        return from_main(lambda: {"solver": cfg.glm.solver, "lambda_max": lam_max, "points": len(points),
+                                  "last_per_class": points[-1].per_class, "last_train_acc": points[-1].train_acc,
+                                  "last_test_acc": points[-1].test_acc,
+                                  "seconds": round(sum(q.seconds for q in points), 2)})
+
+
+def write_path(out_dir: Path, points: list[PathPoint], mean: torch.Tensor, std: torch.Tensor) -> None:
+    with atomic_open(out_dir / PATH) as fh:
+        np.savez(fh, lam=np.array([q.lam for q in points]), weight=np.stack([q.weight for q in points]),
+                 bias=np.stack([q.bias for q in points]), nnz=np.array([q.nnz for q in points]),
+                 train_acc=np.array([q.train_acc for q in points]), test_acc=np.array([q.test_acc for q in points]),
+                 mean=mean.numpy(), std=std.numpy())
+    atomic_write_text(out_dir / PATH_TABLE, json.dumps(
+        [{"index": q.index, "lam": q.lam, "per_class": q.per_class, "train_acc": q.train_acc,
+          "test_acc": q.test_acc, "seconds": q.seconds, **q.info} for q in points], indent=1))
 
 
 def read_path(folder: Path) -> dict[str, np.ndarray]:
     """A fit stage's path, read on rank 0 and broadcast (identical arrays on every rank)."""
-    payload = None
-    if dist.is_main():
-        with np.load(folder / "path.npz") as f:
-            payload = {k: f[k] for k in f.files}
-    return dist.broadcast_object(payload)
+    return read_npz(folder / PATH)
 
 
-# ------------------------------------------------------------------------------------------------ sparse model
+def sparse_head_options(section) -> dict[str, Any]:
+    """The sparse head settings of an SLDD / Q-SENN config section (its mean/std are fine-tuned by default)."""
+    return {"dropout": section.dropout, "dropout_before_norm": section.dropout_before_norm,
+            "train_normalisation": section.train_normalisation}
 
 
-def install_and_save(ctx: RunContext, model: Classifier, out_dir: Path) -> list[str]:
-    """Check the sparse model is identical on every rank, save it; returns the ranks' digests."""
-    digests = dist.all_gather_object(state_digest(model.state_dict()))
-    if len(set(digests)) != 1:
-        raise RuntimeError(f"sparse models differ across ranks: {digests}")
-    save_model(model, out_dir / "model.pt")
-    return digests
-
-
-# ------------------------------------------------------------------------------------------------ fine-tuning
-
-
-class FinetuneStage:
-    """Fine-tune the model of `model_stage` with `phase(cfg)` (SLDD: finetune; Q-SENN: that round's settings)."""
-
-    def __init__(self, name: str, model_stage: str, phase: Callable[[Config], PhaseConfig], seed_offset: int = 1) -> None:
-        self.name, self.model_stage, self.phase, self.seed_offset = name, model_stage, phase, seed_offset
-        self.depends: tuple[str, ...] = (model_stage,)
-
-    def config_parts(self, cfg: Config) -> dict[str, Any]:
-        phase = dataclasses.replace(self.phase(cfg), eval_every_epochs=1)  # evaluation cadence does not change weights
-        return {"data": data_key(cfg), "model": to_dict(cfg.model), "finetune": to_dict(phase), "seed": cfg.run.seed,
-                "strategy": cfg.engine.strategy, "precision": cfg.engine.precision}
-
-    def run(self, ctx: RunContext, out_dir: Path) -> dict:
-        cfg = ctx.cfg
-        model = prepare_for_training(load_classifier(cfg, ctx.data.num_classes,
-                                                     ctx.outputs[self.model_stage] / "model.pt"), cfg)
-        seed_rank_streams(cfg.run.seed + self.seed_offset, ctx.info.rank)
-        phase = self.phase(cfg)
-        criterion = ClassificationLoss(phase.fdl_beta, phase.fdl_detach_weights, phase.label_smoothing)
-        setup = TrainerSetup(phase="finetune", cfg=phase, engine=cfg.engine, wandb=cfg.wandb, stage_dir=out_dir,
-                             run_name=f"{cfg.run.name}/{self.name}", resume=cfg.run.resume, config_dict=to_dict(cfg))
-        return Trainer(setup, model, criterion, ctx.data, ctx.info).fit()
-
-
-# ------------------------------------------------------------------------------------------------ evaluate, report
-
-
-class EvaluateStage:
-    """metrics.json: {"dense": ..., <method>: ...} with the same metrics as QPM's evaluation."""
-
-    def __init__(self, name: str, method: str, final_stage: str) -> None:
-        self.name, self.method, self.final_stage = name, method, final_stage
-        self.depends: tuple[str, ...] = ("dense", final_stage)
-
-    def config_parts(self, cfg: Config) -> dict[str, Any]:
-        return {"eval": to_dict(cfg.eval), "n_per_class": getattr(cfg, self.method).n_per_class, "seed": cfg.run.seed}
-
-    def run(self, ctx: RunContext, out_dir: Path) -> dict:
-        from qpm_dist.metrics.collect import evaluate_model, ground_truth_class_similarity
-
-        gt = ground_truth_class_similarity(Path(ctx.cfg.data.root), ctx.data.class_parts)
-        results = {}
-        for name, stage in (("dense", "dense"), (self.method, self.final_stage)):
-            model = load_classifier(ctx.cfg, ctx.data.num_classes, ctx.outputs[stage] / "model.pt").to(ctx.info.device)
-            log.info("evaluate: %s model", name)
-            results[name] = evaluate_model(model, ctx.data, ctx.info, ctx.cfg.eval, autocast(ctx), ctx.cfg.run.seed,
-                                           gt_similarity=gt, class_parts=ctx.data.class_parts,
-                                           n_per_class=getattr(ctx.cfg, self.method).n_per_class)
-        if ctx.info.is_main:
-            atomic_write_text(out_dir / "metrics.json", json.dumps(results, indent=1))
-        dist.barrier()
-        return {name: {k: v for k, v in r.items() if not isinstance(v, (list, dict))} for name, r in results.items()}
-
-
-class ReportStage:
-    def __init__(self, name: str, method: str, evaluate_stage: str, final_stage: str, summary_stage: str) -> None:
-        self.name, self.method = name, method
-        self.evaluate_stage, self.final_stage, self.summary_stage = evaluate_stage, final_stage, summary_stage
-        self.depends: tuple[str, ...] = (evaluate_stage, final_stage, summary_stage)
-
-    def config_parts(self, cfg: Config) -> dict[str, Any]:
-        return {"report": to_dict(cfg.report)}
-
-    def run(self, ctx: RunContext, out_dir: Path) -> dict:
-        from qpm_dist.report.build import build_report
-
-        path = build_report(ctx, out_dir, method=self.method, evaluate_stage=self.evaluate_stage,
-                            model_stage=self.final_stage, summary_stage=self.summary_stage)
-        return {"report": str(path)}
+def check_sparse_section(section, key: str) -> None:
+    """The checks an SLDD / Q-SENN section shares (n_per_class, min_per_class)."""
+    if not 1 <= section.n_per_class <= section.n_features:
+        raise ConfigError(f"{key}.n_per_class ({section.n_per_class}) must be between 1 and {key}.n_features "
+                          f"({section.n_features})")
+    if not 0 <= section.min_per_class <= section.n_per_class:
+        raise ConfigError(f"{key}.min_per_class ({section.min_per_class}) must be between 0 and {key}.n_per_class "
+                          f"({section.n_per_class})")

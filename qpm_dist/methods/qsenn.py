@@ -1,6 +1,6 @@
 """Q-SENN (specs/qsenn_sldd.md §7) as a sequence of cached stages, R = len(qsenn.round_epochs) rounds:
 
-    dense -> features -> select -> qsenn_fit0 -> qsenn_sparse0 -> qsenn_finetune0
+    dense -> features -> glm_select -> qsenn_fit0 -> qsenn_sparse0 -> qsenn_finetune0
           -> qsenn_features1 -> qsenn_fit1 -> qsenn_sparse1 -> qsenn_finetune1 -> ... -> qsenn_finetune{R-1}
           -> qsenn_evaluate -> qsenn_report
 
@@ -19,21 +19,53 @@ qsenn_finetuneR round r: finetune.* with lr·lr_decay^r and qsenn.round_epochs[r
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from qpm_dist.config import Config, PhaseConfig
+from qpm_dist.config import Config, ConfigError, PhaseConfig
+from qpm_dist.glm.config import GLMConfig
 from qpm_dist.glm.rules import qsenn_bias, quantize_qsenn
-from qpm_dist.methods.common import DenseStage
-from qpm_dist.methods.glm_stages import (EvaluateStage, FeaturesStage, FinetuneStage, FitStage, ReportStage,
-                                         SelectStage, install_and_save, load_selection, read_path)
-from qpm_dist.methods.stages import RunContext, Stage
-from qpm_dist.models.io import load_classifier, sparse_head_options
+from qpm_dist.methods import MethodSpec, register
+from qpm_dist.methods.glm_stages import (SELECT_STAGE, FitStage, SelectStage, check_sparse_section, features_stage,
+                                         load_selection, read_path, sparse_head_options)
+from qpm_dist.models.backbones import check_feature_count
 from qpm_dist.models.sparse import SparseHead
+from qpm_dist.report.build import summary_section
+from qpm_dist.report.sparse import sparse_head_sections
+from qpm_dist.stages.artifacts import MODEL, load_model, save_model
+from qpm_dist.stages.evaluate import EvaluateStage
+from qpm_dist.stages.report import ReportStage
+from qpm_dist.stages.runner import RunContext, Stage
+from qpm_dist.stages.train import DenseStage, TrainStage
 from qpm_dist.utils import log
+
+
+@dataclass
+class QSENNConfig:
+    n_features: int = 50
+    n_per_class: int = 5
+    # Fine-tuning epochs of each round (rounds = len(round_epochs)); round r uses finetune.optim.lr·lr_decay^r
+    # and a fresh optimizer and schedule (finetune.schedule restarted every round).
+    round_epochs: list[int] = field(default_factory=lambda: [10, 10, 10, 40])
+    lr_decay: float = 0.9
+    # Quantisation keeps each class's largest weight when the global threshold would leave the class empty
+    # (0 reproduces the reference, where a class could end with no feature).
+    min_per_class: int = 1
+    dropout: float = 0.1
+    dropout_before_norm: bool = False
+    train_normalisation: bool = True
+
+    def check(self, key: str) -> None:
+        check_sparse_section(self, key)
+        if not self.round_epochs or min(self.round_epochs) < 1:
+            raise ConfigError(f"{key}.round_epochs: expected a non-empty list of positive integers, got "
+                              f"{self.round_epochs}")
+        if not 0 < self.lr_decay <= 1:
+            raise ConfigError(f"{key}.lr_decay: expected a number in (0, 1], got {self.lr_decay}")
 
 
 def qsenn_layer(path: dict[str, np.ndarray], n_per_class: int, min_per_class: int) -> dict:
@@ -57,7 +89,7 @@ class QSENNSparseStage:
         self.name = f"qsenn_sparse{r}"
         self.model_stage = "dense" if r == 0 else f"qsenn_finetune{r - 1}"
         self.fit_stage = f"qsenn_fit{r}"
-        self.depends: tuple[str, ...] = (self.model_stage, "select", self.fit_stage)
+        self.depends: tuple[str, ...] = (self.model_stage, SELECT_STAGE, self.fit_stage)
 
     def config_parts(self, cfg: Config) -> dict[str, Any]:
         q = cfg.qsenn
@@ -69,15 +101,15 @@ class QSENNSparseStage:
         path = read_path(ctx.outputs[self.fit_stage])
         layer = qsenn_layer(path, cfg.qsenn.n_per_class, cfg.qsenn.min_per_class)
         selection = load_selection(ctx)
-        model = load_classifier(cfg, ctx.data.num_classes, ctx.outputs[self.model_stage] / "model.pt")
+        model = load_model(ctx, self.model_stage)
         if self.r > 0 and not torch.equal(model.head.selection.cpu(), selection):
             raise RuntimeError(f"{self.model_stage}: the model's selection differs from the select stage's")
         # round 0: statistics of the dense model's full feature vector are indexed by the selection inside the
         # head; round r >= 1: statistics of the selected features themselves (same order as the selection)
         model.head = SparseHead(selection, torch.from_numpy(layer["weight"]), torch.from_numpy(path["mean"]),
                                 torch.from_numpy(path["std"]), bias=torch.from_numpy(layer["bias"]),
-                                **sparse_head_options(cfg))
-        digests = install_and_save(ctx, model, out_dir)
+                                **sparse_head_options(cfg.qsenn))
+        digests = save_model(out_dir / MODEL, model)
         W = layer["weight"]
         counts = (W != 0).sum(axis=1)
         empty = np.flatnonzero(counts == 0).tolist()
@@ -92,23 +124,39 @@ class QSENNSparseStage:
                 "bias_max_abs": float(np.abs(layer["bias"]).max()), "rank_digests": digests}
 
 
-def stages_for(rounds: int) -> list[Stage]:
-    out: list[Stage] = [DenseStage(), FeaturesStage("features", "dense"), SelectStage("qsenn")]
+def stages(cfg: Config) -> list[Stage]:
+    rounds = len(cfg.qsenn.round_epochs)
+    out: list[Stage] = [DenseStage(), features_stage("features", "dense"), SelectStage("qsenn")]
     for r in range(rounds):
         if r == 0:
             out.append(FitStage("qsenn_fit0", "features", select_columns=True, stop_rule="full", section="qsenn"))
         else:
-            out.append(FeaturesStage(f"qsenn_features{r}", f"qsenn_finetune{r - 1}"))
+            out.append(features_stage(f"qsenn_features{r}", f"qsenn_finetune{r - 1}"))
             out.append(FitStage(f"qsenn_fit{r}", f"qsenn_features{r}", select_columns=False, stop_rule="full",
                                 section="qsenn"))
         out.append(QSENNSparseStage(r))
-        out.append(FinetuneStage(f"qsenn_finetune{r}", f"qsenn_sparse{r}", lambda cfg, r=r: round_phase(cfg, r),
-                                 seed_offset=1 + r))
+        out.append(TrainStage(f"qsenn_finetune{r}", "finetune", lambda c, r=r: round_phase(c, r),
+                              model_stage=f"qsenn_sparse{r}", seed_offset=1 + r))
     last = f"qsenn_finetune{rounds - 1}"
-    out.append(EvaluateStage("qsenn_evaluate", "qsenn", last))
-    out.append(ReportStage("qsenn_report", "qsenn", "qsenn_evaluate", last, f"qsenn_sparse{rounds - 1}"))
+    k = lambda c: c.qsenn.n_per_class  # noqa: E731
+    out.append(EvaluateStage("qsenn", last, k))
+    out.append(ReportStage("qsenn", last, k, extra=(f"qsenn_sparse{rounds - 1}",)))
     return out
 
 
-def stages(cfg: Config | None = None) -> list[Stage]:
-    return stages_for(len(cfg.qsenn.round_epochs) if cfg is not None else 4)
+def report_sections(inputs) -> list[tuple[str, str]]:
+    rounds = len(inputs.ctx.cfg.qsenn.round_epochs)
+    return [summary_section("Sparse layer", inputs.stage_summary(f"qsenn_sparse{rounds - 1}")),
+            *sparse_head_sections(inputs)]
+
+
+def validate(cfg: Config) -> None:
+    check_feature_count(cfg.qsenn.n_features, "qsenn.n_features", cfg.model)
+
+
+SPEC = register(MethodSpec(
+    name="qsenn", label="Q-SENN", sections={"qsenn": QSENNConfig, "glm": GLMConfig}, stages=stages, head=SparseHead,
+    report_sections=report_sections, validate=validate, demo_config="demo_qsenn.yaml", order=30,
+    headline=("accuracy", "structural_grounding", "class_independence", "contrastiveness", "dependence",
+              "part_recovery", "part_localisation"),
+))

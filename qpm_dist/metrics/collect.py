@@ -15,12 +15,12 @@ from typing import Callable
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from qpm_dist import dist
 from qpm_dist.config import EvalConfig
 from qpm_dist.dist import DistInfo
 from qpm_dist.engine.evaluate import accuracy_terms
+from qpm_dist.engine.streaming import model_outputs
 from qpm_dist.metrics import interpretability as M
 from qpm_dist.metrics.parts import part_boxes_available, part_localisation
 from qpm_dist.stats.accumulate import FeatureSums
@@ -30,28 +30,18 @@ def _ks(n_per_class: int) -> range:
     return range(1, max(5, n_per_class) + 1)
 
 
-def _progress(info: DistInfo, total: int, desc: str) -> tqdm:
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=not info.is_main)
-
-
-@torch.no_grad()
 def _test_pass(model, loader, info: DistInfo, autocast, weights: torch.Tensor, ks: range) -> dict:
     device = info.device
     acc = torch.zeros(4, dtype=torch.float64, device=device)
     div = {name: [torch.zeros(len(ks), dtype=torch.float64, device=device) for _ in range(2)]
            for name in ("diversity", "SID")}
-    with _progress(info, len(loader), "metrics: test set") as bar:
-        for images, labels in loader:
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            with autocast():
-                out = model(images)
-            logits = out.logits.float()
-            acc += accuracy_terms(logits, labels)
-            for name, sum_n_max in (("diversity", False), ("SID", True)):
-                s, c = M.diversity_terms(out.feature_maps, logits, weights, ks, sum_n_max)
-                div[name][0] += s
-                div[name][1] += c
-            bar.update(1)
+    for out, labels in model_outputs(model, loader, info, autocast, desc="metrics: test set"):
+        logits = out.logits.float()
+        acc += accuracy_terms(logits, labels)
+        for name, sum_n_max in (("diversity", False), ("SID", True)):
+            s, c = M.diversity_terms(out.feature_maps, logits, weights, ks, sum_n_max)
+            div[name][0] += s
+            div[name][1] += c
     loss, top1, top5, count = dist.all_reduce(acc).tolist()
     result = {"accuracy": 100 * top1 / max(count, 1), "top5": 100 * top5 / max(count, 1),
               "test_loss": loss / max(count, 1), "test_images": int(count)}
@@ -62,7 +52,6 @@ def _test_pass(model, loader, info: DistInfo, autocast, weights: torch.Tensor, k
     return result
 
 
-@torch.no_grad()
 def _train_pass(model, loader, info: DistInfo, autocast, weights: torch.Tensor, num_classes: int,
                 num_samples: int, cfg: EvalConfig, seed: int) -> dict:
     device = info.device
@@ -74,20 +63,15 @@ def _train_pass(model, loader, info: DistInfo, autocast, weights: torch.Tensor, 
     keep_prob = min(1.0, cfg.gmm_samples / max(num_samples, 1))
     rng = torch.Generator().manual_seed(seed * 1000 + info.rank)
     subsample: list[torch.Tensor] = []
-    with _progress(info, len(loader), "metrics: training set") as bar:
-        for images, labels in loader:
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            with autocast():
-                out = model(images)
-            x = out.features.double()
-            sums.update(x, labels)
-            gram += x.T @ x
-            s, c = M.dependence_terms(out.features, out.logits, weights)
-            dep += torch.stack([s, c])
-            if keep_gmm:
-                mask = torch.rand(x.shape[0], generator=rng) < keep_prob
-                subsample.append(out.features.float()[mask.to(device)].cpu())
-            bar.update(1)
+    for out, labels in model_outputs(model, loader, info, autocast, desc="metrics: training set"):
+        x = out.features.double()
+        sums.update(x, labels)
+        gram += x.T @ x
+        s, c = M.dependence_terms(out.features, out.logits, weights)
+        dep += torch.stack([s, c])
+        if keep_gmm:
+            mask = torch.rand(x.shape[0], generator=rng) < keep_prob
+            subsample.append(out.features.float()[mask.to(device)].cpu())
     sums.all_reduce()
     dist.all_reduce(gram)
     dist.all_reduce(dep)

@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from scipy.stats import norm
-from sklearn.mixture import GaussianMixture
 
 
 def diversity_terms(feature_maps: torch.Tensor, logits: torch.Tensor, weights: torch.Tensor, ks: range,
@@ -92,6 +91,8 @@ def gaussian_overlap(mu1: float, s1: float, mu2: float, s2: float, grid: int = 4
 
 def contrastiveness(samples: np.ndarray, seed: int = 0) -> float:
     """1 − mean_j OVL_j of a 2-component GMM fitted to each feature column (spec §7.5; weights ignored)."""
+    from sklearn.mixture import GaussianMixture  # scikit-learn's import costs ~0.5 s; only this metric needs it
+
     overlaps = []
     for column in samples.T:
         if np.ptp(column) == 0:

@@ -16,46 +16,27 @@ import numpy as np
 import torch
 from PIL import Image
 from scipy.optimize import linear_sum_assignment
-from torch.utils.data import DataLoader, Dataset
 
 from qpm_dist import dist
 from qpm_dist.data.cub import load_part_boxes
 from qpm_dist.dist import DistInfo
-
-
-class _Indexed(Dataset):
-    """(image, index) pairs of this rank's shard of a map-style dataset."""
-
-    def __init__(self, dataset, indices: range) -> None:
-        self.dataset, self.indices = dataset, indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int):
-        index = self.indices[i]
-        return self.dataset[index][0], index
+from qpm_dist.engine.streaming import model_outputs
 
 
 def part_boxes_available(root: Path) -> bool:
     return (Path(root) / "parts" / "part_boxes.txt").is_file()
 
 
-@torch.no_grad()
 def part_localisation(model, data, info: DistInfo, autocast, batch_size: int) -> dict:
     """Hit rates L (n features x P parts) over the test set, the matching and its mean hit rate."""
     root = Path(data.cfg.root)
     boxes = load_part_boxes(root)
     split = data.test_split
     n_parts = data.class_parts.shape[1]
-    dataset = data.dataset("test", augment=False)
-    loader = DataLoader(_Indexed(dataset, range(info.rank, len(dataset), info.world_size)), batch_size=batch_size,
-                        num_workers=data.cfg.num_workers)
+    loader = data.eval_loader("test", batch_size, info.rank, info.world_size, return_index=True)
     hits = present = chance = None
-    model.eval()
-    for images, indices in loader:
-        with autocast():
-            maps = model(images.to(info.device)).feature_maps.float()
+    for output, _, indices in model_outputs(model, loader, info, autocast):
+        maps = output.feature_maps.float()
         b, n, h, w = maps.shape
         if hits is None:
             hits = torch.zeros(n, n_parts, dtype=torch.float64)

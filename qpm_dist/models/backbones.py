@@ -16,6 +16,8 @@ from torch import nn
 from torchvision.models import resnet
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from qpm_dist.config import ConfigError, ModelConfig
+
 NormFactory = Callable[[int], nn.Module]
 
 
@@ -98,6 +100,22 @@ class TinyResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
         return self.layer3(self.layer2(self.layer1(x)))
+
+
+def num_features(arch: str, tiny_width: int = 16) -> int:
+    """Channels of the backbone's last feature maps (the F that the sparse-head methods select from), without
+    building it: 512 x the block expansion for the torchvision ResNets, 4 x width for the tiny one."""
+    if arch == "tiny_resnet":
+        return 4 * tiny_width
+    block = {"resnet18": BasicBlock, "resnet34": BasicBlock, "resnet50": Bottleneck}[arch]
+    return 512 * block.expansion
+
+
+def check_feature_count(n: int, key: str, model_cfg: ModelConfig) -> None:
+    """A method's feature count cannot exceed the backbone's (a config check, before any work)."""
+    available = num_features(model_cfg.arch, model_cfg.tiny_width)
+    if n > available:
+        raise ConfigError(f"{key} ({n}) exceeds the {available} features of model.arch={model_cfg.arch}")
 
 
 def build_backbone(arch: str, reduced_strides: bool, norm: str = "batch", tiny_width: int = 16) -> nn.Module:

@@ -1,60 +1,89 @@
-"""Saving and loading trained classifiers as plain state dicts.
+"""Saving and loading trained classifiers.
 
-A sparse model's state dict carries its head's selection, weight, mean and std, so the architecture is
-rebuilt from the file alone (plus the model config for the backbone).
+A model file (`model.pt`) holds the state dict and, next to it, the head's registered type and constructor
+options (`models.net.register_head`), so the classifier is rebuilt from the file and the backbone settings
+(`model.*` of the config) alone:
+
+    {"format": "qpm-dist/classifier", "version": 1,
+     "head": {"kind": "sparse", "options": {"dropout": 0.1, ...}}, "state_dict": {...}}
+
+Files are read with `torch.load(weights_only=True)`: tensors and plain containers only, no pickled code.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from qpm_dist.config import Config
+from qpm_dist.config import ModelConfig
 from qpm_dist.models.backbones import build_backbone
-from qpm_dist.models.net import Classifier, DenseHead
+from qpm_dist.models.net import HEAD_TYPES, Classifier
 from qpm_dist.models.sparse import SparseHead
+from qpm_dist.utils import atomic_open
+
+FORMAT, VERSION = "qpm-dist/classifier", 1
+BUILTIN_HEADS = (SparseHead,)  # imported here so that their type names are registered wherever models are read
 
 
-def read_state(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(Path(path), map_location="cpu", weights_only=True)
+def classifier_file(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """What `save_classifier` writes: `state` (default: the model's own, as CPU tensors) and the head's type."""
+    if state is None:
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    # a view of a larger tensor (e.g. an index_select) is saved contiguous: readers may view it as bytes
+    state = {k: v.contiguous() for k, v in state.items()}
+    head = model.head
+    return {"format": FORMAT, "version": VERSION, "head": {"kind": head.kind, "options": head.options()},
+            "state_dict": state}
 
 
-def sparse_head_options(cfg: Config) -> dict:
-    """Dropout and trainability of the sparse head for the config's method (not stored in a state dict).
-
-    QPM freezes the head's mean/std; SLDD and Q-SENN fine-tune them (specs/qsenn_sldd.md §1).
-    """
-    section = {"sldd": cfg.sldd, "qsenn": cfg.qsenn}.get(cfg.method)
-    if section is None:
-        return {"dropout": cfg.qpm.dropout, "dropout_before_norm": cfg.qpm.dropout_before_norm}
-    return {"dropout": section.dropout, "dropout_before_norm": section.dropout_before_norm,
-            "train_normalisation": section.train_normalisation}
+def save_classifier(path: Path, model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the model file atomically (the caller decides which rank writes)."""
+    with atomic_open(Path(path)) as fh:
+        torch.save(classifier_file(model, state), fh)
 
 
-def classifier_from_state(cfg: Config, num_classes: int, state: dict[str, torch.Tensor]) -> Classifier:
-    """Rebuild a dense or sparse classifier from its state dict and load it (strictly)."""
-    m = cfg.model
-    backbone = build_backbone(m.arch, m.reduced_strides, m.norm, m.tiny_width)
-    if "head.selection" in state:
-        head: nn.Module = SparseHead(state["head.selection"], state["head.weight"], state["head.mean"],
-                                     state["head.std"], bias=state.get("head.bias"), **sparse_head_options(cfg))
-    else:
-        head = DenseHead(backbone.num_features, num_classes, m.dropout)
+def read_classifier_file(path: Path) -> dict[str, Any]:
+    """The checked content of a model file; errors name the file."""
+    path = Path(path)
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any unpickling error means the same thing to the user
+        raise ValueError(f"{path}: not a readable model file ({exc})") from None
+    if not isinstance(saved, dict) or saved.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a qpm-dist model file (written by an older qpm-dist? rerun the stage "
+                         f"that wrote it)")
+    if saved.get("version") != VERSION:
+        raise ValueError(f"{path}: model file version {saved.get('version')}, this code reads version {VERSION}")
+    kind = saved["head"]["kind"]
+    if kind not in HEAD_TYPES:
+        raise ValueError(f"{path}: head type {kind!r} is not registered here (known: {', '.join(sorted(HEAD_TYPES))}); "
+                         f"import the module that defines it")
+    return saved
+
+
+def classifier_from_file(saved: dict[str, Any], model_cfg: ModelConfig) -> Classifier:
+    """Rebuild backbone (from `model_cfg`) and head (from the file), and load the state dict strictly."""
+    backbone = build_backbone(model_cfg.arch, model_cfg.reduced_strides, model_cfg.norm, model_cfg.tiny_width)
+    state = saved["state_dict"]
+    head_state = {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}
+    head = HEAD_TYPES[saved["head"]["kind"]].from_state(saved["head"]["options"], head_state)
     model = Classifier(backbone, head)
     model.load_state_dict(state, strict=True)
     return model
 
 
-def load_classifier(cfg: Config, num_classes: int, path: Path) -> Classifier:
-    return classifier_from_state(cfg, num_classes, read_state(path))
+def load_classifier(path: Path, model_cfg: ModelConfig) -> Classifier:
+    return classifier_from_file(read_classifier_file(path), model_cfg)
 
 
 def state_digest(state: dict[str, torch.Tensor]) -> str:
     """A hash of every tensor of a state dict (to prove that all ranks hold the same model)."""
-    import hashlib
-
     h = hashlib.sha256()
     for name, tensor in sorted(state.items()):
         h.update(name.encode())

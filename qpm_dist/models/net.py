@@ -2,12 +2,17 @@
 
 Every head exposes `class_weights()` (the C x F' matrix the feature diversity loss and the
 interpretability metrics read) and returns its pooled feature vector, so losses, statistics and metrics
-work the same for the dense model and for the sparse (QPM / SLDD) models added later.
+work the same for the dense model and for the sparse models.
+
+Head types are registered by name (`register_head`). A saved model names its head's type and the head's
+constructor options next to the state dict (`models.io`), so loading rebuilds the head it was saved with,
+never one guessed from the state dict's keys. A head type implements `options()` (what its constructor needs
+besides its tensors) and `from_state(options, state)` (the head rebuilt from them and its own state dict).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 from torch import nn
@@ -22,6 +27,24 @@ class ModelOutput(NamedTuple):
     features: torch.Tensor  # B x F', the vector the final linear layer reads
 
 
+HEAD_TYPES: dict[str, type[nn.Module]] = {}
+HeadType = TypeVar("HeadType", bound=type)
+
+
+def register_head(kind: str):
+    """Class decorator: make a head type loadable by its name `kind` (stored in every saved model)."""
+
+    def register(cls: HeadType) -> HeadType:
+        if HEAD_TYPES.get(kind, cls) is not cls:
+            raise ValueError(f"head type {kind!r} is already registered by {HEAD_TYPES[kind].__qualname__}")
+        cls.kind = kind
+        HEAD_TYPES[kind] = cls
+        return cls
+
+    return register
+
+
+@register_head("dense")
 class DenseHead(nn.Module):
     """Global average pooling -> dropout -> linear layer with bias (the reference's dense configuration)."""
 
@@ -29,6 +52,14 @@ class DenseHead(nn.Module):
         super().__init__()
         self.dropout = nn.Dropout(dropout)
         self.linear = nn.Linear(num_features, num_classes)
+
+    def options(self) -> dict[str, Any]:
+        return {"num_features": self.linear.in_features, "num_classes": self.linear.out_features,
+                "dropout": self.dropout.p}
+
+    @classmethod
+    def from_state(cls, options: dict[str, Any], state: dict[str, torch.Tensor]) -> "DenseHead":
+        return cls(**options)
 
     def class_weights(self) -> torch.Tensor:
         return self.linear.weight

@@ -1,4 +1,4 @@
-"""The sparse head of QPM / SLDD / Q-SENN (specs/qpm.md §3.4, §5.9).
+"""The sparse head of QPM and the glm-based methods (specs/qpm.md §3.4, §5.9).
 
 Feature maps are indexed to the n selected channels before pooling, so everything downstream (the maps the
 feature diversity loss and the metrics read, the pooled features) lives in the selected space. Pooled
@@ -15,9 +15,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qpm_dist.models.net import ModelOutput
+from qpm_dist.models.net import ModelOutput, register_head
 
 
+@register_head("sparse")
 class SparseHead(nn.Module):
     def __init__(self, selection: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
                  bias: torch.Tensor | None = None, dropout: float = 0.1, train_normalisation: bool = False,
@@ -36,6 +37,16 @@ class SparseHead(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.float().clone(), requires_grad=False)
         self.dropout = nn.Dropout(dropout)
         self.dropout_before_norm = dropout_before_norm
+        self.train_normalisation = train_normalisation
+
+    def options(self) -> dict:
+        return {"dropout": self.dropout.p, "dropout_before_norm": self.dropout_before_norm,
+                "train_normalisation": self.train_normalisation}
+
+    @classmethod
+    def from_state(cls, options: dict, state: dict[str, torch.Tensor]) -> "SparseHead":
+        return cls(state["selection"], state["weight"], state["mean"], state["std"], bias=state.get("bias"),
+                   **options)
 
     def class_weights(self) -> torch.Tensor:
         return self.weight

@@ -1,19 +1,24 @@
-"""Dense, QPM, SLDD and Q-SENN side by side: the metrics.json of every method run under one run.out_dir.
+"""Every method side by side: the metrics.json of every method evaluated under one run.out_dir.
 
 Every evaluate stage writes `metrics.json` as {"dense": ..., <method>: ...}. This module finds them
-(`<out_dir>/<run>/<...evaluate>-<key>/metrics.json`), keeps the newest per method and lays them out as one
-table: in every report (section "Methods compared") and as `qpm-dist compare OUT_DIR` (text + HTML file).
+(`<out_dir>/<run>/<method>_evaluate-<key>/metrics.json`), keeps the newest per method and lays them out once:
+a table, then pictures of the methods' headline metrics (qpm_dist.methods): accuracy against each
+interpretability metric (one mark per model) and ground-truth recovery against what chance gives. The
+same section is in every report and in `qpm-dist compare OUT_DIR` (text + `compare.html`).
 """
 
 from __future__ import annotations
 
+import base64
 import html
+import io
 import json
 from pathlib import Path
 
-from qpm_dist.report.build import METHOD_LABELS, _fmt, metric_rows
-
-ORDER = ["qpm", "sldd", "qsenn"]
+from qpm_dist import methods
+from qpm_dist.report import figures
+from qpm_dist.report.tables import BASELINES, SHORT_LABELS, Column, table_html, table_text
+from qpm_dist.utils import atomic_write_text
 
 
 def find_metrics(out_dir: Path) -> dict[str, dict]:
@@ -26,6 +31,8 @@ def find_metrics(out_dir: Path) -> dict[str, dict]:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
+        if not isinstance(data, dict):
+            continue
         mtime = path.stat().st_mtime
         for method, metrics in data.items():
             if method == "dense" or not isinstance(metrics, dict):
@@ -36,61 +43,76 @@ def find_metrics(out_dir: Path) -> dict[str, dict]:
     return {m: v for m, (_, v) in found.items()}
 
 
-def method_columns(out_dir: Path, dense: dict | None = None) -> list[tuple[str, str, dict]]:
-    """[(header, source, metrics)]: the dense model (given, or the newest run's), then each method found."""
+def method_columns(out_dir: Path, own: list[Column] | None = None) -> list[Column]:
+    """The dense model, then each method in registry order (unknown ones last): the models of `own` (a report's
+    own run) first, the newest evaluation under `out_dir` for every other method."""
     found = find_metrics(out_dir)
-    methods = [m for m in ORDER if m in found] + sorted(m for m in found if m not in ORDER)
-    columns = []
-    if dense is None and methods:
-        newest = max(methods, key=lambda m: Path(found[m]["path"]).stat().st_mtime)
-        dense = found[newest]["dense"]
-    if dense is not None:
-        columns.append(("dense", "", dense))
-    for m in methods:
-        columns.append((METHOD_LABELS.get(m, m), found[m]["path"], found[m]["metrics"]))
-    return columns
+    own = own or []
+    taken = {c.name for c in own}
+    order = {name: i for i, name in enumerate(methods.names())}
+    others = sorted((m for m in found if m not in taken), key=lambda m: (order.get(m, len(order)), m))
+    columns = [Column(m, methods.label(m), found[m]["metrics"], found[m]["path"]) for m in others]
+    dense = [c for c in own if c.name == "dense"]
+    if not dense and others:  # the dense model of the newest evaluation
+        newest = max(others, key=lambda m: Path(found[m]["path"]).stat().st_mtime)
+        if found[newest]["dense"] is not None:
+            dense = [Column("dense", "dense", found[newest]["dense"], found[newest]["path"])]
+    merged = [c for c in own if c.name != "dense"] + columns
+    merged.sort(key=lambda c: (order.get(c.name, len(order)), c.name))
+    return dense + merged
 
 
-def _rows(columns: list[tuple[str, str, dict]]) -> list[tuple[str, list]]:
-    """METRIC_ROWS present in any column; a sparse model with fewer than 5 features per class has no SID@5,
-    so its own SID@k / diversity@k rows follow the paper's @5 (as in the single-method report)."""
-    ks = {round(c[2]["PerClass"]) for c in columns if 0 < (c[2].get("PerClass") or 5) < 5}
-    return [(label, [c[2].get(key) for c in columns]) for key, label in metric_rows(ks)
-            if any(key in c[2] for c in columns)]
+def headline_metrics(columns: list[Column]) -> list[str]:
+    """The interpretability metrics (not accuracy) any compared method names as headline, in registry order,
+    that at least two models report."""
+    keys: list[str] = []
+    for c in columns:
+        if c.name in methods.names():
+            keys += [k for k in methods.get(c.name).headline if k != "accuracy" and k not in keys]
+    return [k for k in keys if sum(c.metrics.get(k) is not None for c in columns) >= 2]
 
 
-def comparison_html(columns: list[tuple[str, str, dict]]) -> str:
-    if len(columns) < 2:
-        return ""
-    head = "".join(f"<th>{html.escape(h)}</th>" for h, _, _ in columns)
-    body = "".join(f"<tr><td>{label}</td>" + "".join(f"<td>{_fmt(v)}</td>" for v in values) + "</tr>"
-                   for label, values in _rows(columns))
-    sources = "".join(f"<li>{html.escape(h)}: {html.escape(src)}</li>" for h, src, _ in columns if src)
-    return (f"<h2>Methods compared</h2><p>The newest evaluation of each method under this output folder "
-            f"(dense: this run's dense model).</p><table><tr><th>metric</th>{head}</tr>{body}</table>"
-            f"<ul>{sources}</ul>")
+def _png(fig) -> str:
+    buffer = io.BytesIO()
+    figures.save(fig, buffer)
+    data = base64.b64encode(buffer.getvalue()).decode()
+    return f'<img src="data:image/png;base64,{data}" alt="comparison figure">'
 
 
-def comparison_text(columns: list[tuple[str, str, dict]]) -> str:
-    rows = _rows(columns)
-    width = max([len(label) for label, _ in rows] + [6])
-    lines = [f"{'metric':<{width}}  " + "  ".join(f"{h:>10}" for h, _, _ in columns)]
-    for label, values in rows:
-        lines.append(f"{label:<{width}}  " + "  ".join(f"{_fmt(v):>10}" for v in values))
-    return "\n".join(lines)
+def comparison_figures(columns: list[Column]) -> str:
+    """Accuracy against each headline metric, and the metrics with a chance baseline as paired bars."""
+    keys = headline_metrics(columns)
+    parts = []
+    scatter = [k for k in keys if any(c.metrics.get("accuracy") is not None for c in columns)]
+    if scatter:
+        parts.append(_png(figures.accuracy_scatter(
+            [(c.label, c.metrics) for c in columns], scatter, [SHORT_LABELS.get(k, k) for k in scatter])))
+    bars = [k for k in keys if k in BASELINES]
+    if bars:
+        parts.append(_png(figures.baseline_bars(
+            [(c.label, c.metrics) for c in columns], [(k, BASELINES[k]) for k in bars],
+            [SHORT_LABELS.get(k, k) for k in bars])))
+    return "".join(parts)
+
+
+def comparison_section(columns: list[Column], intro: str) -> str:
+    """The table and the pictures, as one HTML section."""
+    sources = "".join(f"<li>{html.escape(c.label)}: {html.escape(c.source)}</li>" for c in columns if c.source)
+    return (f"<h2>Methods compared</h2><p>{intro}</p>{table_html(columns)}"
+            f"{comparison_figures(columns)}<ul>{sources}</ul>")
 
 
 def write_comparison(out_dir: Path, html_path: Path | None = None) -> tuple[str, Path | None]:
     """`qpm-dist compare`: the text table, and an HTML page (default <out_dir>/compare.html)."""
-    from qpm_dist.utils import atomic_write_text
-
     columns = method_columns(Path(out_dir))
     if not columns:
-        return f"no evaluate-*/metrics.json under {out_dir}", None
+        return f"no <method>_evaluate-*/metrics.json under {out_dir}", None
     html_path = Path(html_path) if html_path else Path(out_dir) / "compare.html"
+    intro = (f"The newest evaluation of each method under {html.escape(str(out_dir))}; dense: the dense model of "
+             f"the newest one.")
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>Methods compared</title><style>"
             "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-            "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}</style></head><body>"
-            f"{comparison_html(columns) or '<p>Only one model evaluated so far.</p>'}</body></html>\n")
+            "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}img{max-width:100%}</style></head><body>"
+            f"{comparison_section(columns, intro)}</body></html>\n")
     atomic_write_text(html_path, page)
-    return comparison_text(columns), html_path
+    return table_text(columns), html_path

@@ -1,4 +1,5 @@
-"""Figures of the global explanation (specs/qpm.md §8): feature heatmaps and class comparisons.
+"""Figures of the reports: the global explanation (specs/qpm.md §8: feature heatmaps and class comparisons)
+and the comparison of methods (accuracy against interpretability, recovery against chance).
 
 A heatmap is a selected feature's map, upsampled to the image, min-max normalised per image, gamma-
 saturated (γ = 3) and used as the opacity of the column's colour over the grey-scale image.
@@ -7,6 +8,7 @@ saturated (γ = 3) and used as the opacity of the column's colour over the grey-
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 import matplotlib
 
@@ -81,3 +83,55 @@ def comparison_figure(path: Path, names: tuple[str, str], images: tuple[np.ndarr
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def save(fig, target: Path | BinaryIO) -> None:
+    """Write `fig` as a PNG (a path or a binary file object) and release it."""
+    fig.savefig(target, dpi=90, format="png")
+    plt.close(fig)
+
+
+def _mark_colour(i: int) -> np.ndarray:
+    return COLOURS[i % len(COLOURS)]
+
+
+def accuracy_scatter(models: list[tuple[str, dict]], keys: list[str], titles: list[str]):
+    """One panel per metric in `keys`: each model a mark at (its metric, its top-1 accuracy), labelled."""
+    cols = min(4, len(keys))
+    rows = -(-len(keys) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.0 * rows), squeeze=False)
+    for ax, key, title in zip(axes.flat, keys, titles):
+        for i, (label, metrics) in enumerate(models):
+            x, y = metrics.get(key), metrics.get("accuracy")
+            if x is None or y is None:
+                continue
+            ax.scatter([x], [y], s=40, color=_mark_colour(i), zorder=3)
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel(title, fontsize=8)
+        ax.set_ylabel("top-1 accuracy (%)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        ax.margins(0.2)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.suptitle("Accuracy against each interpretability metric (one mark per model)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def baseline_bars(models: list[tuple[str, dict]], pairs: list[tuple[str, str]], titles: list[str]):
+    """One panel per (metric, baseline) pair: per model, its score beside what chance gives for it."""
+    fig, axes = plt.subplots(1, len(pairs), figsize=(max(3.4, 0.9 * len(models) + 1.5) * len(pairs), 3.0),
+                             squeeze=False)
+    for ax, (key, baseline), title in zip(axes.flat, pairs, titles):
+        shown = [(label, m[key], m.get(baseline)) for label, m in models if m.get(key) is not None]
+        x = np.arange(len(shown))
+        ax.bar(x - 0.2, [v for _, v, _ in shown], width=0.4, color=COLOURS[2], label="model")
+        ax.bar(x + 0.2, [b if b is not None else 0.0 for _, _, b in shown], width=0.4, color="0.7", label="chance")
+        ax.set_xticks(x, [label for label, _, _ in shown], fontsize=8)
+        ax.set_title(title, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7)
+    fig.suptitle("Ground-truth recovery against chance", fontsize=9)
+    fig.tight_layout()
+    return fig

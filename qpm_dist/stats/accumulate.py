@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from qpm_dist import dist
+from qpm_dist.utils import atomic_open
 
 
 @dataclass
@@ -83,7 +84,8 @@ class FeatureSums:
         return FeatureSums(**{f.name: getattr(self, f.name).cpu() for f in fields(self)})
 
     def save(self, path: Path) -> None:
-        np.savez(path, **{f.name: getattr(self, f.name).cpu().numpy() for f in fields(self)})
+        with atomic_open(path) as fh:
+            np.savez(fh, **{f.name: getattr(self, f.name).cpu().numpy() for f in fields(self)})
 
     @classmethod
     def load(cls, path: Path) -> "FeatureSums":
@@ -111,20 +113,3 @@ def locality(feature_maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     row, col = pos // w, pos % w
     edge = (row == 0) | (row == h - 1) | (col == 0) | (col == w - 1)
     return peak, edge.float()
-
-
-@torch.no_grad()
-def collect_feature_sums(model: torch.nn.Module, loader, num_classes: int, device: torch.device,
-                         autocast, with_maps: bool = True, progress=None) -> FeatureSums:
-    """One pass of `model` (eval mode) over this rank's shard of `loader`, then one all-reduce."""
-    model.eval()
-    sums = FeatureSums.zeros(model.num_features, num_classes, device)
-    for images, labels in loader:
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        with autocast():
-            out = model(images)
-        sums.update(out.features, labels, out.feature_maps if with_maps else None)
-        if progress is not None:
-            progress.update(1)
-    return sums.all_reduce()

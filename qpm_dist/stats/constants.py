@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from sklearn.cluster import MeanShift
 
 from qpm_dist.stats.accumulate import FeatureSums
 from qpm_dist.utils import log
@@ -51,6 +50,8 @@ def compute_R(A: np.ndarray) -> np.ndarray:
 
 def clip_scale(values: np.ndarray) -> np.ndarray:
     """Clip outliers to the bounds of the most populated MeanShift cluster, centre, scale to ±B_SCALE."""
+    from sklearn.cluster import MeanShift  # scikit-learn's import costs ~0.5 s; only B needs it
+
     v = np.asarray(values, dtype=np.float64)
     if v.size > 1 and np.ptp(v) > 0:
         labels = MeanShift().fit(v.reshape(-1, 1)).labels_

@@ -10,8 +10,9 @@ from qpm_dist import dist
 from qpm_dist.config import load_config
 from qpm_dist.data.sources import build_datasets
 from qpm_dist.engine.evaluate import autocast_for
-from qpm_dist.methods.common import build_dense_model
-from qpm_dist.stats.accumulate import collect_feature_sums
+from qpm_dist.engine.streaming import model_outputs
+from qpm_dist.methods.qpm import QPMStatistics
+from qpm_dist.stages.train import build_dense_model
 
 root, out = sys.argv[1], Path(sys.argv[2])
 info = dist.init("cpu")
@@ -20,7 +21,10 @@ cfg = load_config(None, ["model.arch=tiny_resnet", "model.tiny_width=8", "qpm.n_
 data = build_datasets(cfg.data, seed=0)
 model = build_dense_model(cfg, data.num_classes)
 loader = data.eval_loader("train", 8, info.rank, info.world_size)
-sums = collect_feature_sums(model, loader, data.num_classes, info.device, autocast_for("fp32", info.device))
+stats = QPMStatistics(model, data.num_classes, info.device)  # the stats stage's accumulator
+for output, labels in model_outputs(model, loader, info, autocast_for("fp32", info.device)):
+    stats.update("train", output, labels)
+sums = stats.sums.all_reduce()
 if info.is_main:
     sums.save(out)
 dist.shutdown()

@@ -15,11 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from qpm_dist import dist
 from qpm_dist.config import Config, fingerprint
-from qpm_dist.data.datasets import DatasetBundle
+from qpm_dist.data.loaders import DataSource
 from qpm_dist.dist import DistInfo
-from qpm_dist.utils import atomic_write_text, log
+from qpm_dist.engine.evaluate import autocast_for
+from qpm_dist.stages.artifacts import RECORD, on_main, write_json
+from qpm_dist.utils import log
+
+# Part of every stage key: raised when what a stage folder holds changes form (2: model files carry their head
+# type, stage names carry their method's prefix), so a folder written by older code is never reused.
+ARTEFACTS_VERSION = 2
 
 
 @dataclass
@@ -27,9 +32,14 @@ class RunContext:
     cfg: Config
     info: DistInfo
     run_dir: Path
-    data: DatasetBundle
+    data: DataSource
+    method: Any = None  # the running method's spec (qpm_dist.methods.MethodSpec): label, report sections
     outputs: dict[str, Path] = field(default_factory=dict)  # stage name -> its output folder
     keys: dict[str, str] = field(default_factory=dict)
+
+    def autocast(self):
+        """An autocast context for the run's engine.precision on this rank's device (fp32 on CPU)."""
+        return autocast_for(self.cfg.engine.precision, self.info.device)()
 
 
 class Stage(Protocol):
@@ -45,7 +55,7 @@ class Stage(Protocol):
 
 def stage_key(stage: Stage, ctx: RunContext) -> str:
     upstream = {name: ctx.keys[name] for name in stage.depends}
-    return fingerprint(stage.name, stage.config_parts(ctx.cfg), ctx.data.fingerprint, upstream)
+    return fingerprint(ARTEFACTS_VERSION, stage.name, stage.config_parts(ctx.cfg), ctx.data.fingerprint, upstream)
 
 
 def _needed(stages: list[Stage], target: str | None) -> set[str]:
@@ -66,30 +76,33 @@ def _needed(stages: list[Stage], target: str | None) -> set[str]:
 
 def run_stages(stages: list[Stage], ctx: RunContext, target: str | None = None) -> dict[str, dict]:
     """Run `target` (default: every stage) and whatever it needs that is not finished yet."""
+    names = [s.name for s in stages]
+    duplicate = sorted({n for n in names if names.count(n) > 1})
+    if duplicate:
+        raise ValueError(f"stage names must be unique; repeated: {', '.join(duplicate)}")
     needed = _needed(stages, target)
     summaries: dict[str, dict] = {}
     for stage in stages:
+        missing = [d for d in stage.depends if d not in ctx.keys]
+        if missing:
+            raise ValueError(f"stage {stage.name} depends on {', '.join(missing)}, which no earlier stage produces")
         key = stage_key(stage, ctx)
         out_dir = ctx.run_dir / f"{stage.name}-{key[:12]}"
         ctx.keys[stage.name], ctx.outputs[stage.name] = key, out_dir
         if stage.name not in needed:
             continue
-        marker = out_dir / "stage.json"
+        marker = out_dir / RECORD
         if marker.is_file():
             log.info("stage %s: finished earlier, reusing %s", stage.name, out_dir)
             summaries[stage.name] = json.loads(marker.read_text())
             continue
         log.info("stage %s: running into %s", stage.name, out_dir)
-        if dist.is_main():
-            out_dir.mkdir(parents=True, exist_ok=True)
-        dist.barrier()
+        on_main(out_dir.mkdir, parents=True, exist_ok=True)
         start = time.time()
         summary = stage.run(ctx, out_dir)
         record = {"stage": stage.name, "key": key, "config": stage.config_parts(ctx.cfg),
                   "dataset": ctx.data.fingerprint, "upstream": {d: ctx.keys[d] for d in stage.depends},
                   "seconds": round(time.time() - start, 2), "summary": summary}
-        if dist.is_main():
-            atomic_write_text(marker, json.dumps(record, indent=1, default=str))
-        dist.barrier()
+        write_json(marker, record)
         summaries[stage.name] = record
     return summaries

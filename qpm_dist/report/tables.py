@@ -1,0 +1,87 @@
+"""What the metric keys of metrics.json are called in tables, which of them have a baseline, and the tables.
+
+A column is one evaluated model (the dense model or a method's final model); rows are the metrics present in
+any column, in the paper's order. Shared by the single-method report, `runs/compare.html` and the text
+printed by `qpm-dist compare` / `qpm-dist demo`.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+
+METRIC_ROWS = [
+    ("accuracy", "Top-1 accuracy (%)"), ("top5", "Top-5 accuracy (%)"), ("SID@5", "SID@5"),
+    ("diversity@5", "Diversity@5"), ("class_independence", "Class independence"),
+    ("contrastiveness", "Contrastiveness"), ("correlation", "Correlation (Pearson, lower is better)"),
+    ("dependence", "Dependence (lower is better)"), ("structural_grounding", "Structural grounding"),
+    ("NFfeatures", "Features used"), ("PerClass", "Features per class"),
+    ("part_recovery", "Ground-truth class-part links recovered (features matched to parts by class sets)"),
+    ("part_recovery_random", "... by a random assignment"),
+    ("part_localisation", "Feature peaks inside the matched part's box (features matched by localisation)"),
+    ("part_localisation_chance", "... for a peak at a random position"),
+    ("part_links_by_localisation", "Class-part links recovered (features matched by localisation)"),
+]
+
+# metric -> the value it must beat: what the same score gives by chance
+BASELINES = {"part_recovery": "part_recovery_random", "part_localisation": "part_localisation_chance"}
+
+# short names for figure axes
+SHORT_LABELS = {
+    "accuracy": "top-1 accuracy (%)", "SID@5": "SID@5", "diversity@5": "diversity@5",
+    "class_independence": "class independence", "contrastiveness": "contrastiveness",
+    "correlation": "correlation (lower is better)", "dependence": "dependence (lower is better)",
+    "structural_grounding": "structural grounding", "part_recovery": "class-part links recovered",
+    "part_localisation": "peaks inside the part's box",
+}
+
+
+@dataclass(frozen=True)
+class Column:
+    """One evaluated model: `name` is its key in metrics.json ("dense" or a method), `source` its file."""
+
+    name: str
+    label: str
+    metrics: dict
+    source: str = ""
+
+
+def metric_rows(own_ks=()) -> list[tuple[str, str]]:
+    """METRIC_ROWS plus SID@k / diversity@k rows for each model's own k (≠ 5) after the paper's @5 rows."""
+    rows = list(METRIC_ROWS)
+    at = [key for key, _ in rows].index("diversity@5") + 1
+    rows[at:at] = [(f"{m}@{k}", f"{label}@{k}") for k in sorted(set(own_ks) - {5})
+                   for m, label in (("SID", "SID"), ("diversity", "Diversity"))]
+    return rows
+
+
+def fmt(value) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
+    return html.escape(str(value))
+
+
+def rows(columns: list[Column]) -> list[tuple[str, list]]:
+    """Metric rows present in any column; a sparse model with fewer than 5 features per class has no SID@5,
+    so its own SID@k / diversity@k rows follow the paper's @5."""
+    ks = {round(c.metrics["PerClass"]) for c in columns if 0 < (c.metrics.get("PerClass") or 5) < 5}
+    return [(label, [c.metrics.get(key) for c in columns]) for key, label in metric_rows(ks)
+            if any(key in c.metrics for c in columns)]
+
+
+def table_html(columns: list[Column]) -> str:
+    head = "".join(f"<th>{html.escape(c.label)}</th>" for c in columns)
+    body = "".join(f"<tr><td>{html.escape(label)}</td>" + "".join(f"<td>{fmt(v)}</td>" for v in values) + "</tr>"
+                   for label, values in rows(columns))
+    return f"<table><tr><th>metric</th>{head}</tr>{body}</table>"
+
+
+def table_text(columns: list[Column]) -> str:
+    found = rows(columns)
+    width = max([len(label) for label, _ in found] + [6])
+    lines = [f"{'metric':<{width}}  " + "  ".join(f"{c.label:>10}" for c in columns)]
+    for label, values in found:
+        lines.append(f"{label:<{width}}  " + "  ".join(f"{fmt(v):>10}" for v in values))
+    return "\n".join(lines)

@@ -1,0 +1,130 @@
+"""Training stages: one phase of training a classifier with a training task, and the shared dense stage.
+
+`TrainStage` covers every phase of every method: the model comes from an earlier stage's model file (fine-
+tuning) or is built from the config (dense training), the objective is a training task (default: CE + feature
+diversity loss, `engine.task.ClassificationTask`), and the trainer does the rest (DDP or DeepSpeed,
+checkpoints, resume, logging).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from qpm_dist.config import Config, PhaseConfig, to_dict
+from qpm_dist.engine.evaluate import evaluate_accuracy
+from qpm_dist.engine.task import ClassificationTask, TrainingTask
+from qpm_dist.engine.trainer import Trainer, TrainerSetup
+from qpm_dist.models.net import Classifier, build_model
+from qpm_dist.stages.artifacts import MODEL, RESULT, load_model, save_model, write_json
+from qpm_dist.stages.runner import RunContext
+
+TaskFactory = Callable[[Config, PhaseConfig], TrainingTask]
+
+
+def data_key(cfg: Config) -> dict[str, Any]:
+    """Data settings that change results (not the folder name: the dataset fingerprint covers content)."""
+    d = to_dict(cfg.data)
+    for name in ("root", "converted", "num_workers"):
+        d.pop(name)
+    return d
+
+
+def file_digest(path: str) -> str:
+    """sha256 of a file's content: a replaced weights file under the same name is a new input."""
+    h = hashlib.sha256()
+    with open(Path(path).expanduser(), "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def prepare_for_training(model: nn.Module, cfg: Config) -> nn.Module:
+    """Convert BatchNorm to SyncBatchNorm when the config asks for it (GPU only)."""
+    if cfg.model.norm == "sync_batch":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def build_dense_model(cfg: Config, num_classes: int) -> Classifier:
+    """Same initial weights on every rank (seeded); the caller then seeds per-rank streams for dropout."""
+    torch.manual_seed(cfg.run.seed)
+    return prepare_for_training(build_model(cfg.model, num_classes), cfg)
+
+
+def seed_rank_streams(seed: int, rank: int) -> None:
+    torch.manual_seed(seed * 7919 + rank + 1)
+
+
+def classification_task(cfg: Config, phase: PhaseConfig) -> TrainingTask:
+    return ClassificationTask(phase)
+
+
+class TrainStage:
+    """Train the model of `model_stage` (None: a new model from the config) for the phase `phase(cfg)`.
+
+    `phase_name` is the config section the phase comes from ("dense", "finetune"): errors and logs name it.
+    `task(cfg, phase)` builds the training task; `task_key(cfg)` holds the config it reads beyond the phase
+    (it enters the stage key, with the task's name). Each rank seeds its own random streams (dropout) from
+    run.seed + seed_offset.
+    """
+
+    def __init__(self, name: str, phase_name: str, phase: Callable[[Config], PhaseConfig], model_stage: str | None,
+                 seed_offset: int = 0, task: TaskFactory = classification_task,
+                 task_key: Callable[[Config], Any] = lambda cfg: None) -> None:
+        self.name, self.phase_name, self.phase, self.model_stage = name, phase_name, phase, model_stage
+        self.seed_offset, self.task, self.task_key = seed_offset, task, task_key
+        self.depends: tuple[str, ...] = (model_stage,) if model_stage else ()
+
+    def config_parts(self, cfg: Config) -> dict[str, Any]:
+        phase = dataclasses.replace(self.phase(cfg), eval_every_epochs=1)  # evaluation cadence does not change weights
+        parts = {"data": data_key(cfg), "model": to_dict(cfg.model), self.phase_name: to_dict(phase),
+                 "seed": cfg.run.seed, "strategy": cfg.engine.strategy,
+                 "precision": cfg.engine.precision, "task": self.task.__qualname__, "task_config": self.task_key(cfg)}
+        if self.model_stage is None:
+            parts["weights_sha256"] = file_digest(cfg.model.weights) if cfg.model.weights else None
+        return parts
+
+    def initial_model(self, ctx: RunContext) -> nn.Module:
+        if self.model_stage is None:
+            return build_dense_model(ctx.cfg, ctx.data.num_classes)
+        return prepare_for_training(load_model(ctx, self.model_stage), ctx.cfg)
+
+    def run(self, ctx: RunContext, out_dir: Path) -> dict:
+        cfg = ctx.cfg
+        model = self.initial_model(ctx)
+        seed_rank_streams(cfg.run.seed + self.seed_offset, ctx.info.rank)
+        phase = self.phase(cfg)
+        setup = TrainerSetup(phase=self.phase_name, cfg=phase, engine=cfg.engine, wandb=cfg.wandb, stage_dir=out_dir,
+                             run_name=cfg.run.name, stage=self.name, resume=cfg.run.resume, config_dict=to_dict(cfg))
+        return Trainer(setup, model, self.task(cfg, phase), ctx.data, ctx.info).fit()
+
+
+class DenseStage(TrainStage):
+    """Backbone + dense head trained with CE + feature diversity loss (specs/qpm.md §4), shared by every method
+    run on the same data, model and dense settings (same key); `dense.epochs: 0` takes model.weights as given."""
+
+    def __init__(self) -> None:
+        super().__init__("dense", "dense", lambda cfg: cfg.dense, model_stage=None)
+
+    def run(self, ctx: RunContext, out_dir: Path) -> dict:
+        if ctx.cfg.dense.epochs == 0:
+            return self.pretrained(ctx, out_dir)
+        return super().run(ctx, out_dir)
+
+    def pretrained(self, ctx: RunContext, out_dir: Path) -> dict:
+        """dense.epochs=0: the dense model is model.weights as given (e.g. torchvision ImageNet weights)."""
+        info = ctx.info
+        model = self.initial_model(ctx).to(info.device)
+        per_rank = max(1, ctx.cfg.dense.eval_batch_size // info.world_size)
+        loader = ctx.data.eval_loader("test", per_rank, info.rank, info.world_size, pin_memory=info.device.type == "cuda")
+        test = evaluate_accuracy(model, loader, info, ctx.autocast)
+        save_model(out_dir / MODEL, model)
+        result = {"phase": "dense", "epochs": 0, "test": test, "weights": ctx.cfg.model.weights}
+        write_json(out_dir / RESULT, result)
+        return result
