@@ -45,11 +45,24 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         fh.write(data)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a record is emitted (not when the handler was made), so a caller
+    that redirects stderr (a test's capture, a progress bar's wrapper) sees the log."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; the property above decides
+        pass
+
+
 def setup_logging(rank: int) -> logging.Logger:
     """Log INFO on rank 0 and WARNING elsewhere, each line prefixed with the rank."""
     logger = logging.getLogger("qpm_dist")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter(f"[%(asctime)s r{rank} %(levelname)s] %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
         logger.propagate = False

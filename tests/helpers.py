@@ -100,8 +100,9 @@ def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
             torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=lambda m: f"{key}: {m}")
 
 
-def run_in_process(config: Path, *overrides: str, stage: str | None = None):
-    """Run a config's stages in this process (one rank, one thread, as a 1-process `qpm-dist run` would).
+def run_in_process(config: Path, *overrides: str, stage: str | None = None, threads: int = 1):
+    """Run a config's stages in this process (one rank, `threads` threads; with 1 thread, bitwise what a
+    1-process `qpm-dist run` under torchrun computes).
 
     For tests where multi-process behaviour is not the point: no interpreter start, no torch import, no process
     group. Returns (stage records, RunContext)."""
@@ -112,8 +113,8 @@ def run_in_process(config: Path, *overrides: str, stage: str | None = None):
 
     cfg = load_config(config, list(overrides))
     spec = methods.get(cfg.method)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
         info = dist.init("cpu")
         ctx = RunContext(cfg=cfg, info=info, run_dir=Path(cfg.run.out_dir) / cfg.run.name,
@@ -121,4 +122,4 @@ def run_in_process(config: Path, *overrides: str, stage: str | None = None):
         ctx.run_dir.mkdir(parents=True, exist_ok=True)
         return run_stages(spec.stages(cfg), ctx, stage), ctx
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(previous)

@@ -1,4 +1,6 @@
-"""Bad input stops at once, with exit code 2 and a message naming the key or the path, before training."""
+"""Bad input stops at once, with exit code 2 and a message naming the key or the path, before training.
+
+The command line runs in this process (`cli.main`), except where several processes are the point."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import pytest
 import yaml
 
 from helpers import REPO, run_qpm, stage_dir
+from qpm_dist.cli import build_parser, main
 
 
 def _no_stage_started(config: Path) -> None:
@@ -26,13 +29,11 @@ def _no_stage_started(config: Path) -> None:
         ("engine.deepspeed_config=/nonexistent/z.json", "engine.deepspeed_config: file not found"),
     ],
 )
-def test_bad_input_exits_2_naming_the_problem(write_config, override, message):
+def test_bad_input_exits_2_naming_the_problem(write_config, capsys, override, message):
     config = write_config()
     overrides = [override] + (["engine.strategy=deepspeed"] if "deepspeed_config" in override else [])
-    proc = run_qpm(1, "run", str(config), *overrides, timeout=120)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert message in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert main(["run", str(config), *overrides]) == 2
+    assert message in capsys.readouterr().err
     _no_stage_started(config)
 
 
@@ -45,46 +46,41 @@ def test_bad_input_under_torchrun_fails_fast(write_config):
     _no_stage_started(config)
 
 
-def test_corrupt_annotation_file_is_named(write_config, tiny_data, tmp_path):
+def test_corrupt_annotation_file_is_named(write_config, tiny_data, tmp_path, capsys):
     import shutil
 
     broken = tmp_path / "broken"
     shutil.copytree(tiny_data, broken)
     (broken / "image_class_labels.txt").write_text("1 1\n2 x\n")
-    proc = run_qpm(1, "run", str(write_config()), f"data.root={broken}", timeout=120)
-    assert proc.returncode == 2
-    assert "image_class_labels.txt" in proc.stderr
+    assert main(["run", str(write_config()), f"data.root={broken}"]) == 2
+    assert "image_class_labels.txt" in capsys.readouterr().err
 
 
-def test_unknown_stage_and_print_config(write_config):
+def test_unknown_stage_and_print_config(write_config, capsys):
     config = write_config()
-    proc = run_qpm(1, "run", str(config), "--stage", "densee", timeout=120)
-    assert proc.returncode == 2 and "unknown stage 'densee'" in proc.stderr
-    shown = run_qpm(1, "print-config", str(config), "dense.epochs=7", timeout=120)
-    assert shown.returncode == 0
-    assert yaml.safe_load(shown.stdout)["dense"]["epochs"] == 7
+    assert main(["run", str(config), "--stage", "densee"]) == 2
+    assert "unknown stage 'densee'" in capsys.readouterr().err
+    assert main(["print-config", str(config), "dense.epochs=7"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["dense"]["epochs"] == 7
 
 
-def test_finished_stage_is_reused_and_changed_config_gets_a_new_stage(write_config):
+def test_finished_stage_is_reused_and_changed_config_gets_a_new_stage(write_config, capsys):
     config = write_config(dense={"epochs": 1})
-    first = run_qpm(1, "run", str(config), "--stage", "dense")
-    assert first.returncode == 0, first.stderr[-2000:]
+    assert main(["run", str(config), "--stage", "dense"]) == 0
     out = Path(yaml.safe_load(config.read_text())["run"]["out_dir"])
     done = stage_dir(out)
-    again = run_qpm(1, "run", str(config), "--stage", "dense", "engine.log_every_steps=5")  # logging does not change results
-    assert again.returncode == 0 and f"finished earlier, reusing {done}" in again.stderr
-    changed = run_qpm(1, "run", str(config), "--stage", "dense", "dense.optim.lr=0.01")
-    assert changed.returncode == 0
+    capsys.readouterr()
+    assert main(["run", str(config), "--stage", "dense", "engine.log_every_steps=5"]) == 0  # logging changes nothing
+    assert f"finished earlier, reusing {done}" in capsys.readouterr().err
+    assert main(["run", str(config), "--stage", "dense", "dense.optim.lr=0.01"]) == 0
     assert len(list(out.glob("*/dense-*"))) == 2  # a new key, a new folder; the old result is untouched
     saved = yaml.safe_load((out / "t" / "config.yaml").read_text())
     assert saved["dense"]["optim"]["lr"] == 0.01  # the resolved config of the latest run is kept
 
 
-def test_overrides_before_and_after_options_are_both_applied(write_config):
-    shown = run_qpm(1, "print-config", str(write_config()), "dense.epochs=7", timeout=120)
-    assert yaml.safe_load(shown.stdout)["dense"]["epochs"] == 7
-    from qpm_dist.cli import build_parser, main
-
+def test_overrides_before_and_after_options_are_both_applied(write_config, capsys):
+    assert main(["print-config", str(write_config()), "--plugin", "toy_method", "dense.epochs=7"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["dense"]["epochs"] == 7
     assert main(["run", "/nonexistent.yaml", "--stage", "dense", "dense.epochs=3"]) == 2  # parsed, then the file
     with pytest.raises(SystemExit):
         main(["run", "x.yaml", "--stage", "dense", "--bogus"])

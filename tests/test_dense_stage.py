@@ -1,10 +1,14 @@
-"""The dense phase learns the synthetic task with 2 processes, far above chance."""
+"""The dense phase learns the synthetic task far above chance; with `dense.epochs=0` it is the named weights.
+
+Both run in this process: what is tested is the stage, not the process group (tests/test_engine.py runs the
+trainer with 2 processes)."""
 
 import json
 
 import pytest
+import torch
 
-from helpers import load_weights, run_qpm, stage_dir
+from helpers import load_weights, run_in_process, stage_dir
 
 
 @pytest.fixture(scope="module")
@@ -15,23 +19,20 @@ def small_data(tmp_path_factory):
                     min_size=48, max_size=64, train_per_class=48, test_per_class=16, seed=0)
 
 
-def test_dense_phase_two_ranks_far_above_chance(write_config, small_data, tmp_path):
+def test_dense_phase_far_above_chance(write_config, small_data, tmp_path):
     config = write_config("dense.yaml", data={"root": str(small_data), "img_size": 48},
                           model={"arch": "tiny_resnet", "tiny_width": 16},
                           dense={"epochs": 16, "batch_size": 32, "eval_every_epochs": 4,
                                  "schedule": {"name": "cosine"}})
-    proc = run_qpm(2, "run", str(config), "--stage", "dense")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_in_process(config, stage="dense", threads=2)  # the work of two 1-thread ranks
     result = json.loads((stage_dir(tmp_path / "runs-dense") / "result.json").read_text())
-    assert result["test"]["count"] == 8 * 16  # every test image evaluated exactly once across the 2 ranks
+    assert result["test"]["count"] == 8 * 16  # every test image evaluated exactly once
     chance = 100 / 8
-    assert result["test"]["acc"] >= 3.6 * chance, result  # measured: 66.4% after 16 epochs
+    assert result["test"]["acc"] >= 3.6 * chance, result  # measured: 70.3% after 16 epochs (66.4% on 2 ranks)
 
 
 def test_zero_dense_epochs_use_the_named_weights_and_evaluate_them(write_config, tiny_data, tmp_path):
     """dense.epochs=0 (the ImageNet configs): the dense model is model.weights as given, evaluated on the test set."""
-    import torch
-
     from qpm_dist.config import ModelConfig
     from qpm_dist.models.backbones import build_backbone
 
@@ -40,8 +41,7 @@ def test_zero_dense_epochs_use_the_named_weights_and_evaluate_them(write_config,
     weights = tmp_path / "backbone.pt"
     torch.save(backbone.state_dict(), weights)
     config = write_config("pretrained.yaml", model={"weights": str(weights)}, dense={"epochs": 0})
-    proc = run_qpm(2, "run", str(config), "--stage", "dense")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_in_process(config, stage="dense")
     out = stage_dir(tmp_path / "runs-pretrained")
     result = json.loads((out / "result.json").read_text())
     assert result["epochs"] == 0 and result["weights"] == str(weights) and result["test"]["count"] == 32

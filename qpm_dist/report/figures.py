@@ -14,6 +14,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -109,6 +110,7 @@ def accuracy_scatter(models: list[tuple[str, dict]], keys: list[str], titles: li
             ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_xlabel(title, fontsize=8)
         ax.set_ylabel("top-1 accuracy (%)", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(5))
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
         ax.margins(0.2)
@@ -131,7 +133,8 @@ def baseline_bars(models: list[tuple[str, dict]], pairs: list[tuple[str, str]], 
         ax.set_xticks(x, [label for label, _, _ in shown], fontsize=8)
         ax.set_title(title, fontsize=8)
         ax.tick_params(labelsize=7)
-        ax.legend(fontsize=7)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper right", fontsize=7)
     fig.suptitle("Ground-truth recovery against chance", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.9, 1))
     return fig
