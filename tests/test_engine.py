@@ -11,8 +11,8 @@ import pytest
 import torch
 import yaml
 
-from helpers import (REPO, assert_same_weights, clean_env, load_weights, qpm_command, run_qpm, stage_dir,
-                     wait_for_step, write_test_config)
+from helpers import (REPO, assert_same_weights, clean_env, load_weights, qpm_command, run_in_process, run_qpm,
+                     stage_dir, wait_for_step, write_test_config)
 
 
 def out_dir(config: Path) -> Path:
@@ -25,12 +25,18 @@ def train(nproc: int, config: Path, *overrides: str) -> Path:
     return stage_dir(out_dir(config))
 
 
+def train_in_process(config: Path, *overrides: str) -> Path:
+    """The dense stage of `config` in this process (what a 1-process run computes, bitwise)."""
+    _, ctx = run_in_process(config, *overrides, stage="dense")
+    return ctx.outputs["dense"]
+
+
 def test_two_ranks_equal_one_rank_with_the_same_global_batch(write_config):
     """GroupNorm and no dropout: nothing depends on the rank split, so parameters must agree."""
     common = dict(model={"arch": "tiny_resnet", "tiny_width": 8, "norm": "group", "dropout": 0.0})
-    one = train(1, write_config("one.yaml", **common))
+    one = train_in_process(write_config("one.yaml", **common))
     two = train(2, write_config("two.yaml", **common))
-    accum = train(1, write_config("accum.yaml", **common), "dense.grad_accum=2")
+    accum = train_in_process(write_config("accum.yaml", **common), "dense.grad_accum=2")
     w1, w2, wa = (load_weights(d / "model.pt") for d in (one, two, accum))
     assert_same_weights(w1, w2, atol=1e-5)
     assert_same_weights(w1, wa, atol=1e-5)
@@ -72,9 +78,10 @@ LONG = dict(dense={"epochs": 3, "batch_size": 8})  # 48 steps: time to interrupt
 
 @pytest.fixture(scope="module")
 def reference_one_rank(tmp_path_factory, tiny_data) -> Path:
-    """An uninterrupted 1-process run of LONG (no loader workers), shared by the resume tests."""
+    """An uninterrupted 1-process run of LONG (no loader workers), shared by the resume tests (in process: the
+    same computation as a 1-process `qpm-dist run`, bitwise)."""
     tmp = tmp_path_factory.mktemp("ref1")
-    return train(1, write_test_config(tmp / "ref.yaml", tiny_data, tmp / "runs-ref", **LONG))
+    return train_in_process(write_test_config(tmp / "ref.yaml", tiny_data, tmp / "runs-ref", **LONG))
 
 
 def test_sigterm_mid_epoch_then_resume_is_bitwise_identical(write_config, reference_one_rank):

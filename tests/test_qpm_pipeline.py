@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import load_weights, run_qpm, stage_dir, write_test_config
+from helpers import load_weights, run_in_process, run_qpm, stage_dir, write_test_config
 
 QPM = dict(
     model={"arch": "tiny_resnet", "tiny_width": 8, "norm": "group", "dropout": 0.0},
@@ -81,17 +81,18 @@ def test_metrics_and_report(two_rank_run):
 
 
 def test_one_rank_run_and_stage_cache_invalidation(write_config):
+    """In process (one rank): what a changed n_features reruns, and what it reuses."""
     config = write_config("one.yaml", **QPM)
-    first = run_qpm(1, "run", str(config))
-    assert first.returncode == 0, first.stderr[-4000:]
+    first, before = run_in_process(config)
+    assert list(first) == STAGES
+    records = {name: (before.outputs[name] / "stage.json").stat().st_mtime_ns for name in ("dense", "stats")}
+    changed, after = run_in_process(config, "qpm.n_features=5", stage="qpm_sparse")
+    assert list(changed) == STAGES[:4]  # --stage qpm_sparse stops before fine-tuning the new model
+    for reused in ("dense", "stats"):  # same key, same folder, not written again
+        assert after.outputs[reused] == before.outputs[reused]
+        assert (after.outputs[reused] / "stage.json").stat().st_mtime_ns == records[reused]
     out = out_of(config)
-    old_solve = stage_dir(out, "qpm_solve")
-    changed = run_qpm(1, "run", str(config), "qpm.n_features=5", "--stage", "qpm_sparse")
-    assert changed.returncode == 0, changed.stderr[-4000:]
-    for reused in ("dense", "stats"):
-        assert f"stage {reused}: finished earlier, reusing" in changed.stderr
     solves = sorted(out.glob("*/qpm_solve-*"))
-    assert len(solves) == 2 and old_solve in solves  # a new solve; the old one is kept, never reused
-    new_solve = next(p for p in solves if p != old_solve)
-    assert len(np.load(new_solve / "result.npz")["selected"]) == 5
-    assert not list(out.glob("*/qpm_finetune-*"))[1:]  # --stage sparse stops before fine-tuning the new model
+    assert len(solves) == 2 and before.outputs["qpm_solve"] in solves  # a new solve; the old one is kept, never reused
+    assert len(np.load(after.outputs["qpm_solve"] / "result.npz")["selected"]) == 5
+    assert len(list(out.glob("*/qpm_finetune-*"))) == 1
