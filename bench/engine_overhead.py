@@ -58,7 +58,7 @@ class InMemorySource:
     def __init__(self, data: InMemoryImages) -> None:
         self.data = data
 
-    def train_loader(self, micro_batch, global_batch, rank, world_size, pin_memory=False):
+    def train_loader(self, micro_batch, global_batch, rank, world_size, pin_memory=False, return_index=False):
         return TrainLoader(self.data, micro_batch, global_batch, rank, world_size, seed=0, num_workers=0)
 
     def eval_loader(self, split, batch_size, rank, world_size, pin_memory=False):

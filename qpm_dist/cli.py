@@ -122,9 +122,10 @@ def demo_methods() -> list[str]:
 
 
 def demo_configs(config: str, names: str) -> list[tuple[str, Path]]:
-    """(method, config) for `qpm-dist demo --methods`: each method's demo config (its spec's `demo_config`),
-    looked up next to --config, which is the first method's (they share the dense stage: same data, model and
-    dense settings, same run directory)."""
+    """(method, config) for `qpm-dist demo --methods`: each method's demo config (its spec's `demo_config`) from
+    the folder of --config, and --config itself for the method whose demo config has its file name (QPM's
+    demo.yaml by default). The demo configs share the dense stage: same data, model and dense settings, same
+    run directory."""
     from qpm_dist import methods
 
     available = demo_methods()
@@ -145,16 +146,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     torchrun (every method with a demo config, on the same dense model), then print the headline numbers, the
     methods side by side and where the reports are."""
     from data_prep.synthetic import generate
-    from qpm_dist.config import ConfigError
+    from qpm_dist import methods
+    from qpm_dist.config import ConfigError, load_config
 
     root = Path(args.data)
     try:
-        from qpm_dist import methods
-
         methods.load_plugins(args.plugin)
         runs = demo_configs(args.config, args.methods)
-        configs = [(method, path, _load_config(args, path, [f"data.root={root}", *args.overrides]))
-                   for method, path in runs]
+        configs = [(method, path, load_config(path, [f"data.root={root}", *args.overrides])) for method, path in runs]
     except (ConfigError, ValueError, ImportError) as exc:
         return _fail(str(exc))
     if not (root / "synthetic.json").is_file():

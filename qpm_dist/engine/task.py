@@ -66,6 +66,8 @@ class TrainingTask:
         pass
 
     def state_dict(self) -> dict[str, Any]:
+        """What the hooks recorded; saved in every checkpoint, so plain data only (numbers, strings, lists,
+        dicts, tensors: checkpoints are read with torch.load(weights_only=True))."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -59,6 +59,9 @@ class TrainerSetup:
     resume: str = "auto"  # "auto", "never" or a checkpoint directory
     config_dict: dict | None = None
 
+    def __post_init__(self) -> None:
+        self.stage = self.stage or self.phase
+
 
 class Trainer:
     def __init__(self, setup: TrainerSetup, model: nn.Module, task: TrainingTask, data: DataSource,
@@ -73,10 +76,9 @@ class Trainer:
             )
         self.micro_batch = self.cfg.batch_size // (world * self.cfg.grad_accum)
         pin = info.device.type == "cuda"
-        self.fields = task.batch_fields(data)
-        extra = {"return_index": True} if self.fields else {}
+        self.fields = task.batch_fields(data)  # joined by sample index, so the loader returns indices for them
         self.loader = data.train_loader(self.micro_batch, self.cfg.batch_size, info.rank, world, pin_memory=pin,
-                                        **extra)
+                                        return_index=bool(self.fields))
         self.steps_per_epoch = self.loader.batches_per_epoch // self.cfg.grad_accum
         if model_uses_sync_bn(model) and info.device.type != "cuda" and world > 1:
             raise ValueError("model.norm=sync_batch needs GPUs (torch's SyncBatchNorm does not run on CPU); "
@@ -122,7 +124,7 @@ class Trainer:
         else:
             log.warning("checkpoint was written by %d ranks, this run has %d: data order is unchanged but "
                         "per-rank random streams (dropout) are not restored", len(rng), self.info.world_size)
-        log.info("resumed %s from %s (epoch %d, step %d of the epoch, global step %d)", self.setup.stage or self.setup.phase, path,
+        log.info("resumed %s from %s (epoch %d, step %d of the epoch, global step %d)", self.setup.stage, path,
                  self.progress.epoch, self.progress.step_in_epoch, self.progress.global_step)
 
     def save_checkpoint(self) -> Path:
@@ -138,7 +140,7 @@ class Trainer:
         self._resume()
         stage_dir = self.setup.stage_dir
         self.logger = MetricsLogger(stage_dir / "metrics.jsonl", self.info.is_main, self.setup.wandb, self.run_id,
-                                    name=f"{self.setup.run_name}/{self.setup.stage or self.setup.phase}",
+                                    name=f"{self.setup.run_name}/{self.setup.stage}",
                                     group=self.setup.run_name,
                                     job_type=self.setup.phase, config=self.setup.config_dict or {},
                                     directory=stage_dir)

@@ -164,8 +164,8 @@ def on_solver_ranks(cfg: Config, walk: Callable[[], Any]) -> Any:
     return walk() if cfg.glm.solver == "fast" or dist.is_main() else None
 
 
-def _progress(ctx: RunContext) -> Callable[[str], None] | None:
-    return (lambda msg: log.info("%s", msg)) if ctx.info.is_main else None
+def _progress(message: str) -> None:
+    log.info("%s", message)  # INFO is shown on rank 0 only (utils.setup_logging)
 
 
 # ------------------------------------------------------------------------------------------------ select
@@ -197,7 +197,7 @@ class SelectStage:
         def walk() -> dict:
             solver = data.solver(cfg, "selection", with_test=False, log_path=out_dir / "glm_saga.log")
             order, records = select_features(solver, lams, p.alpha, n_features, scores_at_start(data.corr, True),
-                                             progress=_progress(ctx))
+                                             progress=_progress)
             return {"selected": sorted(order), "entry_order": order, "lambda_max": lam_max,
                     "solver": cfg.glm.solver, "path_points_visited": len(records), "path": records}
 
@@ -253,7 +253,7 @@ class FitStage:
 
         def walk() -> list[PathPoint]:
             solver = data.solver(cfg, "fit", with_test=True, log_path=out_dir / "glm_saga.log")
-            return fit_path(solver, lams, p.alpha, self._stop(cfg, data.num_classes), progress=_progress(ctx))
+            return fit_path(solver, lams, p.alpha, self._stop(cfg, data.num_classes), progress=_progress)
 
         points = on_solver_ranks(cfg, walk)
         on_main(write_path, out_dir, points, data.mean, data.std)

@@ -22,7 +22,7 @@ class ReportStage:
         self.depends: tuple[str, ...] = (self.evaluate_stage, final_stage, *extra)
 
     def config_parts(self, cfg: Config) -> dict[str, Any]:
-        return {"report": to_dict(cfg.report), "eval_batch_size": cfg.eval.batch_size}
+        return {"report": to_dict(cfg.report)}
 
     def run(self, ctx: RunContext, out_dir: Path) -> dict:
         path = out_dir / "report.html"
