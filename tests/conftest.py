@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -13,7 +16,7 @@ import pytest
 warnings.filterwarnings("ignore", message="Exception ignored in: <finalize object",
                         category=pytest.PytestUnraisableExceptionWarning)
 
-from helpers import TINY_DATA, write_test_config
+from helpers import LONG, REPO, TINY_DATA, clean_env, stage_dir, write_test_config
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
@@ -32,3 +35,19 @@ def write_config(tmp_path, tiny_data):
     return write
 
 
+
+
+@pytest.fixture(scope="session")
+def two_rank_reference(tmp_path_factory, tiny_data) -> Path:
+    """The dense stage of LONG, uninterrupted, on one node with 2 processes, started the way SLURM starts it
+    (`qpm-dist launch --run`) with tests/rank_weights_entry.py, which also saves every rank's parameters
+    (`weights.rank<R>.pt`). The reference of the engine's and the multi-node tests' resume checks."""
+    directory = tmp_path_factory.mktemp("reference")
+    config = write_test_config(directory / "ref.yaml", tiny_data, directory / "runs-ref", **LONG)
+    cmd = [sys.executable, "-m", "qpm_dist", "launch", "--run", "--script", str(REPO / "tests" / "rank_weights_entry.py"),
+           "--nproc-per-node", "2", str(config), "--stage", "dense"]
+    proc = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = stage_dir(directory / "runs-ref")
+    assert json.loads((run / "result.json").read_text())["global_step"] == 48
+    return run

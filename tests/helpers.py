@@ -31,6 +31,10 @@ BASE_CONFIG = {
 }
 
 
+# 3 epochs x 16 steps (48): long enough to stop a run in the middle of an epoch (engine and multi-node tests).
+LONG = {"dense": {"epochs": 3, "batch_size": 8}}
+
+
 def write_test_config(path: Path, data_root: Path, out_dir: Path, **updates: dict) -> Path:
     """BASE_CONFIG with this data root and out_dir, each section updated (one level deep), as YAML."""
     cfg = json.loads(json.dumps(BASE_CONFIG))

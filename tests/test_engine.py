@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import (REPO, assert_same_weights, clean_env, load_weights, qpm_command, run_in_process, run_qpm,
+from helpers import (LONG, REPO, assert_same_weights, clean_env, load_weights, qpm_command, run_in_process, run_qpm,
                      stage_dir, wait_for_step, write_test_config)
 
 
@@ -73,8 +73,6 @@ def _interrupt(config: Path, at_step: int, sig: signal.Signals = signal.SIGTERM,
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
-LONG = dict(dense={"epochs": 3, "batch_size": 8})  # 48 steps: time to interrupt in the middle of an epoch
-
 
 @pytest.fixture(scope="module")
 def reference_one_rank(tmp_path_factory, tiny_data) -> Path:
@@ -125,8 +123,8 @@ def test_resume_auto_skips_corrupt_and_partial_checkpoints(write_config, referen
     assert_same_weights(load_weights(reference / "model.pt"), load_weights(stage_dir(out_dir(config)) / "model.pt"))
 
 
-def test_two_ranks_signal_to_one_worker_then_resume_is_bitwise_identical(write_config):
-    reference = train(2, write_config("ref.yaml", **LONG))
+def test_two_ranks_signal_to_one_worker_then_resume_is_bitwise_identical(write_config, two_rank_reference):
+    reference = two_rank_reference
     config = write_config("int.yaml", **LONG)
     stopped = _interrupt(config, 6, signal.SIGUSR1, 2)
     assert stopped.returncode != 0

@@ -24,11 +24,9 @@ import psutil
 import pytest
 import yaml
 
-from helpers import REPO, assert_same_weights, clean_env, load_weights, stage_dir, write_test_config
+from helpers import LONG, REPO, assert_same_weights, clean_env, load_weights, stage_dir, write_test_config
 
 ENTRY = REPO / "tests" / "rank_weights_entry.py"
-# 3 epochs x 16 steps: long enough to stop a run in the middle of an epoch.
-LONG = {"dense": {"epochs": 3, "batch_size": 8}}
 
 
 def write_config(directory: Path, name: str, data_root: Path, **engine) -> Path:
@@ -139,16 +137,9 @@ def check_weights(config: Path, reference: Path, ranks: int = 2) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_data) -> Path:
-    """The uninterrupted single-node run with 2 processes."""
-    directory = tmp_path_factory.mktemp("reference")
-    config = write_config(directory, "ref", tiny_data)
-    proc = start(config, directory / "ref.log", "--nproc-per-node", "2")
-    log = finish(proc, directory / "ref.log")
-    assert proc.returncode == 0, log[-3000:]
-    run = stage_dir(out_dir(config))
-    assert json.loads((run / "result.json").read_text())["global_step"] == 48
-    return run
+def reference(two_rank_reference) -> Path:
+    """The uninterrupted single-node run with 2 processes (shared with tests/test_engine.py)."""
+    return two_rank_reference
 
 
 def test_two_nodes_over_loopback_equal_one_node_with_two_processes(tmp_path, tiny_data, reference):

@@ -1,5 +1,8 @@
 """Training reaches the solver service by URL (or the URL file the SLURM job writes); when the service is
-down, the client retries with messages naming the URL and then, by option, solves in process."""
+down, the client retries with messages naming the URL and then, by option, solves in process.
+
+The service is a separate process, as on a cluster; the training side (`qpm-dist run --stage qpm_solve`) runs in
+this process (`cli.main`): one rank, which is the one that talks to the service."""
 
 from __future__ import annotations
 
@@ -13,7 +16,9 @@ import numpy as np
 import pytest
 import yaml
 
-from helpers import REPO, clean_env, run_qpm, stage_dir, write_test_config
+from helpers import REPO, clean_env, run_in_process, stage_dir, write_test_config
+from qpm_dist.cli import main
+from solver_service import SolverServiceError
 
 TINY_QPM = dict(qpm={"n_features": 6, "n_per_class": 2, "solver": {"time_limit": 30, "retries": 1}})
 
@@ -47,13 +52,12 @@ def stats_ready(tmp_path_factory, tiny_data):
     """A run folder whose dense and stats stages are finished; each test then only solves."""
     tmp = tmp_path_factory.mktemp("solve")
     config = write_test_config(tmp / "config.yaml", tiny_data, tmp / "runs", dense={"epochs": 1}, **TINY_QPM)
-    proc = run_qpm(1, "run", str(config), "--stage", "stats")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_in_process(config, stage="stats")
     return config
 
 
-def solve(config: Path, *overrides: str):
-    return run_qpm(1, "run", str(config), "--stage", "qpm_solve", *overrides, timeout=300)
+def solve(config: Path, *overrides: str) -> int:
+    return main(["run", str(config), "--stage", "qpm_solve", *overrides])
 
 
 def newest_solve(config: Path) -> Path:
@@ -61,13 +65,13 @@ def newest_solve(config: Path) -> Path:
     return max(out.glob("*/qpm_solve-*"), key=lambda p: p.stat().st_mtime)
 
 
-def test_solve_through_the_service_url_file_with_token_and_cache(stats_ready, service):
+def test_solve_through_the_service_url_file_with_token_and_cache(stats_ready, service, capsys):
     import shutil
 
     url, url_file, workdir = service
-    proc = solve(stats_ready, f"qpm.solver.url={url_file}", "qpm.solver.time_limit=31")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "submitting problem" in proc.stderr and url in proc.stderr
+    assert solve(stats_ready, f"qpm.solver.url={url_file}", "qpm.solver.time_limit=31") == 0
+    log = capsys.readouterr().err
+    assert "submitting problem" in log and url in log
     (job,) = list((workdir / "jobs").iterdir())
     assert (job / "result.npz").is_file()
     first = np.load(newest_solve(stats_ready) / "result.npz")
@@ -82,8 +86,7 @@ def test_solve_through_the_service_url_file_with_token_and_cache(stats_ready, se
     for stage in ("dense", "stats"):
         src = stage_dir(old_out, stage)
         shutil.copytree(src, Path(cfg["run"]["out_dir"]) / src.parent.name / src.name)
-    again = solve(other, f"qpm.solver.url={url_file}", "qpm.solver.time_limit=31")
-    assert again.returncode == 0, again.stderr[-3000:]
+    assert solve(other, f"qpm.solver.url={url_file}", "qpm.solver.time_limit=31") == 0
     assert [p.name for p in (workdir / "jobs").iterdir()] == [job.name]
     assert json.loads((job / "state.json").read_text())["solves"] == 1
     second = np.load(newest_solve(other) / "result.npz")
@@ -92,24 +95,19 @@ def test_solve_through_the_service_url_file_with_token_and_cache(stats_ready, se
 
 def test_wrong_token_is_refused_with_a_clear_message(stats_ready, service):
     url, _, _ = service
-    proc = solve(stats_ready, f"qpm.solver.url={url}", "qpm.solver.fallback_local=false",
-                 "qpm.solver.time_limit=32")
-    assert proc.returncode != 0
-    assert "HTTP 401" in proc.stderr or "HTTP 403" in proc.stderr
+    with pytest.raises(SolverServiceError, match="HTTP 40[13]"):
+        solve(stats_ready, f"qpm.solver.url={url}", "qpm.solver.fallback_local=false", "qpm.solver.time_limit=32")
 
 
-def test_service_down_retries_then_solves_in_process(stats_ready):
+def test_service_down_retries_then_solves_in_process(stats_ready, capsys, caplog):
     url = f"http://127.0.0.1:{free_port()}"
-    proc = solve(stats_ready, f"qpm.solver.url={url}", "qpm.solver.time_limit=33")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "retrying in" in proc.stderr and url in proc.stderr
-    assert "solving in process with the open-source backends" in proc.stderr
+    assert solve(stats_ready, f"qpm.solver.url={url}", "qpm.solver.time_limit=33") == 0
+    assert "retrying in" in caplog.text and url in caplog.text  # the client's log (solver_service.client)
+    assert "solving in process with the open-source backends" in capsys.readouterr().err
     assert len(np.load(newest_solve(stats_ready) / "result.npz")["selected"]) == 6
 
 
 def test_service_down_without_fallback_fails_naming_the_url(stats_ready):
     url = f"http://127.0.0.1:{free_port()}"
-    proc = solve(stats_ready, f"qpm.solver.url={url}", "qpm.solver.fallback_local=false",
-                 "qpm.solver.time_limit=34")
-    assert proc.returncode != 0
-    assert f"could not reach the solver service at {url}" in proc.stderr
+    with pytest.raises(SolverServiceError, match=f"could not reach the solver service at {url}"):
+        solve(stats_ready, f"qpm.solver.url={url}", "qpm.solver.fallback_local=false", "qpm.solver.time_limit=34")
