@@ -30,7 +30,7 @@ from qpm_dist.models.backbones import check_feature_count
 from qpm_dist.models.net import Classifier, ModelOutput
 from qpm_dist.models.sparse import SparseHead
 from qpm_dist.report.build import summary_section
-from qpm_dist.report.sparse import sparse_head_sections
+from qpm_dist.report.sparse import HEADLINE, sparse_head_sections
 from qpm_dist.solving import SolverConfig, load_solution, solve_and_broadcast
 from qpm_dist.stages.artifacts import MODEL, load_model, on_main, read_npz, save_model
 from qpm_dist.stages.evaluate import EvaluateStage
@@ -159,6 +159,5 @@ def validate(cfg: Config) -> None:
 SPEC = register(MethodSpec(
     name="qpm", label="QPM", sections={"qpm": QPMConfig}, stages=stages, head=SparseHead,
     report_sections=report_sections, validate=validate, demo_config="demo.yaml", order=10,
-    headline=("accuracy", "structural_grounding", "class_independence", "contrastiveness", "dependence",
-              "part_recovery", "part_localisation"),
+    headline=HEADLINE,
 ))

@@ -35,7 +35,7 @@ from qpm_dist.methods.glm_stages import (SELECT_STAGE, FitStage, SelectStage, ch
 from qpm_dist.models.backbones import check_feature_count
 from qpm_dist.models.sparse import SparseHead
 from qpm_dist.report.build import summary_section
-from qpm_dist.report.sparse import sparse_head_sections
+from qpm_dist.report.sparse import HEADLINE, sparse_head_sections
 from qpm_dist.stages.artifacts import MODEL, load_model, save_model
 from qpm_dist.stages.evaluate import EvaluateStage
 from qpm_dist.stages.report import ReportStage
@@ -157,6 +157,5 @@ def validate(cfg: Config) -> None:
 SPEC = register(MethodSpec(
     name="qsenn", label="Q-SENN", sections={"qsenn": QSENNConfig, "glm": GLMConfig}, stages=stages, head=SparseHead,
     report_sections=report_sections, validate=validate, demo_config="demo_qsenn.yaml", order=30,
-    headline=("accuracy", "structural_grounding", "class_independence", "contrastiveness", "dependence",
-              "part_recovery", "part_localisation"),
+    headline=HEADLINE,
 ))

@@ -16,6 +16,11 @@ import torch
 from qpm_dist.report import figures
 from qpm_dist.report.build import ReportInputs, img
 
+# The headline metrics (MethodSpec.headline) of a method whose final model has a sparse class-feature head:
+# accuracy, how its class similarities match the ground truth, and the part recovery and localisation scores.
+HEADLINE = ("accuracy", "structural_grounding", "class_independence", "contrastiveness", "dependence",
+            "part_recovery", "part_localisation")
+
 
 def shared_pairs(weights: np.ndarray, count: int) -> list[tuple[int, int, int]]:
     """The `count` class pairs sharing the most features: (c1, c2, shared), most shared first."""
