@@ -166,3 +166,17 @@ def test_wandb_offline_resume_continues_the_same_run(write_config):
     ids = {r.name.rsplit("-", 1)[1] for r in runs}
     assert len(ids) == 1, f"resumed into a different wandb run: {runs}"
     assert all(list(r.glob("run-*.wandb")) for r in runs)
+
+
+def test_deepspeed_clips_gradients_only_when_the_phase_asks(tmp_path):
+    """DeepSpeed clips at 1.0 by default; DDP does not clip unless <phase>.clip_grad_norm is set. Left to its
+    default, DeepSpeed's first update was 0.76 of DDP's (the gradient norm was 1.31)."""
+    from qpm_dist.engine.strategy import DeepSpeedStrategy
+
+    zero1 = str(REPO / "configs" / "deepspeed" / "zero1.json")
+    resolve = lambda clip: DeepSpeedStrategy.resolve_config(zero1, 8, 1, 2, "fp32", clip)  # noqa: E731
+    assert resolve(None)["gradient_clipping"] == 0.0 and resolve(2.5)["gradient_clipping"] == 2.5
+    own = tmp_path / "own.json"
+    own.write_text(json.dumps({"zero_optimization": {"stage": 1}, "gradient_clipping": 1.0}))
+    with pytest.raises(ValueError, match="remove 'gradient_clipping'"):
+        DeepSpeedStrategy.resolve_config(str(own), 8, 1, 2, "fp32", None)

@@ -93,6 +93,21 @@ def test_two_processes_equal_one(toy_reference, tiny_data, tmp_path):
     assert json.loads((stage_dir(out, "toy_evaluate") / "metrics.json").read_text())["toy"]["test_images"] == 32
 
 
+def test_under_deepspeed_the_hooks_edit_survives_and_the_run_equals_ddp(toy_reference, tiny_data, tmp_path):
+    """ZeRO-1 keeps its own fp32 copy of the parameters; the trainer refreshes it after every hook
+    (`parameters_edited`), else the next step would undo the hook's shrink (measured: 0.087 apart from DDP)."""
+    _, _, ctx = toy_reference
+    config = toy_config(tmp_path / "ds.yaml", tiny_data, engine={**yaml.safe_load(toy_reference[0].read_text())["engine"],
+                                                                 "strategy": "deepspeed"})
+    proc = subprocess.run(qpm_command(2, "run", str(config), "--plugin", "toy_method", "--stage", "toy_train"),
+                          capture_output=True, text=True, timeout=600, env=plugin_env(), cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = stage_dir(tmp_path / "runs-ds", "toy_train")
+    result = json.loads((run / "result.json").read_text())
+    assert result["strategy"] == "deepspeed" and result["task"] == {"ended": [0, 1, 2]}
+    assert_same_weights(load_weights(ctx.outputs["toy_train"] / "model.pt"), load_weights(run / "model.pt"), atol=1e-5)
+
+
 def test_resume_after_a_stop_in_the_epoch_after_the_hook_is_bitwise_identical(toy_reference, tiny_data, tmp_path):
     _, _, ctx = toy_reference
     config = toy_config(tmp_path / "stopped.yaml", tiny_data)

@@ -92,6 +92,10 @@ class DDPStrategy:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
+    def parameters_edited(self) -> None:
+        """The module's parameters were changed outside the optimizer (a task's epoch hook). DDP's optimizer
+        works on the module's own parameters: nothing to do."""
+
     def export_state_dict(self, checkpoint: Path) -> dict[str, torch.Tensor]:
         """The trained weights as a plain CPU state dict (identical on every rank)."""
         return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
@@ -160,9 +164,10 @@ class DeepSpeedStrategy:
         if stage not in (0, 1, 2):
             raise ValueError(f"{file}: ZeRO stage {stage} is not supported (use 0, 1 or 2; a ResNet's parameters "
                              "fit on every GPU, so stage 3 only adds communication)")
-        for key in ("optimizer", "scheduler"):
+        for key in ("optimizer", "scheduler", "gradient_clipping"):
             if key in cfg:
-                raise ValueError(f"{file}: remove '{key}'; optimizer and schedule come from the qpm-dist config")
+                raise ValueError(f"{file}: remove '{key}'; optimizer, schedule and gradient clipping come from the "
+                                 "qpm-dist config")
         cfg.update(
             train_micro_batch_size_per_gpu=micro_batch,
             gradient_accumulation_steps=grad_accum,
@@ -170,8 +175,8 @@ class DeepSpeedStrategy:
             bf16={"enabled": precision == "bf16"},
             fp16={**cfg.get("fp16", {}), "enabled": precision == "fp16"},
         )
-        if clip_grad_norm is not None:
-            cfg["gradient_clipping"] = clip_grad_norm
+        # DeepSpeed clips at 1.0 unless told otherwise; ours clips only when <phase>.clip_grad_norm is set (as DDP)
+        cfg["gradient_clipping"] = 0.0 if clip_grad_norm is None else clip_grad_norm
         if stage >= 1:
             cfg["zero_allow_untested_optimizer"] = True  # we hand DeepSpeed a torch optimizer
         cfg.setdefault("steps_per_print", 10**9)  # our logger reports progress
@@ -198,6 +203,14 @@ class DeepSpeedStrategy:
 
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
+
+    def parameters_edited(self) -> None:
+        """The module's parameters were changed outside the optimizer (a task's epoch hook). With ZeRO >= 1
+        (and with bf16/fp16) DeepSpeed's optimizer steps its own fp32 copy of the parameters and writes it back
+        into the module at the next step, which would undo the edit: copy the module's values into it."""
+        refresh = getattr(self.optimizer, "refresh_fp32_params", None)
+        if refresh is not None:
+            refresh()
 
     def export_state_dict(self, checkpoint: Path) -> dict[str, torch.Tensor] | None:
         """Plain fp32 CPU weights on rank 0 (None elsewhere).

@@ -18,6 +18,12 @@ The trainer calls, in this order::
         task.on_epoch_end(trainer)        once per finished epoch, before the epoch's checkpoint
     task.state_dict() / load_state_dict() with every checkpoint
 
+Inside a hook `trainer.progress.epoch` is the epoch that starts or has just ended; `trainer.module` is the bare
+model, `trainer.data` the data source, `trainer.info` this rank. Hooks run on every rank; what they change must
+change identically everywhere (a prototype push, say, ends with a broadcast of the winners). A hook may edit
+parameter values in place: after every hook the trainer tells the strategy (`parameters_edited`), so DeepSpeed's
+own fp32 copy follows the edit instead of overwriting it at the next step.
+
 Checkpoint consistency of the hooks: `on_epoch_end` runs exactly once per epoch; what it changes in the model
 is in the checkpoint written right after it, and what it records about itself goes into `state_dict()`, so a
 run resumed later neither repeats nor skips it. `on_epoch_start` is called again when a run resumes inside

@@ -18,6 +18,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -150,6 +151,7 @@ class Trainer:
                 while self.progress.epoch < self.cfg.epochs:
                     train_stats = self.train_epoch(stop)
                     self.task.on_epoch_end(self)
+                    self.strategy.parameters_edited()
                     epoch = self.progress.epoch
                     self.progress.epoch += 1
                     self.progress.step_in_epoch = 0
@@ -165,8 +167,9 @@ class Trainer:
             result = {"phase": self.setup.phase, "epochs": self.cfg.epochs, "global_step": self.progress.global_step,
                       "world_size": self.info.world_size, "strategy": self.strategy.name,
                       "seconds": round(time.time() - start, 2), "test": last_eval}
-            if self.task.state_dict():  # what the task's hooks recorded (e.g. which epochs they ran at)
-                result["task"] = self.task.state_dict()
+            task_state = self.task.state_dict()
+            if task_state:  # what the task's hooks recorded (e.g. which epochs they ran at)
+                result["task"] = task_state
             self._export(result)
             return result
         finally:
@@ -177,6 +180,7 @@ class Trainer:
         self.loader.set_epoch(self.progress.epoch, skip_batches=self.progress.step_in_epoch * accum)
         self.module.train()
         self.task.on_epoch_start(self)
+        self.strategy.parameters_edited()
         epoch_sums, window = MetricWindow(self.info.device), MetricWindow(self.info.device)
         bar = tqdm(total=self.steps_per_epoch, initial=self.progress.step_in_epoch, leave=False, dynamic_ncols=True,
                    desc=f"{self.setup.phase} epoch {self.progress.epoch + 1}/{self.cfg.epochs}",
