@@ -1,6 +1,40 @@
 """The side-by-side comparison of methods."""
 
+import json
+import os
+
+from qpm_dist.report.compare import comparison_figures, headline_metrics, method_columns
 from qpm_dist.report.tables import Column, table_text
+
+
+def write_metrics(out, run, stage, metrics, age):
+    path = out / run / f"{stage}-0123456789ab" / "metrics.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(metrics))
+    os.utime(path, (1_000_000 + age, 1_000_000 + age))
+    return path
+
+
+def test_the_newest_evaluation_of_each_method_in_registry_order_and_the_reports_own_models_first(tmp_path):
+    old = {"dense": {"accuracy": 80.0}, "qpm": {"accuracy": 70.0, "part_recovery": 0.5}}
+    new = {"dense": {"accuracy": 81.0}, "qpm": {"accuracy": 71.0, "part_recovery": 0.6}}
+    write_metrics(tmp_path, "a", "qpm_evaluate", old, age=1)
+    write_metrics(tmp_path, "b", "qpm_evaluate", new, age=2)
+    write_metrics(tmp_path, "b", "zzz_evaluate", {"zzz": {"accuracy": 60.0}}, age=3)  # a method unknown here
+    write_metrics(tmp_path, "b", "sldd_evaluate", {"dense": {"accuracy": 81.0},
+                                                   "sldd": {"accuracy": 75.0, "part_recovery": 0.4}}, age=0)
+    columns = method_columns(tmp_path)
+    assert [(c.name, c.label, c.metrics["accuracy"]) for c in columns] == [
+        ("dense", "dense", 81.0), ("qpm", "QPM", 71.0), ("sldd", "SLDD", 75.0), ("zzz", "zzz", 60.0)]
+    own = [Column("dense", "dense", {"accuracy": 90.0}), Column("sldd", "SLDD", {"accuracy": 91.0, "dependence": 0.3})]
+    columns = method_columns(tmp_path, own=own)
+    assert [(c.name, c.metrics["accuracy"]) for c in columns] == [("dense", 90.0), ("qpm", 71.0), ("sldd", 91.0),
+                                                                 ("zzz", 60.0)]
+    # plotted: headline metrics of the compared methods that at least two models report
+    assert headline_metrics(columns) == []  # part_recovery only for QPM, dependence only for the own SLDD
+    columns[0].metrics["part_recovery"] = 0.3
+    assert headline_metrics(columns) == ["part_recovery"]
+    assert comparison_figures(columns).count('alt="comparison figure"') == 2  # accuracy scatter, bars vs chance
 
 
 def test_models_with_fewer_than_five_features_per_class_get_their_own_sid_rows():

@@ -50,13 +50,13 @@ def method_columns(out_dir: Path, own: list[Column] | None = None) -> list[Colum
     own = own or []
     taken = {c.name for c in own}
     order = {name: i for i, name in enumerate(methods.names())}
-    others = sorted((m for m in found if m not in taken), key=lambda m: (order.get(m, len(order)), m))
+    others = [m for m in found if m not in taken]
     columns = [Column(m, methods.label(m), found[m]["metrics"], found[m]["path"]) for m in others]
     dense = [c for c in own if c.name == "dense"]
-    if not dense and others:  # the dense model of the newest evaluation
-        newest = max(others, key=lambda m: Path(found[m]["path"]).stat().st_mtime)
-        if found[newest]["dense"] is not None:
-            dense = [Column("dense", "dense", found[newest]["dense"], found[newest]["path"])]
+    with_dense = [m for m in others if found[m]["dense"] is not None]
+    if not dense and with_dense:  # the dense model of the newest evaluation that has one
+        newest = max(with_dense, key=lambda m: Path(found[m]["path"]).stat().st_mtime)
+        dense = [Column("dense", "dense", found[newest]["dense"], found[newest]["path"])]
     merged = [c for c in own if c.name != "dense"] + columns
     merged.sort(key=lambda c: (order.get(c.name, len(order)), c.name))
     return dense + merged

@@ -4,8 +4,8 @@ One forward pass with test-time transforms, every rank over its own shard (rows 
 split, no padding), nothing per image kept in memory. What is computed from the outputs is up to the
 accumulators the stage is given, for example:
 * QPM: float64 feature sums and locality sums, all-reduced into A, R and B (methods.qpm);
-* the glm-based sparse layers (and IIS): the pooled features of every row written to per-rank shard files, plus their sums
-  (methods.glm_stages).
+* the glm-based sparse layers (and IIS): the pooled features of every row written to per-rank shard files,
+  plus their sums (methods.glm_stages).
 Each accumulator sees every batch of every split, then `finish` combines the ranks' parts (collectives are
 allowed there: every rank calls it) and writes the stage's files.
 """
