@@ -6,6 +6,10 @@ lies inside a box of p drawn in that image (distractor instances included: they 
 the images that show p, L_jp = hits_jp / images_with_p. A one-to-one matching (Hungarian, maximising L)
 names each feature's part; `part_localisation` is the mean L of the matched pairs, and the chance level is
 the mean share of the image a part's boxes cover (what a peak at a random position would hit).
+
+Coverage: each feature's own part is the one whose boxes its peak falls in most often (the largest L_jp; large
+parts are hit more often by chance, so this favours them a little); `parts_covered` counts the distinct parts the
+model's features localise (for a sparse model: its selected features), `part_coverage` that count over P.
 """
 
 from __future__ import annotations
@@ -63,8 +67,13 @@ def part_localisation(model, data, info: DistInfo, autocast, batch_size: int) ->
     hits, present, chance = totals[: n * n_parts].view(n, n_parts), totals[n * n_parts:-n_parts], totals[-n_parts:]
     rate = (hits / present.clamp_min(1)).numpy()
     feat, part = linear_sum_assignment(-rate)
+    best = rate.argmax(axis=1)  # each feature's own part: where its peak falls most often
     return {
         "part_localisation": float(rate[feat, part].mean()),
         "part_localisation_chance": float((chance / present.clamp_min(1)).mean()),
         "feature_part_localisation": {int(f): int(p) for f, p in zip(feat, part)},
+        "feature_best_part": {int(f): int(p) for f, p in enumerate(best)},
+        "parts_covered": int(len(set(best.tolist()))),
+        "part_coverage": len(set(best.tolist())) / n_parts,
     }
+
