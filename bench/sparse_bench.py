@@ -1,18 +1,19 @@
 """Sparse solvers: `glm.solver=fast` (full-batch FISTA) against the reference glm-saga on the same data.
 
 Both solvers run the SLDD / Q-SENN solver work on the same standardised synthetic "deep features"
-(qpm_dist.glm.synthetic; N x F, C classes, post-ReLU-like, correlated): the group-lasso selection path
-(α = 0.8) until n_features have entered, then the elastic-net path (α = 0.99) on the features each solver
-selected, from λ_max down to ε·λ_max. Both walk the identical λ grids through the same path code
-(qpm_dist.glm.path) as the pipeline's select and fit stages. Reported: overlap of the two selections, test
+(qpm_dist.glm.synthetic; N x F, C classes, post-ReLU-like, correlated): the greedy selection of n_features
+(one feature at a time; each step a ridge fit of the selected ones, ridge ε·λ_max of the α = 0.8 group lasso),
+then the elastic-net path (α = 0.99) on the features each solver selected, from λ_max down to ε·λ_max. Both
+run the same code (qpm_dist.glm.path) as the pipeline's select and fit stages. Reported: overlap of the two selections, test
 accuracy of the linear layer at the last path point (Q-SENN's point) and after SLDD's point choice +
 pruning and Q-SENN's quantisation, time, and peak RSS. Each solver runs in its own subprocess so its peak
 RSS is its own; "above data" subtracts the RSS after imports and loading the features.
 
 glm-saga's per-λ cost is up to `--max-epochs` passes (its own stopping rule: lookbehind, tol). At the full
 size its path can take hours on a CPU, so the path can be shortened with options that apply to BOTH
-solvers identically: `--selection-points` / `--fit-points` (λ values per path, same ε) and
-`--max-epochs` (glm-saga: epochs per λ; fast: iterations per λ, one full pass over the rows each).
+solvers identically: `--fit-points` (λ values of the fit path, same ε) and `--max-epochs` (glm-saga: epochs
+per λ or selection step; fast: iterations, one full pass over the rows each). `--selection-points` is accepted
+for old command lines and unused (the greedy selection has no λ grid).
 
     python bench/sparse_bench.py [--n 20000 --f 512 --c 100] [--selection-points 100 --fit-points 100]
                                  [--max-epochs 2000] [--threads 1] [--out bench/out/sparse.json]
@@ -52,7 +53,7 @@ def child(args, folder: Path) -> dict:
     import torch
 
     from qpm_dist.glm.fast import FastGLM, FastOptions
-    from qpm_dist.glm.path import fit_path, scores_at_start, select_features
+    from qpm_dist.glm.path import fit_path, select_features
     from qpm_dist.glm.problem import class_correlation, lambda_grid, lambda_max, optimal_bias
     from qpm_dist.glm.rules import choose_sldd_point, fill_empty_rows, prune_sldd, quantize_qsenn
     from qpm_dist.glm.saga import SagaGLM, SagaOptions
@@ -77,13 +78,13 @@ def child(args, folder: Path) -> dict:
         return SagaGLM(Xs, y, C, optimal_bias(counts), SagaOptions(max_epochs=args.max_epochs, lookbehind=lookbehind,
                                                                    seed=args.seed), test=test)
 
-    # selection: group lasso, α = 0.8, glm-saga lookbehind 3 (the reference's selection settings)
+    # selection: greedy, ridge ε·λ_max of the α = 0.8 group lasso, glm-saga lookbehind 3 (the reference's)
     t0 = time.perf_counter()
     corr = corr_of(X)
     lookbehind = 3
-    lams = lambda_grid(lambda_max(corr, 0.8, True), args.selection_points, args.epsilon)
+    ridge = args.epsilon * lambda_max(corr, 0.8, True)
     progress = lambda msg: print(f"[{time.perf_counter() - t0:8.1f} s] {msg}", file=sys.stderr, flush=True)  # noqa: E731
-    order, records = select_features(make(X), lams, 0.8, args.n_features, scores_at_start(corr, True), progress)
+    order, records = select_features(make(X), args.n_features, ridge, progress)
     t_select = time.perf_counter() - t0
     # sparse fit: elastic net, α = 0.99, lookbehind 5, on this solver's selection, down to ε·λ_max
     t0 = time.perf_counter()
@@ -105,7 +106,7 @@ def child(args, folder: Path) -> dict:
     W_sldd = prune_sldd(W_sldd, 5, 1)
     W_q, _ = quantize_qsenn(points[-1].weight, 5, 1)
     return {"solver": args.child, "threads": args.threads, "selected": sorted(order), "entry_order": order,
-            "selection_points_visited": len(records), "selection_seconds": t_select, "fit_seconds": t_fit,
+            "selection_steps": len(records), "selection_seconds": t_select, "fit_seconds": t_fit,
             "seconds": t_select + t_fit, "peak_rss_mb": peak_mb, "peak_above_data_mb": peak_mb - baseline_mb,
             "last_point_test_acc": points[-1].test_acc, "last_point_per_class": points[-1].per_class,
             "sldd_point": k, "sldd_point_test_acc": points[k].test_acc, "sldd_pruned_test_acc": test_acc(W_sldd, points[k].bias),
@@ -171,7 +172,7 @@ def main() -> None:
             sys.exit(f"{solver} failed, see {log_path}:\n{log_path.read_text()[-3000:]}")
         rows[solver] = r = json.loads(proc.stdout.strip().splitlines()[-1])
         print(f"{solver:9s}: {r['seconds']:9.1f} s (selection {r['selection_seconds']:.1f} s, "
-              f"{r['selection_points_visited']} λ; fit {r['fit_seconds']:.1f} s), peak RSS {r['peak_rss_mb']:.0f} MB "
+              f"{r['selection_steps']} steps; fit {r['fit_seconds']:.1f} s), peak RSS {r['peak_rss_mb']:.0f} MB "
               f"({r['peak_above_data_mb']:.0f} MB above imports + data); test acc at λ_min "
               f"{r['last_point_test_acc']:.2f}% ({r['last_point_per_class']:.1f} per class), SLDD pruned "
               f"{r['sldd_pruned_test_acc']:.2f}%, Q-SENN quantised {r['qsenn_quantised_weights_test_acc']:.2f}%",

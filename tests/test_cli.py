@@ -98,3 +98,16 @@ def test_demo_runs_qpm_then_sldd_and_qsenn_on_sibling_configs():
         assert (REPO / path).is_file()
     with pytest.raises(ValueError, match="unknown method 'pixpnet'"):
         demo_configs("configs/demo.yaml", "qpm,pixpnet")
+
+
+def test_the_demo_pins_threads_and_kernels_unless_the_user_chose(monkeypatch):
+    import platform
+
+    from qpm_dist.cli import demo_environment
+
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    env = demo_environment({"OMP_NUM_THREADS": "4"})
+    assert env == {"OMP_NUM_THREADS": "4", "WANDB_SILENT": "true", "ATEN_CPU_CAPABILITY": "avx2",
+                   "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    assert "ATEN_CPU_CAPABILITY" not in demo_environment({})

@@ -19,7 +19,7 @@ GLM = dict(
     finetune={"epochs": 1, "batch_size": 16, "eval_batch_size": 32, "optim": {"lr": 0.01, "momentum": 0.95}},
     sldd={"n_features": 6, "n_per_class": 2},
     qsenn={"n_features": 6, "n_per_class": 2, "round_epochs": [1, 1]},
-    glm={"fit": {"path_points": 30}, "selection": {"path_points": 40}},
+    glm={"fit": {"path_points": 30}},
     eval={"batch_size": 32},
     report={"class_pairs": 2},
 )
@@ -96,6 +96,12 @@ def test_qsenn_two_ranks_glm_saga(qsenn_run):
         # the fit path stops at λ_min = ε·λ_max (no λ = 0 point); the last point was quantised
         path = np.load(stage_dir(out, f"qsenn_fit{r}") / "path.npz")
         assert len(path["lam"]) == 30 and path["lam"][-1] == pytest.approx(path["lam"][0] * 1e-3)
+    # round-to-round stability: how many of round 0's ternary entries round 1 kept or changed
+    before = load_weights(stage_dir(out, "qsenn_sparse0") / "model.pt")["head.weight"].sign()
+    after = load_weights(stage_dir(out, "qsenn_sparse1") / "model.pt")["head.weight"].sign()
+    summary = json.loads((stage_dir(out, "qsenn_sparse1") / "stage.json").read_text())["summary"]
+    assert summary["entries_changed_from_previous_round"] == int((before != after).sum())
+    assert summary["entries_kept_from_previous_round"] == int(((before == after) & (after != 0)).sum())
     metrics = json.loads((stage_dir(out, "qsenn_evaluate") / "metrics.json").read_text())
     assert set(metrics) == {"dense", "qsenn"} and metrics["qsenn"]["test_images"] == 32
     html = (stage_dir(out, "qsenn_report") / "report.html").read_text()
@@ -138,3 +144,16 @@ def test_raw_features_of_a_sparse_head_by_hand():
     out = head(maps)
     torch.testing.assert_close(raw_features(out), torch.tensor([[3.0, 3.0]]))  # selected, raw
     torch.testing.assert_close(out.features, torch.tensor([[(3 - 2) / 0.5, (3 - 1) / 2]]))  # what the head returns
+
+
+def test_auto_fits_with_glm_saga_where_its_table_is_affordable_and_selects_with_fast():
+    from qpm_dist.config import load_config
+    from qpm_dist.methods.glm_stages import solver_for
+
+    cfg = load_config(None, ["method=qsenn"])
+    assert cfg.glm.solver == "auto" and cfg.glm.saga_max_table == 10**8
+    assert solver_for(cfg, "fit", 5994, 200) == "glm_saga"  # CUB: a table of 1.2M entries
+    assert solver_for(cfg, "fit", 1_281_167, 1000) == "fast"  # ImageNet: 1.3G entries
+    assert solver_for(cfg, "selection", 5994, 200) == "fast"
+    fixed = load_config(None, ["method=qsenn", "glm.solver=glm_saga"])
+    assert solver_for(fixed, "selection", 1_281_167, 1000) == "glm_saga"  # an explicit choice is kept

@@ -12,7 +12,7 @@ import torch
 
 from helpers import REPO, clean_env
 from qpm_dist.glm.fast import FastGLM, FastOptions
-from qpm_dist.glm.path import fit_path, scores_at_start, select_features
+from qpm_dist.glm.path import fit_path, select_features
 from qpm_dist.glm.problem import (class_correlation, lambda_grid, lambda_max, optimal_bias, prox, standardise)
 from qpm_dist.glm.saga import SagaGLM, SagaOptions
 from qpm_dist.glm.synthetic import synthetic_features
@@ -100,14 +100,14 @@ def test_glm_saga_path_and_fast_path_agree_on_small_data():
     """Selection (group lasso) and the elastic-net fit with glm-saga and with the fast solver."""
     Xs, y, Xts, yts, corr, counts = problem()
     n, C, k = len(y), 5, 8
-    lams = lambda_grid(lambda_max(corr, 0.8, True), 40, 1e-3)
+    ridge = 1e-3 * lambda_max(corr, 0.8, True)
     chosen = {}
     for name in ("glm_saga", "fast"):
         if name == "fast":
             solver = FastGLM(Xs, y, C, n, optimal_bias(counts), reduce=False)
         else:
             solver = SagaGLM(Xs, y, C, optimal_bias(counts), SagaOptions(lookbehind=3, max_epochs=300))
-        order, _ = select_features(solver, lams, 0.8, k, scores_at_start(corr, True))
+        order, _ = select_features(solver, k, ridge)
         chosen[name] = order
     overlap = len(set(chosen["glm_saga"]) & set(chosen["fast"]))
     assert overlap >= k - 1, chosen
@@ -134,6 +134,34 @@ def test_glm_saga_path_and_fast_path_agree_on_small_data():
     assert abs(saga[-1].test_acc - fast[-1].test_acc) <= 2.0
     rel = np.linalg.norm(tight[-1].weight - fast[-1].weight) / np.linalg.norm(fast[-1].weight)
     assert rel < 0.02
+
+
+def copies_problem(n=2000, copies=6, seed=0):
+    """A noisy marker of class 0 present as 6 near-identical copies (say six channels that learnt the same part),
+    and one noisier marker for each of classes 1, 2, 3: features 0-5 are the copies, 6, 7, 8 the others."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 4, n)
+    base = (y == 0) + rng.normal(0, 1.0, n)
+    columns = [base + rng.normal(0, 0.1, n) for _ in range(copies)]
+    columns += [(y == c) + rng.normal(0, 1.5, n) for c in (1, 2, 3)]
+    X, y = torch.from_numpy(np.stack(columns, 1).astype(np.float32)), torch.from_numpy(y)
+    mean, std = X.double().mean(0), X.double().std(0, unbiased=False)
+    S = torch.zeros(4, X.shape[1], dtype=torch.float64).index_add_(0, y, X.double())
+    counts = torch.bincount(y, minlength=4).double()
+    return standardise(X.double(), mean, std).float(), y, class_correlation(S, counts, mean, std, n), counts
+
+
+@pytest.mark.parametrize("name", ["fast", "glm_saga"])
+def test_selection_takes_one_feature_per_class_not_the_copies(name):
+    """Greedy selection, one feature at a time (specs/qsenn_sldd.md §4.4): the copies add nothing once one of
+    them is in. The first n features to enter the group-lasso path were four copies (the path takes
+    correlated features together), and refining λ between grid points does not change that."""
+    X, y, corr, counts = copies_problem()
+    solver = (FastGLM(X, y, 4, len(y), optimal_bias(counts), reduce=False) if name == "fast" else
+              SagaGLM(X, y, 4, optimal_bias(counts), SagaOptions(lookbehind=3, max_epochs=300)))
+    order, records = select_features(solver, 4, 1e-3 * lambda_max(corr, 0.8, True))
+    assert sum(j < 6 for j in order) == 1 and {6, 7, 8} <= set(order), order
+    assert [r["feature"] for r in records] == order and records[0]["score"] >= records[-1]["score"]
 
 
 def test_fast_solver_on_two_ranks_equals_one_rank(tmp_path):

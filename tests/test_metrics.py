@@ -87,3 +87,43 @@ def test_part_recovery_perfect_permuted_and_random():
 def test_sparsity_counts_only_used_features():
     w = np.array([[1, 0, 1, 0], [0, 0, 1, 0]])
     assert M.sparsity(w) == {"NFfeatures": 2, "PerClass": 1.5}
+
+
+def test_a_signed_head_is_scored_by_its_positive_links_against_a_baseline_with_its_own_link_counts():
+    """Q-SENN's ternary head says "has" with +a and "lacks" with −a: its links are the positive weights, all of
+    them (top-k cut ties among +a arbitrarily), and chance is a random head with the same links per class."""
+    gt = np.array([[1, 1, 1, 0], [0, 1, 1, 0], [0, 0, 1, 1]])  # 3 classes x 4 parts
+    w = gt.astype(float) * 0.7  # features = parts, in order
+    w[0, 3] = w[1, 0] = w[2, 0] = -0.7  # each class rules out a part it lacks
+    links = M.class_links(w, k=2)
+    assert links.tolist() == (gt != 0).astype(float).tolist()  # all three links of class 0, not two of them
+    recovery = M.part_recovery(links, gt)
+    assert recovery["recovered"] == 1.0
+    scores = M.link_scores(w, links, gt, recovery["matching"])
+    assert scores["precision"] == 1.0 and scores["f1"] == 1.0
+    assert scores["negative_links"] == 3 and scores["negative_on_absent"] == 1.0
+    w[2, 3] = -0.7  # a negative weight on a part class 2 has
+    assert M.link_scores(w, M.class_links(w, 2), gt, recovery["matching"])["negative_on_absent"] == 0.75
+    # the baseline draws 3, 2 and 2 links for the classes, as this head has; k = 2 everywhere would be lower
+    own = M.random_part_recovery(gt, 4, links.sum(axis=1), draws=300)
+    assert own > M.random_part_recovery(gt, 4, 2, draws=300)
+    assert M.random_part_recovery(gt, 4, [4, 4, 4], draws=5) == 1.0  # every feature linked: all links recovered
+
+
+def test_a_dense_head_is_scored_by_its_top_k_positive_weights():
+    w = np.array([[0.9, 0.5, -0.2, 0.1], [0.1, 0.2, 0.8, -0.9]])
+    assert M.class_links(w, k=2).tolist() == [[1, 1, 0, 0], [0, 1, 1, 0]]
+
+
+def test_structural_grounding_averages_ties_has_a_positive_variant_and_can_exceed_one():
+    gt = np.array([[0, 1.0, 1.0, 0.5], [1.0, 0, 0.5, 0.5], [1.0, 0.5, 0, 0.5], [0.5, 0.5, 0.5, 0]])
+    w = np.array([[1.0, 0], [0, 1.0], [1.0, 0], [1.0, 1.0]])
+    q = M.cosine_matrix(w)
+    # the 6 largest of the 12 off-diagonal entries: the 4 at G = 1.0 and 2 of the 8 tied at 0.5, averaged
+    exact = (q[g := gt == 1.0].sum() + (2 / 8) * q[gt == 0.5].sum()) / (gt[g].sum() + (2 / 8) * gt[gt == 0.5].sum())
+    assert M.structural_grounding(w, gt, top=6) == pytest.approx(exact)
+    signed = np.array([[1.0, -1.0], [1.0, 1.0], [-1.0, 1.0], [1.0, 0.0]])
+    assert M.structural_grounding(signed, gt, top=6, positive=True) == pytest.approx(
+        M.structural_grounding(np.clip(signed, 0, None), gt, top=6))
+    alike = np.ones((4, 2))  # every class looks the same: Q = 1 > G on every pair
+    assert M.structural_grounding(alike, gt, top=6) > 1.0

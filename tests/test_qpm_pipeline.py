@@ -7,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
-from helpers import load_weights, run_in_process, run_qpm, stage_dir, write_test_config
+from helpers import assert_same_weights, load_weights, run_in_process, run_qpm, stage_dir, write_test_config
 
 QPM = dict(
     model={"arch": "tiny_resnet", "tiny_width": 8, "norm": "group", "dropout": 0.0},
@@ -32,6 +33,24 @@ def two_rank_run(tmp_path_factory, tiny_data):
     proc = run_qpm(2, "run", str(config))
     assert proc.returncode == 0, proc.stderr[-4000:]
     return config, proc
+
+
+def test_a_second_identical_run_agrees_bitwise(two_rank_run, tmp_path):
+    """The demo is a scientific instrument: the same config and seed give the same numbers and the same models,
+    bit for bit (2 processes, another output folder)."""
+    config, _ = two_rank_run
+    again = tmp_path / "again.yaml"
+    text = yaml.safe_load(config.read_text())
+    text["run"]["out_dir"] = str(tmp_path / "runs-again")
+    again.write_text(yaml.safe_dump(text))
+    proc = run_qpm(2, "run", str(again))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for stage in ("dense", "qpm_sparse", "qpm_finetune"):
+        assert_same_weights(load_weights(stage_dir(out_of(config), stage) / "model.pt"),
+                            load_weights(stage_dir(tmp_path / "runs-again", stage) / "model.pt"))
+    first, second = (json.loads((stage_dir(out, "qpm_evaluate") / "metrics.json").read_text())
+                     for out in (out_of(config), tmp_path / "runs-again"))
+    assert first == second
 
 
 def test_two_ranks_run_every_stage_and_install_a_valid_sparse_model(two_rank_run):

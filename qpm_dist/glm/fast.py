@@ -193,6 +193,24 @@ class FastGLM:
         self.b = b
         return W, Z, it
 
+    # ---------------------------------------------------------------------------------- greedy selection
+    def selection_scores(self, columns: list[int], ridge: float) -> torch.Tensor:
+        """Every feature's group gradient norm ‖∇_{W_:,j} L‖₂ at the model fitted on `columns` alone with the
+        penalty (ridge/2)·‖W‖² (one step of the greedy selection, glm.path); (W, b) become that fit, so the
+        next call starts from it."""
+        cols = torch.tensor(columns, dtype=torch.long, device=self.X.device)
+        if self.step is None:
+            self.step = self._initial_step()
+        if cols.numel():
+            W_s, Z, its = self._fista(self.X.index_select(1, cols), self.W.index_select(1, cols), ridge, 0.0, False)
+            self.stats["iterations"] += its
+            self.W.zero_()
+            self.W.index_copy_(1, cols, W_s)
+        else:
+            Z = self._logits(self.X, self.W, self.b)
+        self.grad_full = self._full_gradient(Z)
+        return column_scores(self.grad_full, group=True)
+
     # ---------------------------------------------------------------------------------- evaluation
     def objective(self, lam: float, alpha: float, group: bool) -> float:
         Z = self._logits(self.X, self.W, self.b)

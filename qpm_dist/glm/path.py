@@ -1,16 +1,23 @@
-"""λ-path walks shared by both solvers (specs/qsenn_sldd.md §4, §5, §10).
+"""Feature selection and λ-path walks shared by both solvers (specs/qsenn_sldd.md §4, §5, §10).
 
-Feature selection (group lasso, α = 0.8): walk the λ grid from λ_max down with warm starts and record the
-order in which input features become active; stop as soon as n features have entered. Features entering at
-the same λ are ordered by their column norm. This is the "continue from the current λ" variant the spec's
-scaling notes suggest: the reference instead lets at most one new feature in at a time through a modified
-proximal operator that never zeroes (and can reflect) selected columns, and restarts the whole path from the
-top after every addition (spec §4.3–4.4, bugs 6–7) — 50 restarted path walks, its most expensive step.
+Feature selection (SLDD step 3, Q-SENN round 0) admits features one at a time, as the reference does (spec §4.3,
+§4.4): each step fits the features selected so far and adds the unselected feature whose group gradient
+‖∇_{W_:,j} L‖₂ is largest at that fit, i.e. the one that would enter first if the group-lasso path were walked
+again from the top (the reference restarts the path after every addition; a selected feature is never zeroed
+there, so it keeps explaining its signal). The selected features are fitted with a small ridge term only,
+ε·λ_max (`glm.selection.epsilon`), where the reference keeps them non-zero through its modified proximal
+operator, which can reflect a column instead of shrinking it (spec bug 7). One fit on the selected columns
+and one full gradient per feature, instead of 50 restarted path walks.
 
-Sparse fit (elastic net, α = 0.99): the same walk on the selected features, keeping every path point;
+Why not the order in which features enter the group-lasso path (what this module did before): on correlated
+features the path takes several near-copies at the same λ (the grouping effect of the penalty), so the first
+n to enter cover few distinct concepts; refining λ between grid points only resolves their order, not that.
+On the demo the path's 16 features localised 8 distinct ground-truth parts, the greedy selection's 10.
+
+Sparse fit (elastic net, α = 0.99): the walk on the selected features, keeping every path point;
 SLDD stops after the first point that is denser than it can use (spec §10), Q-SENN walks to λ_min.
 
-The walks do no communication themselves: a FastGLM solver all-reduces inside `solve` (every rank walks),
+The walks do no communication themselves: a FastGLM solver all-reduces inside its methods (every rank walks),
 a SagaGLM solver runs on rank 0 alone.
 """
 
@@ -22,9 +29,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-
-from qpm_dist.glm.problem import column_scores
-from qpm_dist.utils import log
 
 
 @dataclass
@@ -44,31 +48,26 @@ class PathPoint:
         return self.nnz / self.weight.shape[0]
 
 
-def select_features(solver, lams: list[float], alpha: float, n_features: int, fallback_scores: torch.Tensor,
+def select_features(solver, n_features: int, ridge: float,
                     progress: Callable[[str], None] | None = None) -> tuple[list[int], list[dict]]:
-    """The first `n_features` input features to enter the group-lasso path, in entry order."""
+    """`n_features` input features, one at a time (module docstring); returns them in the order they were added,
+    with one record per step. `solver.selection_scores(columns, ridge)` fits `columns` and returns every
+    feature's group gradient norm at that fit."""
+    if n_features > solver.D:
+        raise ValueError(f"cannot select {n_features} of {solver.D} features")
     order: list[int] = []
-    entered: set[int] = set()
     records = []
-    for k, lam in enumerate(lams):
+    for step in range(n_features):
         start = time.perf_counter()
-        info = solver.solve(lam, alpha, group=True)
-        norms = solver.W.norm(dim=0).cpu()
-        new = [int(j) for j in torch.argsort(-norms, stable=True).tolist() if norms[j] > 0 and int(j) not in entered]
-        order.extend(new)
-        entered.update(new)
-        records.append({"index": k, "lam": lam, "active": int((norms > 0).sum()), "entered": new,
-                        "seconds": round(time.perf_counter() - start, 3), **info})
-        if progress and (new or k == 0):
-            progress(f"selection: λ {k + 1}/{len(lams)} = {lam:.4g}, {len(order)}/{n_features} features entered")
-        if len(order) >= n_features:
-            break
-    if len(order) < n_features:
-        rest = [int(j) for j in torch.argsort(-fallback_scores.cpu(), stable=True).tolist() if int(j) not in entered]
-        log.warning("selection: only %d features entered the path down to λ_min = %.3g; the remaining %d are "
-                    "taken by their correlation with the labels", len(order), lams[-1], n_features - len(order))
-        order.extend(rest[: n_features - len(order)])
-    return order[:n_features], records
+        scores = solver.selection_scores(order, ridge).double().cpu()
+        scores[order] = -1.0
+        j = int(scores.argmax())  # ties: the lowest index
+        order.append(j)
+        records.append({"step": step, "feature": j, "score": float(scores[j]),
+                        "seconds": round(time.perf_counter() - start, 3)})
+        if progress and (step % 10 == 0 or step == n_features - 1):
+            progress(f"selection: {len(order)}/{n_features} features, the last with group gradient {scores[j]:.4g}")
+    return order, records
 
 
 def fit_path(solver, lams: list[float], alpha: float, stop: Callable[[list[PathPoint]], bool] | None = None,
@@ -89,8 +88,3 @@ def fit_path(solver, lams: list[float], alpha: float, stop: Callable[[list[PathP
         if stop is not None and stop(points):
             break
     return points
-
-
-def scores_at_start(corr: torch.Tensor, group: bool) -> torch.Tensor:
-    """How strongly each feature's gradient pulls at W = 0 (D): the fallback ranking for the selection."""
-    return column_scores(corr.T, group)

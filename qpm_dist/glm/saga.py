@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
-from qpm_dist.glm.problem import penalty
+from qpm_dist.glm.problem import column_scores, penalty
 
 
 @dataclass
@@ -101,6 +101,24 @@ class SagaGLM:
         stopped = [line for line in text.splitlines() if "early stop at" in line]
         epochs = int(stopped[-1].rsplit("early stop at", 1)[1].strip(" ]")) + 1 if stopped else opt.max_epochs
         return {"epochs": epochs, "converged": bool(stopped)}
+
+    def selection_scores(self, columns: list[int], ridge: float) -> torch.Tensor:
+        """FastGLM.selection_scores with glm-saga doing the fit: a linear layer on `columns` alone, ridge
+        penalty (α = 0), warm-started from the previous step's fit; the gradient over all rows in memory."""
+        cols = torch.tensor(columns, dtype=torch.long, device=self.X.device)
+        if cols.numel():
+            fit = SagaGLM(self.X.index_select(1, cols), self.y, self.C, self.b, self.opt, log_path=self.log_path)
+            with torch.no_grad():
+                fit.linear.weight.copy_(self.W.index_select(1, cols))
+            fit.solve(ridge, 0.0, group=False)
+            with torch.no_grad():
+                self.linear.weight.zero_()
+                self.linear.weight.index_copy_(1, cols, fit.W)
+                self.linear.bias.copy_(fit.b)
+        with torch.no_grad():
+            A = torch.softmax(self.linear(self.X), dim=1)
+            A[torch.arange(A.shape[0], device=A.device), self.y] -= 1
+            return column_scores((A.T @ self.X) / self.X.shape[0], group=True)
 
     def objective(self, lam: float, alpha: float, group: bool) -> float:
         with torch.no_grad():

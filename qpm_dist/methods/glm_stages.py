@@ -5,7 +5,7 @@ features    the shared training-set pass of a model (dense, or the previous Q-SE
             features (for a sparse model: of the selected channels, before the head's normalisation, spec bug 3)
             to its own shard file and adds them to the streamed FeatureSums (one all-reduce) that give mean, std
             and class sums
-glm_select  feature selection along the group-lasso path (qpm_dist.glm.path)
+glm_select  greedy feature selection, one feature at a time (qpm_dist.glm.path)
 <m>_fit     the elastic-net path on the selected, standardised features
 
 Solvers: `glm.solver=fast` runs on every rank over its own shards (gradients all-reduced);
@@ -23,7 +23,7 @@ import torch
 
 from qpm_dist import dist
 from qpm_dist.config import Config, ConfigError, to_dict
-from qpm_dist.glm.path import PathPoint, fit_path, scores_at_start, select_features
+from qpm_dist.glm.path import PathPoint, fit_path, select_features
 from qpm_dist.glm.problem import class_correlation, lambda_grid, lambda_max, optimal_bias
 from qpm_dist.glm.shards import ShardWriter, load_rows, read_meta, shards_for, write_meta
 from qpm_dist.models.net import Classifier, ModelOutput
@@ -40,16 +40,29 @@ SELECT_STAGE = "glm_select"
 
 
 def solver_key(cfg: Config, path: str) -> dict[str, Any]:
-    """The solver settings a path depends on (the other solver's settings do not enter the key)."""
+    """The solver settings a path depends on (a solver that cannot run it does not enter the key)."""
     g = cfg.glm
+    solvers = {"selection": {"auto": ("fast",)}, "fit": {"auto": ("glm_saga", "fast")}}[path].get(g.solver, (g.solver,))
     part = {"solver": g.solver, "path": to_dict(getattr(g, path))}
-    if g.solver == "glm_saga":
+    if "glm_saga" in solvers:
         part["saga"] = to_dict(g.saga)
         part["seed"] = cfg.run.seed
-    else:
+    if "fast" in solvers:
         part["fast"] = to_dict(g.fast)
+    if solvers == ("fast",):
         part["path"].pop("lookbehind")
+    if len(solvers) > 1:
+        part["saga_max_table"] = g.saga_max_table
     return part
+
+
+def solver_for(cfg: Config, path: str, rows: int, classes: int) -> str:
+    """The solver that runs `path` ("selection" or "fit"): glm.solver, with auto resolved (GLMConfig)."""
+    if cfg.glm.solver != "auto":
+        return cfg.glm.solver
+    if path == "selection" or rows * classes > cfg.glm.saga_max_table:
+        return "fast"
+    return "glm_saga"
 
 
 # ------------------------------------------------------------------------------------------------ features
@@ -137,11 +150,11 @@ class GLMData:
                                                                              info.world_size)
         return load_rows(self.folder, split, shards, self.mean, self.std, info.device, self.columns)
 
-    def solver(self, cfg: Config, path_name: str, with_test: bool, log_path: Path | None = None):
-        """A FastGLM on this rank's rows, or (glm_saga, rank 0 only) a SagaGLM on all rows."""
+    def solver(self, cfg: Config, name: str, path_name: str, with_test: bool, log_path: Path | None = None):
+        """A FastGLM on this rank's rows (`name` fast), or (glm_saga, rank 0 only) a SagaGLM on all rows."""
         g = cfg.glm
         bias = optimal_bias(self.class_counts)
-        if g.solver == "fast":
+        if name == "fast":
             from qpm_dist.glm.fast import FastGLM, FastOptions
 
             X, y = self.rows("train", gathered=False)
@@ -158,10 +171,10 @@ class GLMData:
         return SagaGLM(X, y, self.num_classes, bias, opts, test=test, log_path=log_path)
 
 
-def on_solver_ranks(cfg: Config, walk: Callable[[], Any]) -> Any:
-    """Run a path walk where the solver runs: every rank for `fast` (collectives inside; the ranks agree),
-    rank 0 alone for `glm_saga`. Returns the walk's result on rank 0 (and, for `fast`, everywhere), else None."""
-    return walk() if cfg.glm.solver == "fast" or dist.is_main() else None
+def on_solver_ranks(solver: str, walk: Callable[[], Any]) -> Any:
+    """Run a path walk where `solver` runs: every rank for fast (collectives inside; the ranks agree), rank 0
+    alone for glm_saga. Returns the walk's result on rank 0 (and, for fast, everywhere), else None."""
+    return walk() if solver == "fast" or dist.is_main() else None
 
 
 def _progress(message: str) -> None:
@@ -192,19 +205,18 @@ class SelectStage:
             raise ValueError(f"{self.section}.n_features={n_features} exceeds the model's {data.dim} features")
         p = cfg.glm.selection
         lam_max = lambda_max(data.corr, p.alpha, group=True)
-        lams = lambda_grid(lam_max, p.path_points, p.epsilon)
+        name = solver_for(cfg, "selection", int(data.count), data.num_classes)
 
-        def walk() -> dict:
-            solver = data.solver(cfg, "selection", with_test=False, log_path=out_dir / "glm_saga.log")
-            order, records = select_features(solver, lams, p.alpha, n_features, scores_at_start(data.corr, True),
-                                             progress=_progress)
+        def greedy() -> dict:
+            solver = data.solver(cfg, name, "selection", with_test=False, log_path=out_dir / "glm_saga.log")
+            order, records = select_features(solver, n_features, p.epsilon * lam_max, progress=_progress)
             return {"selected": sorted(order), "entry_order": order, "lambda_max": lam_max,
-                    "solver": cfg.glm.solver, "path_points_visited": len(records), "path": records}
+                    "ridge": p.epsilon * lam_max, "solver": name, "steps": records}
 
-        result = on_solver_ranks(cfg, walk)
+        result = on_solver_ranks(name, greedy)
         payload = from_main(lambda: result)
         write_json(out_dir / SELECTION, payload)
-        return {k: v for k, v in payload.items() if k != "path"}
+        return {k: v for k, v in payload.items() if k != "steps"}
 
 
 def load_selection(ctx: RunContext) -> torch.Tensor:
@@ -214,16 +226,24 @@ def load_selection(ctx: RunContext) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------ fit
 
 
-class FitStage:
-    """The elastic-net path on the selected features; `stop` decides where the walk may end."""
+def path_epsilon(cfg: Config, solver: str) -> float:
+    """Where a fit path ends, as a share of λ_max: glm.fit.epsilon (the default of every method)."""
+    return cfg.glm.fit.epsilon
 
-    def __init__(self, name: str, features_stage: str, select_columns: bool, stop_rule: str, section: str) -> None:
+
+class FitStage:
+    """The elastic-net path on the selected features; `stop` decides where the walk may end, `epsilon(cfg,
+    solver)` where the λ grid ends (default glm.fit.epsilon)."""
+
+    def __init__(self, name: str, features_stage: str, select_columns: bool, stop_rule: str, section: str,
+                 epsilon: Callable[[Config, str], float] = path_epsilon) -> None:
         self.name, self.features_stage, self.select_columns = name, features_stage, select_columns
-        self.stop_rule, self.section = stop_rule, section
+        self.stop_rule, self.section, self.epsilon = stop_rule, section, epsilon
         self.depends: tuple[str, ...] = (features_stage, SELECT_STAGE) if select_columns else (features_stage,)
 
     def config_parts(self, cfg: Config) -> dict[str, Any]:
-        parts = {"stop_rule": self.stop_rule, **solver_key(cfg, "fit")}
+        parts = {"stop_rule": self.stop_rule, **solver_key(cfg, "fit"),
+                 "epsilon": {name: self.epsilon(cfg, name) for name in ("glm_saga", "fast")}}
         if self.stop_rule == "sldd":
             s = getattr(cfg, self.section)
             parts["cap"] = s.n_per_class / s.drop_rate
@@ -248,16 +268,17 @@ class FitStage:
         columns = load_selection(ctx) if self.select_columns else None
         data = GLMData(ctx, self.features_stage, columns)
         p = cfg.glm.fit
+        name = solver_for(cfg, "fit", int(data.count), data.num_classes)
         lam_max = lambda_max(data.corr, p.alpha, group=False)
-        lams = lambda_grid(lam_max, p.path_points, p.epsilon)
+        lams = lambda_grid(lam_max, p.path_points, self.epsilon(cfg, name))
 
         def walk() -> list[PathPoint]:
-            solver = data.solver(cfg, "fit", with_test=True, log_path=out_dir / "glm_saga.log")
+            solver = data.solver(cfg, name, "fit", with_test=True, log_path=out_dir / "glm_saga.log")
             return fit_path(solver, lams, p.alpha, self._stop(cfg, data.num_classes), progress=_progress)
 
-        points = on_solver_ranks(cfg, walk)
+        points = on_solver_ranks(name, walk)
         on_main(write_path, out_dir, points, data.mean, data.std)
-        return from_main(lambda: {"solver": cfg.glm.solver, "lambda_max": lam_max, "points": len(points),
+        return from_main(lambda: {"solver": name, "lambda_max": lam_max, "lambda_min": lams[-1], "points": len(points),
                                   "last_per_class": points[-1].per_class, "last_train_acc": points[-1].train_acc,
                                   "last_test_acc": points[-1].test_acc,
                                   "seconds": round(sum(q.seconds for q in points), 2)})

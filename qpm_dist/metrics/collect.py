@@ -111,16 +111,24 @@ def evaluate_model(model: torch.nn.Module, data, info: DistInfo, cfg: EvalConfig
     result.update(M.sparsity(w))
     if gt_similarity is not None:
         result["structural_grounding"] = M.finite_or_none(M.structural_grounding(w, gt_similarity))
+        result["structural_grounding_positive"] = M.finite_or_none(
+            M.structural_grounding(w, gt_similarity, positive=True))
     if class_parts is not None:
-        binary = w if set(np.unique(w)) <= {0.0, 1.0} else M.top_k_assignment(w, n_per_class)
-        recovery = M.part_recovery(binary, class_parts)
+        links = M.class_links(w, n_per_class)
+        recovery = M.part_recovery(links, class_parts)
+        scores = M.link_scores(w, links, class_parts, recovery["matching"])
         result["part_recovery"] = recovery["recovered"]
-        result["part_precision"] = recovery["precision"]
+        result["part_precision"] = scores["precision"]
+        result["part_f1"] = scores["f1"]
+        result["negative_links"] = scores["negative_links"]
+        result["negative_links_on_absent_parts"] = scores["negative_on_absent"]
         result["feature_part_matching"] = recovery["matching"]
-        result["part_recovery_random"] = M.random_part_recovery(class_parts, binary.shape[1], n_per_class, seed=seed)
+        # the baseline: random assignments with this model's number of links per class
+        result["part_recovery_random"] = M.random_part_recovery(class_parts, links.shape[1], links.sum(axis=1),
+                                                                seed=seed)
         if hasattr(data, "dataset") and part_boxes_available(Path(data.cfg.root)):  # map-style synthetic data
             result.update(part_localisation(model, data, info, autocast, per_rank))
-            result["part_links_by_localisation"] = M.links_recovered(binary, class_parts,
+            result["part_links_by_localisation"] = M.links_recovered(links, class_parts,
                                                                      result["feature_part_localisation"])
     return result
 

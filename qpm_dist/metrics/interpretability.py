@@ -113,18 +113,30 @@ def cosine_matrix(rows: np.ndarray) -> np.ndarray:
     return sim
 
 
-def structural_grounding(weights: np.ndarray, gt_similarity: np.ndarray, top: int = 50) -> float:
-    """Σ Q over the `top` largest entries of the GT class similarity G / Σ G over them (spec §7.6).
+def structural_grounding(weights: np.ndarray, gt_similarity: np.ndarray, top: int = 50,
+                         positive: bool = False) -> float:
+    """Σ Q / Σ G over the `top` most similar class pairs of the ground truth G (spec §7.6).
 
-    Q is the cosine similarity of the classes' weight rows (used features only), diagonal 0.
+    Q is the cosine similarity of the classes' weight rows (used features only), diagonal 0; `positive=True`
+    clips negative weights to 0 first (the similarity of what each class looks for, without what it rules out).
+    Entries tied with the `top`-th largest G are averaged (each weighs (top − entries above) / tied entries):
+    numerator and denominator are their expected values over the arbitrary choice a plain top-`top` cut makes
+    (the reference's argsort). The score is not bounded by 1: where the model's rows are more alike than the
+    ground truth's (Q > G), it exceeds 1.
     """
-    used = np.abs(weights).sum(axis=0) > 0
-    q = cosine_matrix(weights[:, used])
+    w = np.clip(weights, 0, None) if positive else weights
+    used = np.abs(w).sum(axis=0) > 0
+    q = cosine_matrix(w[:, used])
     g = gt_similarity.copy()
     np.fill_diagonal(g, 0.0)
-    idx = np.argsort(g, axis=None)[::-1][:top]
-    denom = g.flat[idx].sum()
-    return float(q.flat[idx].sum() / denom) if denom > 0 else float("nan")
+    values = np.sort(g, axis=None)[::-1]
+    top = min(top, values.size)
+    threshold = values[top - 1]
+    above = g > threshold
+    tied = g == threshold
+    weight = above + tied * (top - above.sum()) / max(tied.sum(), 1)
+    denom = float((weight * g).sum())
+    return float((weight * q).sum() / denom) if denom > 0 else float("nan")
 
 
 def sparsity(weights: np.ndarray) -> dict:
@@ -162,16 +174,18 @@ def links_recovered(assignment: np.ndarray, class_parts: np.ndarray, matching: d
     return float(hit / max(g.sum(), 1))
 
 
-def random_part_recovery(class_parts: np.ndarray, n_features: int, n_per_class: int, draws: int = 200,
+def random_part_recovery(class_parts: np.ndarray, n_features: int, links_per_class, draws: int = 200,
                          seed: int = 0) -> float:
-    """Expected `recovered` of random assignments with the same shape (k features per class)."""
+    """Expected `recovered` of random assignments with the same number of links per class as the evaluated
+    model (`links_per_class`: one count per class, or one count for every class)."""
     rng = np.random.default_rng(seed)
     c = class_parts.shape[0]
+    counts = np.broadcast_to(np.asarray(links_per_class, dtype=np.int64), (c,))
     values = []
     for _ in range(draws):
         a = np.zeros((c, n_features))
-        for row in a:
-            row[rng.choice(n_features, size=n_per_class, replace=False)] = 1
+        for row, k in zip(a, counts):
+            row[rng.choice(n_features, size=int(min(k, n_features)), replace=False)] = 1
         values.append(part_recovery(a, class_parts)["recovered"])
     return float(np.mean(values))
 
@@ -182,6 +196,34 @@ def top_k_assignment(weights: np.ndarray, k: int) -> np.ndarray:
     idx = np.argsort(-weights, axis=1)[:, :k]
     np.put_along_axis(out, idx, 1.0, axis=1)
     return out * (weights > 0)
+
+
+def class_links(weights: np.ndarray, k: int) -> np.ndarray:
+    """The class–feature links a head asserts, as a binary C x F matrix: a sparse head's positive weights
+    (binary QPM, signed SLDD, ternary Q-SENN alike: a negative weight says the class lacks the feature); a
+    dense head, which has no zeros, by its k largest positive weights per class (to compare it at all)."""
+    w = np.asarray(weights)
+    if (w == 0).any():
+        return (w > 0).astype(np.float64)
+    return top_k_assignment(w, k)
+
+
+def link_scores(weights: np.ndarray, links: np.ndarray, class_parts: np.ndarray, matching: dict[int, int]) -> dict:
+    """Precision and F1 of the links against the ground truth through the feature–part `matching`, and the
+    share of negative weights on matched features that fall on parts the class lacks (what a negative weight
+    should say)."""
+    g = np.asarray(class_parts) != 0
+    feats = np.array(sorted(matching), dtype=np.int64)
+    parts = np.array([matching[f] for f in feats], dtype=np.int64)
+    truth = g[:, parts]  # C x matched features: does the class have the feature's part?
+    linked = np.asarray(links)[:, feats] != 0
+    hits = int((linked & truth).sum())
+    precision = hits / max(int(linked.sum()), 1)
+    recall = hits / max(int(g.sum()), 1)
+    negative = np.asarray(weights)[:, feats] < 0
+    return {"precision": precision, "f1": 2 * precision * recall / (precision + recall) if hits else 0.0,
+            "negative_links": int(negative.sum()),
+            "negative_on_absent": float((negative & ~truth).sum() / negative.sum()) if negative.any() else None}
 
 
 def finite_or_none(value: float) -> float | None:

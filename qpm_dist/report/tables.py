@@ -14,12 +14,17 @@ METRIC_ROWS = [
     ("accuracy", "Top-1 accuracy (%)"), ("top5", "Top-5 accuracy (%)"), ("SID@5", "SID@5"),
     ("diversity@5", "Diversity@5"), ("class_independence", "Class independence"),
     ("contrastiveness", "Contrastiveness"), ("correlation", "Correlation (Pearson, lower is better)"),
-    ("dependence", "Dependence (lower is better)"), ("structural_grounding", "Structural grounding"),
+    ("dependence", "Dependence (lower is better)"),
+    ("structural_grounding", "Structural grounding (signed weights; can exceed 1)"),
+    ("structural_grounding_positive", "Structural grounding (positive weights)"),
     ("NFfeatures", "Features used"), ("PerClass", "Features per class"),
     ("part_recovery", "Ground-truth class-part links recovered (features matched to parts by class sets)"),
-    ("part_recovery_random", "... by a random assignment"),
+    ("part_recovery_random", "... by a random head with the same links per class"),
+    ("part_precision", "Precision of the class-part links"), ("part_f1", "F1 of the class-part links"),
+    ("negative_links_on_absent_parts", "Negative weights on parts the class lacks (share)"),
     ("part_localisation", "Feature peaks inside the matched part's box (features matched by localisation)"),
     ("part_localisation_chance", "... for a peak at a random position"),
+    ("parts_covered", "Distinct parts the features localise"),
     ("part_links_by_localisation", "Class-part links recovered (features matched by localisation)"),
 ]
 
@@ -32,6 +37,7 @@ SHORT_LABELS = {
     "class_independence": "class independence", "contrastiveness": "contrastiveness",
     "correlation": "correlation (lower is better)", "dependence": "dependence (lower is better)",
     "structural_grounding": "structural grounding", "part_recovery": "class-part links recovered",
+    "part_precision": "link precision", "part_coverage": "parts covered (share)",
     "part_localisation": "peaks inside the part's box",
 }
 

@@ -12,7 +12,7 @@ import torch
 
 from qpm_dist import dist
 from qpm_dist.glm.fast import FastGLM, FastOptions
-from qpm_dist.glm.path import fit_path, scores_at_start, select_features
+from qpm_dist.glm.path import fit_path, select_features
 from qpm_dist.glm.problem import class_correlation, lambda_grid, lambda_max, optimal_bias, standardise
 from qpm_dist.glm.synthetic import synthetic_features
 
@@ -27,8 +27,7 @@ mine = slice(info.rank, None, info.world_size)
 Xs, ys = standardise(X[mine].double(), mean, std).float(), y[mine]
 Xts, yts = standardise(Xt[mine].double(), mean, std).float(), yt[mine]
 solver = FastGLM(Xs, ys, 5, 600, optimal_bias(counts))
-order, _ = select_features(solver, lambda_grid(lambda_max(corr, 0.8, True), 40, 1e-3), 0.8, 8,
-                          scores_at_start(corr, True))
+order, _ = select_features(solver, 8, 1e-3 * lambda_max(corr, 0.8, True))
 cols = torch.tensor(sorted(order))
 fit = FastGLM(Xs[:, cols].contiguous(), ys, 5, 600, optimal_bias(counts), FastOptions(tol=1e-6, max_iter=20000),
               test=(Xts[:, cols].contiguous(), yts))
