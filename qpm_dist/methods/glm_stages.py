@@ -39,18 +39,24 @@ PATH, PATH_TABLE = "path.npz", "path.json"  # a fit stage's path: arrays, and on
 SELECT_STAGE = "glm_select"
 
 
+def candidate_solvers(solver: str, path: str) -> tuple[str, ...]:
+    """The solvers that may run `path` ("selection" or "fit") under glm.solver=`solver` (see solver_for)."""
+    if solver != "auto":
+        return (solver,)
+    return ("fast",) if path == "selection" else ("glm_saga", "fast")
+
+
 def solver_key(cfg: Config, path: str) -> dict[str, Any]:
-    """The solver settings a path depends on (a solver that cannot run it does not enter the key)."""
+    """The solver settings a path depends on: those of every solver that may run it, and no others."""
     g = cfg.glm
-    solvers = {"selection": {"auto": ("fast",)}, "fit": {"auto": ("glm_saga", "fast")}}[path].get(g.solver, (g.solver,))
+    solvers = candidate_solvers(g.solver, path)
     part = {"solver": g.solver, "path": to_dict(getattr(g, path))}
     if "glm_saga" in solvers:
-        part["saga"] = to_dict(g.saga)
-        part["seed"] = cfg.run.seed
+        part.update(saga=to_dict(g.saga), seed=cfg.run.seed)
+    else:
+        part["path"].pop("lookbehind")  # glm-saga's stopping rule
     if "fast" in solvers:
         part["fast"] = to_dict(g.fast)
-    if solvers == ("fast",):
-        part["path"].pop("lookbehind")
     if len(solvers) > 1:
         part["saga_max_table"] = g.saga_max_table
     return part
@@ -58,11 +64,10 @@ def solver_key(cfg: Config, path: str) -> dict[str, Any]:
 
 def solver_for(cfg: Config, path: str, rows: int, classes: int) -> str:
     """The solver that runs `path` ("selection" or "fit"): glm.solver, with auto resolved (GLMConfig)."""
-    if cfg.glm.solver != "auto":
-        return cfg.glm.solver
-    if path == "selection" or rows * classes > cfg.glm.saga_max_table:
-        return "fast"
-    return "glm_saga"
+    solvers = candidate_solvers(cfg.glm.solver, path)
+    if len(solvers) == 1:
+        return solvers[0]
+    return "glm_saga" if rows * classes <= cfg.glm.saga_max_table else "fast"
 
 
 # ------------------------------------------------------------------------------------------------ features

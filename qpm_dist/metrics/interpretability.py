@@ -200,7 +200,7 @@ def top_k_assignment(weights: np.ndarray, k: int) -> np.ndarray:
 
 def class_links(weights: np.ndarray, k: int) -> np.ndarray:
     """The class–feature links a head asserts, as a binary C x F matrix: a sparse head's positive weights
-    (binary QPM, signed SLDD, ternary Q-SENN alike: a negative weight says the class lacks the feature); a
+    (binary, signed and ternary heads alike: a negative weight says the class lacks the feature); a
     dense head, which has no zeros, by its k largest positive weights per class (to compare it at all)."""
     w = np.asarray(weights)
     if (w == 0).any():
