@@ -21,7 +21,7 @@ from torch import nn
 from qpm_dist import dist
 from qpm_dist.models.io import load_classifier, save_classifier, state_digest
 from qpm_dist.models.net import Classifier
-from qpm_dist.utils import atomic_open, atomic_write_text
+from qpm_dist.utils import atomic_write_text
 
 MODEL = "model.pt"  # a classifier (models.io), written by every stage that produces a model
 RESULT = "result.json"  # a training phase's result (test accuracy, steps, ...)
@@ -51,15 +51,6 @@ def read_json(path: Path) -> Any:
     return from_main(lambda: json.loads(Path(path).read_text()))
 
 
-def _savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    with atomic_open(path) as fh:
-        np.savez(fh, **arrays)
-
-
-def write_npz(path: Path, **arrays: np.ndarray) -> None:
-    on_main(_savez, Path(path), arrays)
-
-
 def read_npz(path: Path) -> dict[str, np.ndarray]:
     def read() -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as f:
@@ -86,8 +77,3 @@ def save_model(path: Path, model: nn.Module) -> list[str]:
 def load_model(ctx, stage: str) -> Classifier:
     """The classifier `stage` wrote (every rank reads the file itself)."""
     return load_classifier(ctx.outputs[stage] / MODEL, ctx.cfg.model)
-
-
-def stage_summary(ctx, stage: str) -> dict:
-    """The summary a finished stage returned (from its record)."""
-    return read_json(ctx.outputs[stage] / RECORD).get("summary") or {}
