@@ -105,9 +105,7 @@ class QSENNSparseStage:
         self.name = f"qsenn_sparse{r}"
         self.model_stage = "dense" if r == 0 else f"qsenn_finetune{r - 1}"
         self.fit_stage = f"qsenn_fit{r}"
-        self.previous = f"qsenn_sparse{r - 1}" if r > 0 else None
-        self.depends: tuple[str, ...] = (self.model_stage, SELECT_STAGE, self.fit_stage) + (
-            (self.previous,) if self.previous else ())
+        self.depends: tuple[str, ...] = (self.model_stage, SELECT_STAGE, self.fit_stage)
 
     def config_parts(self, cfg: Config) -> dict[str, Any]:
         q = cfg.qsenn
@@ -120,8 +118,12 @@ class QSENNSparseStage:
         layer = qsenn_layer(path, cfg.qsenn.n_per_class, cfg.qsenn.min_per_class)
         selection = load_selection(ctx)
         model = load_model(ctx, self.model_stage)
-        if self.r > 0 and not torch.equal(model.head.selection.cpu(), selection):
-            raise RuntimeError(f"{self.model_stage}: the model's selection differs from the select stage's")
+        previous_signs = None
+        if self.r > 0:
+            if not torch.equal(model.head.selection.cpu(), selection):
+                raise RuntimeError(f"{self.model_stage}: the model's selection differs from the select stage's")
+            # fine-tuning kept round r-1's ternary weights frozen: the model carries them
+            previous_signs = np.sign(model.head.weight.detach().float().numpy())
         # round 0: statistics of the dense model's full feature vector are indexed by the selection inside the
         # head; round r >= 1: statistics of the selected features themselves (same order as the selection)
         model.head = SparseHead(selection, torch.from_numpy(layer["weight"]), torch.from_numpy(path["mean"]),
@@ -134,11 +136,10 @@ class QSENNSparseStage:
         if empty:
             log.warning("qsenn round %d: classes %s have no weight after quantisation", self.r, empty[:20])
         stability = {}
-        if self.previous is not None:  # how much of the previous round's sign pattern this round keeps
-            before = np.sign(load_model(ctx, self.previous).head.weight.detach().numpy())
+        if previous_signs is not None:  # how much of the previous round's sign pattern this round keeps
             now = np.sign(W)
-            stability = {"entries_changed_from_previous_round": int((before != now).sum()),
-                         "entries_kept_from_previous_round": int(((before == now) & (now != 0)).sum())}
+            stability = {"entries_changed_from_previous_round": int((previous_signs != now).sum()),
+                         "entries_kept_from_previous_round": int(((previous_signs == now) & (now != 0)).sum())}
         return {"round": self.r, "lambda": float(path["lam"][-1]), "magnitude": layer["magnitude"], **stability,
                 "linear_test_acc_before_quantisation": float(path["test_acc"][-1]),
                 "nonzero_weights": int(counts.sum()), "per_class_min": int(counts.min()),
