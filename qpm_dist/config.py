@@ -407,7 +407,8 @@ def _yaml_problem(exc: yaml.YAMLError, text: str) -> str:
         return f"line {mark.line + 1}, column {mark.column + 1}: {exc.problem}"
     if isinstance(exc, yaml.reader.ReaderError):
         line = text.count("\n", 0, exc.position) + 1
-        return f"line {line}: character {exc.character!r} is not allowed in YAML (a damaged file?)"
+        code = exc.character if isinstance(exc.character, int) else ord(exc.character)  # PyYAML gives the code
+        return f"line {line}: character #x{code:04x} is not allowed in YAML (a damaged file?)"
     return " ".join(str(exc).split())
 
 

@@ -181,6 +181,12 @@ def test_out_of_range_values_name_the_key_and_the_range(override, message):
     assert str(info.value) == message
 
 
+def test_nesterov_without_momentum_is_refused_before_torch_would_refuse_it_at_the_first_phase():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["finetune.optim.nesterov=true", "finetune.optim.momentum=0"])
+    assert str(info.value) == "finetune.optim.nesterov: Nesterov momentum needs finetune.optim.momentum > 0"
+
+
 def test_an_out_of_range_value_stops_the_run_before_any_work(capsys, tmp_path):
     """The issue's case: eval.batch_size=0 used to fail in the last stage (report), after hours of training."""
     from qpm_dist import cli

@@ -66,4 +66,4 @@ def test_the_cli_exits_2_with_one_line_naming_the_damaged_file(tmp_path, capsys)
     assert "no settings" in messages["truncate(0)"]
     assert "cut short" in messages["truncate(f)"]
     assert "line 1: not UTF-8 text (byte 16)" in messages["flip_byte(16)"]
-    assert "is not allowed in YAML" in messages["zero_block(700,8)"]
+    assert "line 23: character #x0000 is not allowed in YAML" in messages["zero_block(700,8)"]
