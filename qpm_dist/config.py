@@ -4,7 +4,8 @@ The sections every run shares live here (run, data, model, dense, finetune, eval
 each method declares its own sections (qpm, glm, ...) in its module, and `config_class()` adds every
 registered method's sections to `Config` (see qpm_dist.methods). A section may define
 `check(self, key)`, which `validate` calls with the section's dotted key; a method's cross-section checks are
-its spec's `validate(cfg)`, run when the config runs that method.
+its spec's `validate(cfg)`, run when the config runs that method. Every numeric field declares its valid range
+next to its default (`bounded`), so `validate` checks the ranges of every section without a hand-written `if`.
 
 Why hand-written and not OmegaConf/pydantic: the schema is plain stdlib dataclasses (readable, importable
 without extra packages) and the validator is ~100 lines that give the one thing users need from it — an
@@ -22,6 +23,8 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -35,6 +38,40 @@ class ConfigError(ValueError):
     """A configuration key is unknown, has the wrong type or an invalid value."""
 
 
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric config field; each bound is optional (ge: >=, gt: >, le: <=, lt: <)."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def __contains__(self, x: float) -> bool:  # NaN is in no range: every comparison with it is false
+        return ((self.ge is None or x >= self.ge) and (self.gt is None or x > self.gt)
+                and (self.le is None or x <= self.le) and (self.lt is None or x < self.lt))
+
+    def __str__(self) -> str:
+        low = f"[{self.ge}" if self.ge is not None else f"({self.gt}" if self.gt is not None else None
+        high = f"{self.le}]" if self.le is not None else f"{self.lt})" if self.lt is not None else None
+        if low and high:
+            return f"in {low}, {high}"
+        if low:
+            return (">= " if low[0] == "[" else "> ") + low[1:]
+        return ("<= " if high[-1] == "]" else "< ") + high[:-1]
+
+
+def bounded(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+            lt: float | None = None) -> Any:
+    """A numeric field (int, float, Optional or a list of them) with its valid range, which `validate` checks
+    for every section (each item of a list; None passes). Declared here, next to the default, so that no field
+    can go unchecked and no section needs a hand-written `if` for it."""
+    metadata = {"range": Range(ge=ge, gt=gt, le=le, lt=lt)}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 # --------------------------------------------------------------------------------------------- schema
 
 
@@ -42,7 +79,7 @@ class ConfigError(ValueError):
 class RunConfig:
     name: str = "run"
     out_dir: str = "runs"
-    seed: int = 0
+    seed: int = bounded(0, ge=0, le=2**32 - 1)  # numpy's seeds are 32-bit
     # "auto": continue from the newest valid checkpoint of the stage if there is one; "never": start fresh
     # (refuses to overwrite an unfinished stage); or the path of a checkpoint directory to resume from.
     resume: str = "auto"
@@ -66,28 +103,25 @@ class DataConfig:
     # wds: "exact" reads every sample once per epoch (all but < one global batch, equal batches per rank);
     # "resampled" draws shards with replacement (WebDataset's resampled=True) for the same number of steps.
     wds_mode: Literal["exact", "resampled"] = "exact"
-    wds_shuffle_buffer: int = 1000  # samples per loader worker
+    wds_shuffle_buffer: int = bounded(1000, ge=1)  # samples per loader worker
     # ffcv: let the OS page cache hold the .beton (FFCV's os_cache=True, the ffcv-imagenet setting).
     ffcv_os_cache: bool = True
-    img_size: int = 64
+    img_size: int = bounded(64, ge=8)
     # Train-time augmentation recipe, see qpm_dist.data.transforms.
     augment: Literal["none", "light", "cub", "imagenet"] = "light"
     # Crop every image to its object bounding box (CUB-style datasets only).
     crop_to_box: bool = False
-    num_workers: int = 2
-    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    num_workers: int = bounded(2, ge=0)
+    # Per-channel normalisation of images scaled to [0, 1].
+    mean: list[float] = bounded([0.485, 0.456, 0.406], ge=0, le=1)
+    std: list[float] = bounded([0.229, 0.224, 0.225], gt=0, le=1)
 
     def check(self, key: str) -> None:
-        if self.img_size < 8:
-            raise ConfigError(f"{key}.img_size: expected an integer >= 8, got {self.img_size}")
         if len(self.mean) != 3 or len(self.std) != 3:
             raise ConfigError(f"{key}.mean and {key}.std: expected 3 values (RGB)")
         if self.backend != "folder" and not self.converted:
             raise ConfigError(f"{key}.converted: {key}.backend={self.backend} needs the folder written by "
                               f"`python -m data_prep to-{self.backend}`")
-        if self.wds_shuffle_buffer < 1:
-            raise ConfigError(f"{key}.wds_shuffle_buffer: expected an integer >= 1")
 
 
 @dataclass
@@ -98,21 +132,25 @@ class ModelConfig:
     # Local file with backbone weights (torchvision layout). Nothing is ever downloaded.
     weights: Optional[str] = None
     norm: Literal["batch", "sync_batch", "group"] = "batch"
-    dropout: float = 0.2
-    tiny_width: int = 16
+    dropout: float = bounded(0.2, ge=0, lt=1)
+    tiny_width: int = bounded(16, ge=1)
 
 
 @dataclass
 class OptimConfig:
     name: Literal["sgd", "adamw"] = "sgd"
-    lr: float = 0.005
+    lr: float = bounded(0.005, gt=0)
     # Learning rate of the classification head; None = same as lr.
-    head_lr: Optional[float] = None
-    momentum: float = 0.9
+    head_lr: Optional[float] = bounded(None, gt=0)
+    momentum: float = bounded(0.9, ge=0, lt=1)
     nesterov: bool = False
-    weight_decay: float = 5e-4
+    weight_decay: float = bounded(5e-4, ge=0)
     # Weight decay of normalisation parameters and biases; None = same as weight_decay.
-    norm_weight_decay: Optional[float] = None
+    norm_weight_decay: Optional[float] = bounded(None, ge=0)
+
+    def check(self, key: str) -> None:
+        if self.nesterov and self.momentum == 0:
+            raise ConfigError(f"{key}.nesterov: Nesterov momentum needs {key}.momentum > 0")
 
 
 @dataclass
@@ -120,10 +158,10 @@ class ScheduleConfig:
     # step: lr * gamma ** (epoch // step_epochs), stepped once per epoch as the QPM reference does.
     # cosine / linear: per-iteration decay to min_lr_ratio * lr; constant: no decay. All support warmup.
     name: Literal["step", "cosine", "linear", "constant"] = "step"
-    step_epochs: int = 30
-    gamma: float = 0.4
-    warmup_epochs: float = 0.0
-    min_lr_ratio: float = 0.0
+    step_epochs: int = bounded(30, ge=1)
+    gamma: float = bounded(0.4, gt=0, le=1)
+    warmup_epochs: float = bounded(0.0, ge=0)
+    min_lr_ratio: float = bounded(0.0, ge=0, le=1)
 
 
 @dataclass
@@ -131,32 +169,25 @@ class PhaseConfig:
     """One training phase (dense training or fine-tuning)."""
 
     # 0 skips the phase: the dense model is then model.weights as given (e.g. torchvision ImageNet weights).
-    epochs: int = 150
+    epochs: int = bounded(150, ge=0)
     # Global batch size (all ranks and accumulation steps together): results do not depend on world size.
-    batch_size: int = 16
-    eval_batch_size: int = 64
-    grad_accum: int = 1
+    batch_size: int = bounded(16, ge=1)
+    eval_batch_size: int = bounded(64, ge=1)
+    grad_accum: int = bounded(1, ge=1)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     # Feature diversity loss weight beta (0 disables it). 0.196 is the reference value for ResNet-34/50.
-    fdl_beta: float = 0.196
+    fdl_beta: float = bounded(0.196, ge=0)
     # The reference lets the FDL gradient flow into the classifier weights (spec bug 24); we detach them.
     fdl_detach_weights: bool = True
-    label_smoothing: float = 0.0
-    clip_grad_norm: Optional[float] = None
-    eval_every_epochs: int = 5
+    label_smoothing: float = bounded(0.0, ge=0, lt=1)
+    clip_grad_norm: Optional[float] = bounded(None, gt=0)
+    eval_every_epochs: int = bounded(5, ge=1)
 
     def check(self, key: str) -> None:
-        for name in ("batch_size", "eval_batch_size", "grad_accum", "eval_every_epochs"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{key}.{name}: expected a positive integer, got {getattr(self, name)}")
-        if self.epochs < 0:
-            raise ConfigError(f"{key}.epochs: expected a non-negative integer, got {self.epochs}")
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"{key}.batch_size ({self.batch_size}) must be divisible by {key}.grad_accum "
                               f"({self.grad_accum})")
-        if self.optim.lr <= 0:
-            raise ConfigError(f"{key}.optim.lr: expected a positive number, got {self.optim.lr}")
 
 
 def _finetune_defaults() -> PhaseConfig:
@@ -173,17 +204,17 @@ def _dense_defaults() -> PhaseConfig:
 
 @dataclass
 class EvalConfig:
-    batch_size: int = 128  # global
+    batch_size: int = bounded(128, ge=1)  # global
     # Contrastiveness fits a 2-component GMM per feature on a uniform subsample of this many training rows.
-    gmm_samples: int = 20000
+    gmm_samples: int = bounded(20000, ge=2)
     # ...and is skipped (reported as null) above this many features, like the reference (dense ResNet-50).
-    gmm_max_features: int = 1000
+    gmm_max_features: int = bounded(1000, ge=0)
 
 
 @dataclass
 class ReportConfig:
-    class_pairs: int = 4  # class pairs shown with example heatmaps
-    max_classes: int = 200  # classes listed in the HTML report
+    class_pairs: int = bounded(4, ge=0)  # class pairs shown with example heatmaps
+    max_classes: int = bounded(200, ge=1)  # classes listed in the HTML report
 
 
 @dataclass
@@ -195,16 +226,12 @@ class EngineConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     channels_last: bool = True
     # Save a checkpoint every N optimizer steps (0: only at the end of every epoch).
-    checkpoint_every_steps: int = 0
-    keep_checkpoints: int = 2
-    log_every_steps: int = 20
+    checkpoint_every_steps: int = bounded(0, ge=0)
+    keep_checkpoints: int = bounded(2, ge=1)
+    log_every_steps: int = bounded(20, ge=1)
     progress: bool = True
     # Seconds to wait for the other ranks in collectives before giving up.
-    timeout_s: int = 1800
-
-    def check(self, key: str) -> None:
-        if self.keep_checkpoints < 1:
-            raise ConfigError(f"{key}.keep_checkpoints: expected an integer >= 1")
+    timeout_s: int = bounded(1800, ge=1)
 
 
 @dataclass
@@ -344,6 +371,70 @@ def _build(cls: type, values: dict, prefix: str, base: Any = None) -> Any:
     return obj
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with two differences. A key given twice in one mapping is an error: PyYAML keeps the
+    second silently (a second `dense:` block replaced the first, and `epochs: 5` became the default 150). And
+    `1e-3` is a float: YAML 1.1, which PyYAML implements, wants a dot and a signed exponent (`1.0e-3`) and
+    reads `1e-3` as the string '1e-3'."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first_seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node)
+            if key in first_seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {first_seen[key].start_mark.line + 1}); "
+                    "the second would silently replace the first", key_node.start_mark)
+            first_seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"))
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_ConfigLoader)
+
+
+def _yaml_problem(exc: yaml.YAMLError, text: str) -> str:
+    """One line: where in `text` (line, column) and what is wrong."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        return f"line {mark.line + 1}, column {mark.column + 1}: {exc.problem}"
+    if isinstance(exc, yaml.reader.ReaderError):
+        line = text.count("\n", 0, exc.position) + 1
+        code = exc.character if isinstance(exc.character, int) else ord(exc.character)  # PyYAML gives the code
+        return f"line {line}: character #x{code:04x} is not allowed in YAML (a damaged file?)"
+    return " ".join(str(exc).split())
+
+
+def _read_yaml_file(path: Path) -> dict:
+    """The top-level mapping of a config file. Damage is refused rather than read as a different config: bytes
+    that are not UTF-8, a file cut short (no newline at its end), an empty file."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{path}, line {line}: not UTF-8 text (byte {exc.start}); a damaged file?") from None
+    if text and not text.endswith("\n"):
+        raise ConfigError(f"{path}: no newline at the end of the last line: was the file cut short (an interrupted "
+                          "copy, a full disk)? If it is complete, end it with a newline")
+    try:
+        data = _load_yaml(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}, {_yaml_problem(exc, text)}") from None
+    if data is None:
+        raise ConfigError(f"{path}: no settings (the file is empty or only comments)")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
 def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override '{text}' is not of the form key.sub=value")
@@ -351,9 +442,9 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override '{text}' has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override '{text}': value is not valid YAML ({exc})") from None
+        raise ConfigError(f"override '{text}': value is not valid YAML ({_yaml_problem(exc, raw)})") from None
     return key.split("."), value
 
 
@@ -372,13 +463,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-        cfg = _build(cls, data, "", base=cfg)
+        cfg = _build(cls, _read_yaml_file(path), "", base=cfg)
     for text in overrides:
         keys, value = _parse_override(text)
         cfg = _build(cls, _nest(keys, value), "", base=cfg)
@@ -386,12 +471,28 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return cfg
 
 
+def _check_range(value: Any, bounds: Range, key: str) -> None:
+    """`value` (a number, None or a list of numbers) against the range its field declares (`bounded`)."""
+    items = [(f"{key}[{i}]", v) for i, v in enumerate(value)] if isinstance(value, list) else [(key, value)]
+    for item_key, v in items:
+        if v is None:
+            continue
+        finite = not isinstance(v, float) or math.isfinite(v)
+        if not finite or v not in bounds:
+            kind = "an integer" if isinstance(v, int) else "a finite number" if not finite else "a number"
+            raise ConfigError(f"{item_key}: expected {kind} {bounds}, got {v!r}")
+
+
 def _check_sections(obj: Any, key: str) -> None:
-    """Call `check(key)` of every section (nested ones too) that defines it, innermost first."""
+    """Check every field's declared range, then call `check(key)` of every section (nested ones too) that
+    defines it, innermost first: a section's own check sees values already in range."""
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
+        field_key = f"{key}.{f.name}" if key else f.name
         if dataclasses.is_dataclass(value):
-            _check_sections(value, f"{key}.{f.name}" if key else f.name)
+            _check_sections(value, field_key)
+        elif "range" in f.metadata:
+            _check_range(value, f.metadata["range"], field_key)
     if hasattr(obj, "check"):
         obj.check(key)
 

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 _control_group: Any = None
+_set_local_rank = False  # ensure_group set LOCAL_RANK (shutdown removes it)
 
 
 @dataclass(frozen=True)
@@ -79,11 +80,29 @@ def init(device: str = "auto", timeout_s: int = 1800) -> DistInfo:
                     backend=backend)
 
 
+def ensure_group(device: torch.device, timeout_s: int = 1800) -> None:
+    """A one-process group when this process runs alone (no torchrun) but a library insists on a process group:
+    DeepSpeed asserts one exists even for one process. The store is in memory, so nothing listens on a port;
+    `is_distributed()` stays false (the helpers stay no-ops) and `shutdown()` destroys it. DeepSpeed also reads
+    LOCAL_RANK from the environment, which only launchers set: 0 here, until `shutdown()`."""
+    global _set_local_rank
+    if dist.is_initialized():
+        return
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                            world_size=1, timeout=datetime.timedelta(seconds=timeout_s))
+    if "LOCAL_RANK" not in os.environ:
+        os.environ["LOCAL_RANK"] = "0"
+        _set_local_rank = True
+
+
 def shutdown() -> None:
-    global _control_group
+    global _control_group, _set_local_rank
     if dist.is_initialized():
         dist.destroy_process_group()
     _control_group = None
+    if _set_local_rank:
+        os.environ.pop("LOCAL_RANK", None)
+        _set_local_rank = False
 
 
 def is_distributed() -> bool:

@@ -15,7 +15,7 @@ from typing import Callable, Literal, Optional
 import numpy as np
 
 from qpm_dist import dist
-from qpm_dist.config import ConfigError
+from qpm_dist.config import bounded
 from qpm_dist.utils import log
 
 @dataclass
@@ -24,20 +24,16 @@ class SolverConfig:
 
     # auto: exact HiGHS MILP for small problems, else the fast local search; gurobi needs a licence.
     backend: Literal["auto", "fast", "highs", "gurobi"] = "auto"
-    time_limit: float = 600.0  # seconds per solve
-    mip_gap: Optional[float] = None
-    threads: Optional[int] = None
+    time_limit: float = bounded(600.0, gt=0)  # seconds per solve
+    mip_gap: Optional[float] = bounded(None, ge=0, lt=1)  # relative gap (the service's own check: [0, 1))
+    threads: Optional[int] = bounded(None, ge=1)
     # A running solver service (`python -m solver_service serve`): its URL (http://host:port), or the path of
     # a file holding it (slurm/solver_service.sbatch writes one; the token is read from FILE.token). None
     # solves in process on rank 0. A token can also come from the environment variable SOLVER_SERVICE_TOKEN.
     url: Optional[str] = None
-    retries: int = 5  # connection attempts after the first, with exponential backoff
+    retries: int = bounded(5, ge=0)  # connection attempts after the first, with exponential backoff
     # When the service cannot be reached: solve in process with an open-source backend instead of failing.
     fallback_local: bool = True
-
-    def check(self, key: str) -> None:
-        if self.time_limit <= 0:
-            raise ConfigError(f"{key}.time_limit: expected a positive number of seconds, got {self.time_limit}")
 
 
 OPEN_SOURCE_FALLBACK = "auto"  # without gurobi installed, auto means HiGHS (small) or the fast search (large)

@@ -122,3 +122,106 @@ def test_more_features_than_the_backbone_has_is_an_error():
     with pytest.raises(ConfigError, match=r"qpm\.n_features \(50\) exceeds the 32 features of model\.arch=tiny_resnet"):
         load_config(None, ["model.arch=tiny_resnet", "model.tiny_width=8"])
     assert load_config(None, ["model.arch=tiny_resnet", "model.tiny_width=8", "qpm.n_features=32"])
+
+
+# ------------------------------------------------------------------- ranges (issue 13, item 3)
+
+
+def _numeric_fields(cls, prefix=""):
+    """(dotted key, dataclasses.Field) of every int / float field of `cls` and its nested sections, including
+    Optional[int | float] and list[int | float]."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from _numeric_fields(tp, key)
+            continue
+        args = typing.get_args(tp) or (tp,)
+        if typing.get_origin(tp) is typing.Literal:
+            continue
+        if {a for a in args if a is not type(None)} & {int, float}:
+            yield key, f
+
+
+def test_every_numeric_field_of_every_section_declares_its_range():
+    """A field added without a range would go unchecked: `bounded(default, ge=..., ...)` is the schema's way."""
+    from qpm_dist.config import config_class
+
+    fields = dict(_numeric_fields(config_class()))
+    assert {"eval.batch_size", "data.std", "qsenn.round_epochs", "qpm.solver.mip_gap", "glm.fit.alpha"} <= set(fields)
+    missing = [key for key, f in fields.items() if "range" not in f.metadata]
+    assert not missing, f"numeric config fields without a declared range: {missing}"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("eval.batch_size=0", "eval.batch_size: expected an integer >= 1, got 0"),
+        ("qpm.dropout=-1", "qpm.dropout: expected a number in [0, 1), got -1.0"),
+        ("model.dropout=1.5", "model.dropout: expected a number in [0, 1), got 1.5"),
+        ("data.num_workers=-1", "data.num_workers: expected an integer >= 0, got -1"),
+        ("data.std=[0.2, 0, 0.2]", "data.std[1]: expected a number in (0, 1], got 0.0"),
+        ("dense.schedule.step_epochs=0", "dense.schedule.step_epochs: expected an integer >= 1, got 0"),
+        ("finetune.optim.head_lr=-0.1", "finetune.optim.head_lr: expected a number > 0, got -0.1"),
+        ("dense.optim.lr=.nan", "dense.optim.lr: expected a finite number > 0, got nan"),
+        ("dense.optim.lr=.inf", "dense.optim.lr: expected a finite number > 0, got inf"),
+        ("qsenn.round_epochs=[3, 0]", "qsenn.round_epochs[1]: expected an integer >= 1, got 0"),
+        ("glm.selection.lookbehind=0", "glm.selection.lookbehind: expected an integer >= 1, got 0"),
+        ("qpm.solver.threads=0", "qpm.solver.threads: expected an integer >= 1, got 0"),
+        ("dense.grad_accum=0", "dense.grad_accum: expected an integer >= 1, got 0"),  # not a ZeroDivisionError
+    ],
+)
+def test_out_of_range_values_name_the_key_and_the_range(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert str(info.value) == message
+
+
+def test_nesterov_without_momentum_is_refused_before_torch_would_refuse_it_at_the_first_phase():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["finetune.optim.nesterov=true", "finetune.optim.momentum=0"])
+    assert str(info.value) == "finetune.optim.nesterov: Nesterov momentum needs finetune.optim.momentum > 0"
+
+
+def test_an_out_of_range_value_stops_the_run_before_any_work(capsys, tmp_path):
+    """The issue's case: eval.batch_size=0 used to fail in the last stage (report), after hours of training."""
+    from qpm_dist import cli
+
+    demo = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    code = cli.main(["run", str(demo), f"run.out_dir={tmp_path}", "eval.batch_size=0"])
+    err = capsys.readouterr().err
+    assert code == 2 and err == "qpm-dist: error: eval.batch_size: expected an integer >= 1, got 0\n"
+    assert not any(tmp_path.iterdir())  # no run folder, no data read
+
+
+# ------------------------------------------------- YAML: duplicate keys and 1e-3 (issue 13, item 3)
+
+
+def test_a_duplicate_key_is_an_error_naming_the_file_and_line(tmp_path):
+    """PyYAML keeps the second of two equal keys: the second `dense:` block silently reset epochs 5 to 150."""
+    path = write(tmp_path, "dense:\n  epochs: 5\nrun:\n  name: x\ndense:\n  batch_size: 16\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == (f"{path}, line 5, column 1: duplicate key 'dense' (first on line 1); the second "
+                               "would silently replace the first")
+    nested = write(tmp_path, "dense:\n  optim: {lr: 0.1, momentum: 0.5, lr: 0.2}\n")
+    with pytest.raises(ConfigError, match=r"line 2, column 35: duplicate key 'lr' \(first on line 2\)"):
+        load_config(nested)
+    with pytest.raises(ConfigError, match=r"override 'wandb\.tags=\{a: 1, a: 2\}'.*duplicate key 'a'"):
+        load_config(None, ["wandb.tags={a: 1, a: 2}"])
+
+
+def test_exponent_without_a_dot_is_a_float_in_files_and_overrides(tmp_path):
+    """YAML 1.1 (PyYAML) reads 1e-3 as the string '1e-3'; every other tool the users know reads a float."""
+    path = write(tmp_path, "dense:\n  optim: {lr: 1e-3, weight_decay: 5E-4, head_lr: +2e1}\n"
+                           "finetune:\n  optim: {lr: 1.5e-4}\n")
+    cfg = load_config(path, ["finetune.optim.weight_decay=1e-5", "finetune.optim.head_lr=3.e-2"])
+    assert (cfg.dense.optim.lr, cfg.dense.optim.weight_decay, cfg.dense.optim.head_lr) == (1e-3, 5e-4, 20.0)
+    assert (cfg.finetune.optim.lr, cfg.finetune.optim.weight_decay, cfg.finetune.optim.head_lr) == (1.5e-4, 1e-5, 0.03)
+    with pytest.raises(ConfigError, match=r"dense\.epochs: expected int, got 1000\.0"):
+        load_config(None, ["dense.epochs=1e3"])
+    assert load_config(None, ["run.name='1e3'"]).run.name == "1e3"  # quoted stays a string

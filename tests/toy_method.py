@@ -9,7 +9,7 @@
                      in the task's state, so a resumed run that repeated or skipped it would end differently;
     toy_evaluate   the generic evaluate stage, without a dense baseline.
 
-It has its own config section (`toy:`) with its own check.
+It has its own config section (`toy:`) with its own ranges (`bounded`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from qpm_dist.config import Config, ConfigError, PhaseConfig, to_dict
+from qpm_dist.config import Config, PhaseConfig, bounded, to_dict
 from qpm_dist.data.batch import Batch
 from qpm_dist.engine.optim import classifier_param_groups
 from qpm_dist.engine.task import TrainingTask
@@ -33,13 +33,9 @@ from qpm_dist.stages.train import TrainStage
 
 @dataclass
 class ToyConfig:
-    epochs: int = 3
-    shrink: float = 0.5  # the epoch-end hook multiplies the head's weights by this
-    head_lr_scale: float = 2.0
-
-    def check(self, key: str) -> None:
-        if not 0 < self.shrink <= 1:
-            raise ConfigError(f"{key}.shrink: expected a number in (0, 1], got {self.shrink}")
+    epochs: int = bounded(3, ge=1)
+    shrink: float = bounded(0.5, gt=0, le=1)  # the epoch-end hook multiplies the head's weights by this
+    head_lr_scale: float = bounded(2.0, gt=0)
 
 
 def sample_weights(count: int) -> np.ndarray:

@@ -146,6 +146,7 @@ class DeepSpeedStrategy:
         ds_config = self.resolve_config(config_path, micro_batch, grad_accum, info.world_size, self.precision,
                                         clip_grad_norm)
         model = model.to(info.device, memory_format=self.memory_format)
+        dist.ensure_group(info.device)  # one process without torchrun: DeepSpeed still needs a group
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
         )

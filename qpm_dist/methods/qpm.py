@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from qpm_dist.config import Config, ConfigError
+from qpm_dist.config import Config, ConfigError, bounded
 from qpm_dist.methods import MethodSpec, register
 from qpm_dist.models.backbones import check_feature_count
 from qpm_dist.models.net import Classifier, ModelOutput
@@ -47,14 +47,14 @@ SUMS, CONSTANTS = "sums.npz", "constants.npz"  # the stats stage's files
 
 @dataclass
 class QPMConfig:
-    n_features: int = 50
-    n_per_class: int = 5
+    n_features: int = bounded(50, ge=1)
+    n_per_class: int = bounded(5, ge=1)
     solver: SolverConfig = field(default_factory=SolverConfig)
     # Sparse head: dropout on the normalised features; True reproduces the reference's order (spec bug 23).
-    dropout: float = 0.1
+    dropout: float = bounded(0.1, ge=0, lt=1)
     dropout_before_norm: bool = False
     # Global batch of the streamed statistics pass (test-time transforms, no gradients).
-    stats_batch_size: int = 128
+    stats_batch_size: int = bounded(128, ge=1)
 
     def check(self, key: str) -> None:
         if not 1 <= self.n_per_class <= self.n_features:

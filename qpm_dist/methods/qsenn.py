@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from qpm_dist.config import Config, ConfigError, PhaseConfig
+from qpm_dist.config import Config, ConfigError, PhaseConfig, bounded
 from qpm_dist.glm.config import GLMConfig
 from qpm_dist.glm.rules import qsenn_bias, quantize_qsenn
 from qpm_dist.methods import MethodSpec, register
@@ -48,16 +48,16 @@ from qpm_dist.utils import log
 
 @dataclass
 class QSENNConfig:
-    n_features: int = 50
-    n_per_class: int = 5
+    n_features: int = bounded(50, ge=1)
+    n_per_class: int = bounded(5, ge=1)
     # Fine-tuning epochs of each round (rounds = len(round_epochs)); round r uses finetune.optim.lr·lr_decay^r
     # and a fresh optimizer and schedule (finetune.schedule restarted every round).
-    round_epochs: list[int] = field(default_factory=lambda: [10, 10, 10, 40])
-    lr_decay: float = 0.9
+    round_epochs: list[int] = bounded([10, 10, 10, 40], ge=1)
+    lr_decay: float = bounded(0.9, gt=0, le=1)
     # Quantisation keeps each class's largest weight when the global threshold would leave the class empty
     # (0 reproduces the reference, where a class could end with no feature).
-    min_per_class: int = 1
-    dropout: float = 0.1
+    min_per_class: int = bounded(1, ge=0)
+    dropout: float = bounded(0.1, ge=0, lt=1)
     dropout_before_norm: bool = False
     train_normalisation: bool = True
     # Where the fit path ends (x λ_max) when the fast solver fits it. Q-SENN quantises the path's last point;
@@ -66,17 +66,12 @@ class QSENNConfig:
     # demo's round-0 features: the exact solution's ternary pattern agrees best with glm-saga's around 1e-2
     # (74 of 80 entries, for 8e-3 to 1.3e-2; 58 of 80 at 1e-3). glm-saga itself agrees with itself across seeds
     # (80 of 80), so glm.solver=auto fits with glm-saga wherever it is affordable.
-    fast_epsilon: float = 1e-2
+    fast_epsilon: float = bounded(1e-2, gt=0, lt=1)
 
     def check(self, key: str) -> None:
         check_sparse_section(self, key)
-        if not 0 < self.fast_epsilon < 1:
-            raise ConfigError(f"{key}.fast_epsilon: expected a number in (0, 1), got {self.fast_epsilon}")
-        if not self.round_epochs or min(self.round_epochs) < 1:
-            raise ConfigError(f"{key}.round_epochs: expected a non-empty list of positive integers, got "
-                              f"{self.round_epochs}")
-        if not 0 < self.lr_decay <= 1:
-            raise ConfigError(f"{key}.lr_decay: expected a number in (0, 1], got {self.lr_decay}")
+        if not self.round_epochs:
+            raise ConfigError(f"{key}.round_epochs: expected a non-empty list of positive integers, got []")
 
 
 def qsenn_layer(path: dict[str, np.ndarray], n_per_class: int, min_per_class: int) -> dict:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from qpm_dist.config import Config, ConfigError
+from qpm_dist.config import Config, bounded
 from qpm_dist.glm.config import GLMConfig
 from qpm_dist.glm.rules import choose_sldd_point, fill_empty_rows, prune_sldd
 from qpm_dist.methods import MethodSpec, register
@@ -41,21 +41,19 @@ from qpm_dist.utils import log
 
 @dataclass
 class SLDDConfig:
-    n_features: int = 50
-    n_per_class: int = 5
+    n_features: int = bounded(50, ge=1)
+    n_per_class: int = bounded(5, ge=1)
     # Path point: the densest with at most n_per_class / drop_rate non-zero weights per class (reference 0.5).
-    drop_rate: float = 0.5
+    drop_rate: float = bounded(0.5, gt=0, le=1)
     # Pruning keeps n_per_class·C weights, but first each class's largest `min_per_class` (the reference's
     # global cut could leave a class empty).
-    min_per_class: int = 1
-    dropout: float = 0.1
+    min_per_class: int = bounded(1, ge=0)
+    dropout: float = bounded(0.1, ge=0, lt=1)
     dropout_before_norm: bool = False
     train_normalisation: bool = True  # the head's mean/std are fine-tuned (W and b stay frozen)
 
     def check(self, key: str) -> None:
         check_sparse_section(self, key)
-        if not 0 < self.drop_rate <= 1:
-            raise ConfigError(f"{key}.drop_rate: expected a number in (0, 1], got {self.drop_rate}")
 
 
 def sldd_layer(path: dict[str, np.ndarray], n_per_class: int, drop_rate: float, min_per_class: int) -> dict:
