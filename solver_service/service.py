@@ -5,31 +5,44 @@
     GET  /jobs/<id>            the job's state record
     GET  /jobs/<id>/result     result .npz bytes once done (409 before)
     GET  /jobs/<id>/log        the worker's log text
+    POST /jobs/<id>/cancel     stop a queued or running job -> its state record
 
-With a token, every other endpoint needs `Authorization: Bearer <token>`. Bodies above `max_bytes`
-are refused with 413 before they are read.
+With a token, every other endpoint needs `Authorization: Bearer <token>`. What a request may cost is
+bounded by `limits.ServiceLimits`: bodies above `max_bytes` are refused with 413 before they are read,
+problems whose arrays would expand beyond `max_uncompressed_bytes` (or with too many features/classes)
+with 413 before they are expanded, options beyond the service's bounds with 400. A connection silent for
+`read_timeout` seconds is closed; beyond `max_connections` at once, new ones get 503 and are closed.
+With a certificate and key (`tls`), the service speaks HTTPS only.
 """
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import json
 import logging
+import socket
+import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from .backends import installed
 from .jobs import JobManager
+from .limits import LimitExceeded, ServiceLimits
 from .problem import Problem, ProblemError
 from .util import LOGGER_NAME, atomic_write_json
 
-DEFAULT_MAX_BYTES = 512 * 1024 * 1024  # an ImageNet-size problem in float64 is about 50 MB
+DEFAULT_MAX_BYTES = ServiceLimits.max_bytes
 log = logging.getLogger(LOGGER_NAME)
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: "_Server"
     protocol_version = "HTTP/1.1"
+
+    def setup(self):
+        self.timeout = self.server.limits.read_timeout  # socket timeout of every read: idle clients go
+        super().setup()
 
     def log_message(self, fmt, *args):  # route access logs to logging, not stderr
         log.debug("%s %s", self.address_string(), fmt % args)
@@ -82,7 +95,11 @@ class _Handler(BaseHTTPRequestHandler):
         if parts[2] == "result":
             if state["state"] != "done":
                 return self._error(409, f"job {job_id} is {state['state']}, no result yet")
-            return self._send(200, (job_dir / "result.npz").read_bytes(), "application/octet-stream")
+            try:
+                body = (job_dir / "result.npz").read_bytes()
+            except FileNotFoundError:  # removed by retention since the state was read
+                return self._error(404, f"job {job_id}: its result was removed")
+            return self._send(200, body, "application/octet-stream")
         if parts[2] == "log":
             path = job_dir / "log.txt"
             return self._send(200, path.read_bytes() if path.exists() else b"", "text/plain; charset=utf-8")
@@ -91,17 +108,30 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         if not self._authorised():
             return
-        if self._route() != ["jobs"]:
+        parts = self._route()
+        if len(parts) == 3 and parts[0] == "jobs" and parts[2] == "cancel":
+            state = self.server.jobs.cancel(parts[1])
+            if state is None:
+                return self._error(404, f"unknown job {parts[1]}")
+            return self._json(200, state)
+        if parts != ["jobs"]:
             return self._error(404, f"unknown path {self.path}")
         length = self.headers.get("Content-Length")
         if length is None or not length.isdigit():
             return self._error(411, "Content-Length is required")
-        if int(length) > self.server.max_bytes:
+        limits = self.server.limits
+        if int(length) > limits.max_bytes:
             self.close_connection = True
-            return self._error(413, f"body of {length} bytes exceeds the limit of {self.server.max_bytes} bytes")
+            return self._error(413, f"body of {length} bytes exceeds the limit of {limits.max_bytes} bytes")
         body = self.rfile.read(int(length))
+        if len(body) < int(length):
+            self.close_connection = True
+            return self._error(400, f"body cut short: {len(body)} of {length} bytes")
         try:
-            problem = Problem.from_bytes(body)
+            limits.check_upload(body)
+            problem = limits.apply(Problem.from_bytes(body))
+        except LimitExceeded as exc:
+            return self._error(413, f"problem too large: {exc}")
         except ProblemError as exc:
             return self._error(400, f"invalid problem: {exc}")
         state = self.server.jobs.submit(problem)
@@ -109,11 +139,60 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class _Server(ThreadingHTTPServer):
-    daemon_threads = True
+    """One thread per connection, at most `limits.max_connections` of them; TLS per connection (the
+    handshake runs in the connection's thread under the read timeout, so a silent client cannot block
+    `accept` for everyone)."""
 
-    def __init__(self, address, jobs: JobManager, token: str | None, max_bytes: int):
+    daemon_threads = True
+    request_queue_size = 64
+
+    def __init__(self, address, jobs: JobManager, token: str | None, limits: ServiceLimits,
+                 tls: ssl.SSLContext | None = None):
         super().__init__(address, _Handler)
-        self.jobs, self.token, self.max_bytes = jobs, token, max_bytes
+        self.jobs, self.token, self.limits, self.tls = jobs, token, limits, tls
+        self.slots = threading.BoundedSemaphore(limits.max_connections)
+
+    def process_request(self, request, client_address):
+        if not self.slots.acquire(blocking=False):
+            log.warning("refused a connection from %s: %d connections are open", client_address[0],
+                        self.limits.max_connections)
+            try:
+                if self.tls is None:  # over TLS a plain answer would be garbage to the client
+                    request.settimeout(1.0)
+                    request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                                    b"Connection: close\r\nRetry-After: 5\r\n\r\n")
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def finish_request(self, request, client_address):
+        if self.tls is None:
+            return super().finish_request(request, client_address)
+        request.settimeout(self.limits.read_timeout)
+        with self.tls.wrap_socket(request, server_side=True) as tls_socket:
+            super().finish_request(tls_socket, client_address)
+
+    def handle_error(self, request, client_address):
+        # timeouts, resets and TLS handshake failures of single clients are routine; a bug is not
+        import sys
+
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (socket.timeout, ConnectionError, ssl.SSLError)):
+            log.debug("connection from %s: %s", client_address[0], exc)
+        else:
+            log.exception("error while serving %s", client_address[0])
 
 
 class SolverService:
@@ -121,16 +200,24 @@ class SolverService:
     `serve_forever()` in the calling thread (CLI)."""
 
     def __init__(self, workdir, host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
-                 max_bytes: int = DEFAULT_MAX_BYTES, workers: int = 1):
+                 max_bytes: int | None = None, workers: int = 1, limits: ServiceLimits | None = None,
+                 tls_cert: str | None = None, tls_key: str | None = None):
+        limits = limits or ServiceLimits()
+        if max_bytes is not None:
+            limits = dataclasses.replace(limits, max_bytes=max_bytes)
+        tls = None
+        if tls_cert:
+            tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            tls.load_cert_chain(tls_cert, tls_key)
         self.workdir = Path(workdir)
-        self.jobs = JobManager(self.workdir, workers)
-        self.httpd = _Server((host, port), self.jobs, token, max_bytes)
+        self.jobs = JobManager(self.workdir, workers, limits)
+        self.httpd = _Server((host, port), self.jobs, token, limits, tls)
         self.thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
         host, port = self.httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"{'https' if self.httpd.tls else 'http'}://{host}:{port}"
 
     def _open(self) -> None:
         self.jobs.start()
