@@ -270,10 +270,10 @@ class Problem:
             raise
         except Exception as exc:
             raise ProblemError(str(path), f"expected a numpy .npz archive ({exc})") from exc
-        return cls._from_npz(npz)
+        return cls._from_npz(npz, str(path))
 
     @classmethod
-    def _from_npz(cls, npz) -> "Problem":
+    def _from_npz(cls, npz, source: str = "problem.npz") -> "Problem":
         with npz:
             keys = set(npz.files)
             missing = [f for f in ARRAY_FIELDS + INT_FIELDS if f not in keys]
@@ -286,9 +286,9 @@ class Problem:
                 fields = {name: npz[name] for name in ARRAY_FIELDS + INT_FIELDS}
                 options = {k[len("option_"):]: npz[k] for k in keys if k.startswith("option_")}
             except ValueError as exc:  # object arrays need pickle, which we refuse
-                raise ProblemError("problem.npz", f"contains object arrays, which are not allowed ({exc})") from exc
+                raise ProblemError(source, f"contains object arrays, which are not allowed ({exc})") from exc
             except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:  # damaged: CRC, cut short
-                raise ProblemError("problem.npz", f"damaged archive ({exc})") from exc
+                raise ProblemError(source, f"damaged archive ({exc})") from exc
         for key, value in options.items():
             if value.dtype.kind == "U":
                 options[key] = str(value)
