@@ -23,6 +23,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -33,6 +34,8 @@ from .problem import Problem, ProblemError
 from .util import LOGGER_NAME, atomic_write_json
 
 DEFAULT_MAX_BYTES = ServiceLimits.max_bytes
+UPLOADS_AT_ONCE = 2          # request bodies (and the arrays they expand to) held in memory at the same time
+MIN_UPLOAD_RATE = 1024 * 1024  # bytes/s: a slower upload is cut off, so it cannot hold an upload slot for long
 log = logging.getLogger(LOGGER_NAME)
 
 
@@ -123,19 +126,39 @@ class _Handler(BaseHTTPRequestHandler):
         if int(length) > limits.max_bytes:
             self.close_connection = True
             return self._error(413, f"body of {length} bytes exceeds the limit of {limits.max_bytes} bytes")
-        body = self.rfile.read(int(length))
-        if len(body) < int(length):
-            self.close_connection = True
-            return self._error(400, f"body cut short: {len(body)} of {length} bytes")
-        try:
-            limits.check_upload(body)
-            problem = limits.apply(Problem.from_bytes(body))
-        except LimitExceeded as exc:
-            return self._error(413, f"problem too large: {exc}")
-        except ProblemError as exc:
-            return self._error(400, f"invalid problem: {exc}")
-        state = self.server.jobs.submit(problem)
+        with self.server.uploads:
+            body = self._read_body(int(length))
+            if body is None:
+                self.close_connection = True
+                return self._error(408, f"upload slower than {MIN_UPLOAD_RATE} bytes/s, cut off")
+            if len(body) < int(length):
+                self.close_connection = True
+                return self._error(400, f"body cut short: {len(body)} of {length} bytes")
+            try:
+                limits.check_upload(body)
+                problem = limits.apply(Problem.from_bytes(body))
+            except LimitExceeded as exc:
+                return self._error(413, f"problem too large: {exc}")
+            except ProblemError as exc:
+                return self._error(400, f"invalid problem: {exc}")
+            del body
+            state = self.server.jobs.submit(problem)
         self._json(200 if state["state"] == "done" else 202, state)
+
+    def _read_body(self, length: int) -> bytearray | None:
+        """The body, shorter if the client closed early, None if it came slower than MIN_UPLOAD_RATE
+        (each read also has the socket's read timeout)."""
+        deadline = time.monotonic() + self.server.limits.read_timeout + length / MIN_UPLOAD_RATE
+        body = bytearray(length)
+        view, got = memoryview(body), 0
+        while got < length:
+            if time.monotonic() > deadline:
+                return None
+            n = self.rfile.readinto1(view[got:got + MIN_UPLOAD_RATE])
+            if not n:
+                return body[:got]
+            got += n
+        return body
 
 
 class _Server(ThreadingHTTPServer):
@@ -151,6 +174,7 @@ class _Server(ThreadingHTTPServer):
         super().__init__(address, _Handler)
         self.jobs, self.token, self.limits, self.tls = jobs, token, limits, tls
         self.slots = threading.BoundedSemaphore(limits.max_connections)
+        self.uploads = threading.BoundedSemaphore(UPLOADS_AT_ONCE)
 
     def process_request(self, request, client_address):
         if not self.slots.acquire(blocking=False):

@@ -236,7 +236,7 @@ def test_serve_reads_the_token_from_a_file(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl to make a certificate")
-def test_tls_with_a_user_named_certificate(tmp_path):
+def test_tls_with_a_user_named_certificate(tmp_path, monkeypatch):
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
                     "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out",
@@ -253,5 +253,33 @@ def test_tls_with_a_user_named_certificate(tmp_path):
             urllib.request.urlopen(plain + "/health", timeout=10)
         with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
             urllib.request.urlopen(svc.url + "/health", timeout=10)  # an untrusted certificate is refused
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # how training jobs trust a self-signed certificate
+        assert SolverClient(svc.url, token=TOKEN, timeout=10).health()["status"] == "ok"
+    finally:
+        svc.close()
+
+
+def test_a_trickling_upload_is_cut_off(tmp_path, monkeypatch):
+    import solver_service.service as service_module
+
+    monkeypatch.setattr(service_module, "MIN_UPLOAD_RATE", 1000)  # bytes/s: 2000 bytes may take 0.5 + 2 s
+    svc = start(tmp_path, read_timeout=0.5)
+    host, port = svc.httpd.server_address[:2]
+    try:
+        with socket.create_connection((host, port), timeout=10) as s:
+            s.sendall(f"POST /jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                      f"Content-Length: 2000\r\n\r\n".encode())
+            started, answer = time.monotonic(), b""
+            while not answer and time.monotonic() - started < 8:
+                s.sendall(b"x")  # one byte every 0.1 s: never silent for the read timeout, 100 times too slow
+                time.sleep(0.1)
+                s.setblocking(False)
+                try:
+                    answer = s.recv(200)
+                except BlockingIOError:
+                    pass
+                s.setblocking(True)
+            assert answer.startswith(b"HTTP/1.1 408"), answer
+            assert time.monotonic() - started < 4
     finally:
         svc.close()
