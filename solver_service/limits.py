@@ -32,8 +32,10 @@ class ServiceLimits:
     # Largest number of features F (rows of A; R is F x F) and of classes C (columns of A).
     max_features: int = 8192
     max_classes: int = 10000
-    # Largest `threads` option a job may ask for (default: the cores of this machine).
-    max_threads: int = dataclasses.field(default_factory=lambda: os.cpu_count() or 1)
+    # Largest `threads` option a job may ask for (default: the cores this process may use, e.g. its SLURM
+    # allocation's --cpus-per-task, not all cores of the node).
+    max_threads: int = dataclasses.field(default_factory=lambda: len(os.sched_getaffinity(0))
+                                         if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     # Time limit in seconds of a job that names none, and the largest one a job may name.
     default_time_limit: float = 3600.0
     max_time_limit: float = 86400.0
