@@ -73,6 +73,8 @@ def _serve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--default-time-limit", type=float, default=d.default_time_limit,
                    help="seconds, for jobs that name no time limit")
     p.add_argument("--max-time-limit", type=float, default=d.max_time_limit, help="largest time limit a job may name")
+    p.add_argument("--max-queued", type=int, default=d.max_queued,
+                   help="jobs waiting for a worker; more are refused with 503")
     p.add_argument("--read-timeout", type=float, default=d.read_timeout,
                    help="seconds a connection may stay silent before it is closed")
     p.add_argument("--max-connections", type=int, default=d.max_connections,
@@ -91,6 +93,7 @@ def _serve(args) -> int:
         limits = ServiceLimits(
             max_bytes=args.max_bytes, max_uncompressed_bytes=args.max_uncompressed_bytes,
             max_features=args.max_features, max_classes=args.max_classes, max_threads=args.max_threads,
+            max_queued=args.max_queued,
             default_time_limit=args.default_time_limit, max_time_limit=args.max_time_limit,
             read_timeout=args.read_timeout, max_connections=args.max_connections,
             keep_seconds=args.keep_days * 86400, keep_bytes=max(1, int(args.keep_gb * 1024 ** 3)))

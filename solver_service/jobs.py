@@ -34,6 +34,10 @@ from .util import LOGGER_NAME, atomic_write_json
 JOB_ID = re.compile(r"^[0-9a-f]{32}-[0-9a-f]{16}$")
 PARENT_ENV = "SOLVER_SERVICE_PARENT_PID"
 FINISHED = ("done", "failed", "cancelled")
+
+
+class QueueFull(RuntimeError):
+    """`limits.max_queued` jobs are waiting already; the client should try again later."""
 log = logging.getLogger(LOGGER_NAME)
 
 
@@ -172,6 +176,8 @@ class JobManager:
                 return {**state, "cached": True}
             if state and state["state"] in ("queued", "running"):
                 return {**state, "cached": False}
+            if self.queue.qsize() >= self.limits.max_queued:
+                raise QueueFull(f"{self.queue.qsize()} jobs are waiting for a worker (the limit); try again later")
             problem.save(self.job_dir(job_id) / "problem.npz")
             state = self._update(job_id, state="queued", error=None, problem_hash=problem.content_hash(),
                                  options_hash=problem.options_hash(), options=dict(problem.options))

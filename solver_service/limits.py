@@ -41,6 +41,8 @@ class ServiceLimits:
     max_time_limit: float = 86400.0
     # Seconds a connection may stay silent (idle between requests, or stalled mid-request) before it is closed.
     read_timeout: float = 30.0
+    # Jobs waiting for a worker; beyond this a new job is refused with 503 (each holds its problem on disk).
+    max_queued: int = 100
     # Connections served at the same time (one thread each); more are answered 503 and closed at once.
     max_connections: int = 64
     # Finished jobs (done, failed, cancelled) are removed when older than keep_seconds since they finished,
@@ -50,7 +52,7 @@ class ServiceLimits:
 
     def __post_init__(self):
         for name in ("max_bytes", "max_uncompressed_bytes", "max_features", "max_classes", "max_threads",
-                     "max_connections", "keep_bytes"):
+                     "max_queued", "max_connections", "keep_bytes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")

@@ -28,7 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from .backends import installed
-from .jobs import JobManager
+from .jobs import JobManager, QueueFull
 from .limits import LimitExceeded, ServiceLimits
 from .problem import Problem, ProblemError
 from .util import LOGGER_NAME, atomic_write_json
@@ -142,7 +142,10 @@ class _Handler(BaseHTTPRequestHandler):
             except ProblemError as exc:
                 return self._error(400, f"invalid problem: {exc}")
             del body
-            state = self.server.jobs.submit(problem)
+            try:
+                state = self.server.jobs.submit(problem)
+            except QueueFull as exc:
+                return self._error(503, str(exc))
         self._json(200 if state["state"] == "done" else 202, state)
 
     def _read_body(self, length: int) -> bytearray | None:

@@ -137,8 +137,8 @@ def test_job_without_time_limit_ends_within_the_default(tmp_path):
         svc.close()
 
 
-def test_cancel_stops_a_running_solve(tmp_path):
-    svc = start(tmp_path)
+def test_cancel_stops_a_running_solve_and_the_queue_is_bounded(tmp_path):
+    svc = start(tmp_path, max_queued=1)
     try:
         client = SolverClient(svc.url, token=TOKEN, timeout=10)
         p = realistic_problem(200, 60, 20, 3, seed=2)
@@ -147,6 +147,10 @@ def test_cancel_stops_a_running_solve(tmp_path):
         while "worker_pid" not in state or "tabu" not in client.log(job):
             time.sleep(0.05)
             state = client.status(job)
+        waiting = client.submit(p, backend="fast", effort=1e4, time_limit=600.0, seed=1)["job_id"]
+        code, message = post(svc.url, p.with_options(seed=2).to_bytes())  # a third job: the queue is full
+        assert code == 503 and "1 jobs are waiting" in message, message
+        assert client.cancel(waiting)["state"] == "cancelled"
         with pytest.raises(SolverServiceError, match="HTTP 401"):
             SolverClient(svc.url, timeout=5, retries=0).cancel(job)
         token_file = tmp_path / "token"
