@@ -235,7 +235,10 @@ class SolverService:
         tls = None
         if tls_cert:
             tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            tls.load_cert_chain(tls_cert, tls_key)
+            try:
+                tls.load_cert_chain(tls_cert, tls_key)
+            except OSError as exc:  # ssl's own messages do not name the file
+                raise OSError(f"TLS certificate {tls_cert} (key {tls_key or 'inside it'}): {exc}") from exc
         self.workdir = Path(workdir)
         self.jobs = JobManager(self.workdir, workers, limits)
         self.httpd = _Server((host, port), self.jobs, token, limits, tls)
