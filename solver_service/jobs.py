@@ -34,11 +34,11 @@ from .util import LOGGER_NAME, atomic_write_json
 JOB_ID = re.compile(r"^[0-9a-f]{32}-[0-9a-f]{16}$")
 PARENT_ENV = "SOLVER_SERVICE_PARENT_PID"
 FINISHED = ("done", "failed", "cancelled")
+log = logging.getLogger(LOGGER_NAME)
 
 
 class QueueFull(RuntimeError):
     """`limits.max_queued` jobs are waiting already; the client should try again later."""
-log = logging.getLogger(LOGGER_NAME)
 
 
 def die_with_parent() -> None:

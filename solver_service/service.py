@@ -22,6 +22,7 @@ import json
 import logging
 import socket
 import ssl
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -150,17 +151,17 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _read_body(self, length: int) -> bytearray | None:
         """The body, shorter if the client closed early, None if it came slower than MIN_UPLOAD_RATE
-        (each read also has the socket's read timeout)."""
+        (each read also has the socket's read timeout). Memory grows with what arrived, not with what
+        Content-Length announced."""
         deadline = time.monotonic() + self.server.limits.read_timeout + length / MIN_UPLOAD_RATE
-        body = bytearray(length)
-        view, got = memoryview(body), 0
-        while got < length:
+        body = bytearray()
+        while len(body) < length:
             if time.monotonic() > deadline:
                 return None
-            n = self.rfile.readinto1(view[got:got + MIN_UPLOAD_RATE])
-            if not n:
-                return body[:got]
-            got += n
+            chunk = self.rfile.read1(min(length - len(body), 1024 * 1024))
+            if not chunk:
+                break
+            body += chunk
         return body
 
 
@@ -213,8 +214,6 @@ class _Server(ThreadingHTTPServer):
 
     def handle_error(self, request, client_address):
         # timeouts, resets and TLS handshake failures of single clients are routine; a bug is not
-        import sys
-
         exc = sys.exc_info()[1]
         if isinstance(exc, (socket.timeout, ConnectionError, ssl.SSLError)):
             log.debug("connection from %s: %s", client_address[0], exc)
