@@ -26,11 +26,12 @@ class LimitExceeded(ProblemError):
 class ServiceLimits:
     # Largest request body in bytes; larger uploads are refused with 413 before they are read.
     # An ImageNet-size problem (F = 2048, C = 1000) in float64 is about 50 MB.
-    max_bytes: int = 512 * MiB
+    max_bytes: int = 256 * MiB
     # Largest sum of the array sizes of an uploaded problem.npz once expanded (from the member headers).
-    max_uncompressed_bytes: int = 512 * MiB
-    # Largest number of features F (rows of A; R is F x F) and of classes C (columns of A).
-    max_features: int = 8192
+    # Parsing and checking one upload takes about 2.5 times this in server memory, at most 2 uploads at once.
+    max_uncompressed_bytes: int = 256 * MiB
+    # Largest number of features F (rows of A; R is F x F: 128 MiB in float64 at 4096) and of classes C.
+    max_features: int = 4096
     max_classes: int = 10000
     # Largest `threads` option a job may ask for (default: the cores this process may use, e.g. its SLURM
     # allocation's --cpus-per-task, not all cores of the node).

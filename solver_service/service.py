@@ -179,11 +179,15 @@ class _Server(ThreadingHTTPServer):
         self.jobs, self.token, self.limits, self.tls = jobs, token, limits, tls
         self.slots = threading.BoundedSemaphore(limits.max_connections)
         self.uploads = threading.BoundedSemaphore(UPLOADS_AT_ONCE)
+        self.refused, self.refused_logged = 0, 0.0
 
     def process_request(self, request, client_address):
         if not self.slots.acquire(blocking=False):
-            log.warning("refused a connection from %s: %d connections are open", client_address[0],
-                        self.limits.max_connections)
+            self.refused += 1
+            if time.monotonic() - self.refused_logged > 10:  # a flood must not flood the log too
+                self.refused_logged = time.monotonic()
+                log.warning("refused %d connections so far (the last from %s): %d connections are open",
+                            self.refused, client_address[0], self.limits.max_connections)
             try:
                 if self.tls is None:  # over TLS a plain answer would be garbage to the client
                     request.settimeout(1.0)
