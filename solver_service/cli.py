@@ -118,7 +118,8 @@ def main(argv=None) -> int:
     _solver_options(p)
 
     # no abbreviations: `--token SECRET` must not be taken for `--token-file`
-    p = sub.add_parser("serve", help="run the HTTP solver service", allow_abbrev=False)
+    p = sub.add_parser("serve", help="run the HTTP solver service", allow_abbrev=False,
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _serve_options(p)
 
     for name, help_ in (("submit", "submit a problem.npz to a service"), ("status", "show a job's state"),
