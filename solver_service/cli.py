@@ -69,7 +69,8 @@ def _serve_options(p: argparse.ArgumentParser) -> None:
                    help="largest total size of a problem's arrays once expanded (bytes)")
     p.add_argument("--max-features", type=int, default=d.max_features, help="largest F of a problem")
     p.add_argument("--max-classes", type=int, default=d.max_classes, help="largest C of a problem")
-    p.add_argument("--max-threads", type=int, default=d.max_threads, help="largest `threads` option (default: the cores this process may use)")
+    p.add_argument("--max-threads", type=int, default=d.max_threads,
+                   help="largest `threads` option (default: the cores this process may use)")
     p.add_argument("--default-time-limit", type=float, default=d.default_time_limit,
                    help="seconds, for jobs that name no time limit")
     p.add_argument("--max-time-limit", type=float, default=d.max_time_limit, help="largest time limit a job may name")
