@@ -96,7 +96,7 @@ def test_zip_bomb_is_refused_before_it_is_expanded(tmp_path):
         svc.close()
 
 
-# ------------------------------------------------------------------------------------------ item 9: options, time, cancel
+# ---------------------------------------------------------------------------------- item 9: options, time, cancel
 
 
 def test_options_have_absolute_bounds():
@@ -167,7 +167,7 @@ def test_cancel_stops_a_running_solve_and_the_queue_is_bounded(tmp_path):
         svc.close()
 
 
-# ------------------------------------------------------------------------------------------ item 12: connections, retention
+# ------------------------------------------------------------------------------ item 12: connections, retention
 
 
 def test_idle_connections_are_closed_and_the_cap_refuses_more(tmp_path):
