@@ -1,4 +1,4 @@
-"""Command line: `python -m solver_service {solve,serve,submit,status,fetch,generate,run-job} ...`."""
+"""Command line: `python -m solver_service {solve,serve,submit,status,fetch,cancel,generate,run-job} ...`."""
 from __future__ import annotations
 
 import argparse
@@ -30,11 +30,82 @@ def _options(args) -> dict:
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
+def _token(args) -> str | None:
+    """From --token-file, else --token (clients only), else $SOLVER_SERVICE_TOKEN: a file or the environment
+    keep the token out of `ps`, which shows every user the command lines on the node."""
+    if getattr(args, "token_file", None):
+        token = Path(args.token_file).read_text().strip()
+        if not token:
+            raise ValueError(f"token file {args.token_file} is empty")
+        return token
+    return getattr(args, "token", None) or os.environ.get(TOKEN_ENV)
+
+
 def _client(args):
     from .client import SolverClient
 
-    return SolverClient(args.url, token=args.token or os.environ.get(TOKEN_ENV), timeout=args.timeout,
-                        retries=args.retries)
+    try:
+        token = _token(args)
+    except (ValueError, OSError) as exc:
+        print(f"error: {args.command}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return SolverClient(args.url, token=token, timeout=args.timeout, retries=args.retries)
+
+
+def _serve_options(p: argparse.ArgumentParser) -> None:
+    from .limits import ServiceLimits
+
+    d = ServiceLimits()
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8765, help="0 picks a free port (see workdir/service.json)")
+    p.add_argument("--token-file", help=f"file holding the bearer token clients must send (or ${TOKEN_ENV}; "
+                                        "never on the command line, where `ps` shows it)")
+    p.add_argument("--tls-cert", help="PEM certificate (chain): serve HTTPS only; clients trust it via SSL_CERT_FILE")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert (if not inside that file)")
+    p.add_argument("--workdir", default="solver_work")
+    p.add_argument("--workers", type=int, default=1, help="jobs solved at the same time")
+    p.add_argument("--max-bytes", type=int, default=d.max_bytes, help="largest accepted request body (bytes)")
+    p.add_argument("--max-uncompressed-bytes", type=int, default=d.max_uncompressed_bytes,
+                   help="largest total size of a problem's arrays once expanded (bytes)")
+    p.add_argument("--max-features", type=int, default=d.max_features, help="largest F of a problem")
+    p.add_argument("--max-classes", type=int, default=d.max_classes, help="largest C of a problem")
+    p.add_argument("--max-threads", type=int, default=d.max_threads,
+                   help="largest `threads` option (default: the cores this process may use)")
+    p.add_argument("--default-time-limit", type=float, default=d.default_time_limit,
+                   help="seconds, for jobs that name no time limit")
+    p.add_argument("--max-time-limit", type=float, default=d.max_time_limit, help="largest time limit a job may name")
+    p.add_argument("--max-queued", type=int, default=d.max_queued,
+                   help="jobs waiting for a worker; more are refused with 503")
+    p.add_argument("--read-timeout", type=float, default=d.read_timeout,
+                   help="seconds a connection may stay silent before it is closed")
+    p.add_argument("--max-connections", type=int, default=d.max_connections,
+                   help="connections served at once; more are refused with 503")
+    p.add_argument("--keep-days", type=float, default=d.keep_seconds / 86400,
+                   help="finished jobs older than this are removed")
+    p.add_argument("--keep-gb", type=float, default=d.keep_bytes / 1024 ** 3,
+                   help="the oldest finished jobs are removed while all jobs hold more than this")
+
+
+def _serve(args) -> int:
+    from .limits import ServiceLimits
+    from .service import SolverService
+
+    try:
+        limits = ServiceLimits(
+            max_bytes=args.max_bytes, max_uncompressed_bytes=args.max_uncompressed_bytes,
+            max_features=args.max_features, max_classes=args.max_classes, max_threads=args.max_threads,
+            max_queued=args.max_queued,
+            default_time_limit=args.default_time_limit, max_time_limit=args.max_time_limit,
+            read_timeout=args.read_timeout, max_connections=args.max_connections,
+            keep_seconds=args.keep_days * 86400, keep_bytes=max(1, int(args.keep_gb * 1024 ** 3)))
+        service = SolverService(args.workdir, args.host, args.port, _token(args), workers=args.workers,
+                                limits=limits, tls_cert=args.tls_cert, tls_key=args.tls_key)
+    except (ValueError, OSError) as exc:  # a bad limit, a missing certificate, a port in use
+        print(f"error: serve: {exc}", file=sys.stderr)
+        return 2
+    print(f"listening on {service.url}", flush=True)
+    service.serve_forever()
+    return 0
 
 
 def main(argv=None) -> int:
@@ -47,19 +118,17 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="result .npz to write")
     _solver_options(p)
 
-    p = sub.add_parser("serve", help="run the HTTP solver service")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8765, help="0 picks a free port (see workdir/service.json)")
-    p.add_argument("--token", help=f"bearer token required from clients (or ${TOKEN_ENV})")
-    p.add_argument("--workdir", default="solver_work")
-    p.add_argument("--max-bytes", type=int, help="largest accepted request body")
-    p.add_argument("--workers", type=int, default=1, help="jobs solved at the same time")
+    # no abbreviations: `--token SECRET` must not be taken for `--token-file`
+    p = sub.add_parser("serve", help="run the HTTP solver service", allow_abbrev=False,
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _serve_options(p)
 
     for name, help_ in (("submit", "submit a problem.npz to a service"), ("status", "show a job's state"),
-                        ("fetch", "download a job's result")):
+                        ("fetch", "download a job's result"), ("cancel", "stop a queued or running job")):
         p = sub.add_parser(name, help=help_)
         p.add_argument("--url", required=True)
-        p.add_argument("--token", help=f"bearer token (or ${TOKEN_ENV})")
+        p.add_argument("--token", help=f"bearer token (or --token-file, or ${TOKEN_ENV})")
+        p.add_argument("--token-file", help="file holding the bearer token")
         p.add_argument("--timeout", type=float, default=30.0)
         p.add_argument("--retries", type=int, default=3)
         if name == "submit":
@@ -96,13 +165,7 @@ def main(argv=None) -> int:
         print(result.summary())
         return 0
     if args.command == "serve":
-        from .service import DEFAULT_MAX_BYTES, SolverService
-
-        service = SolverService(args.workdir, args.host, args.port, args.token or os.environ.get(TOKEN_ENV),
-                                args.max_bytes or DEFAULT_MAX_BYTES, args.workers)
-        print(f"listening on {service.url}", flush=True)
-        service.serve_forever()
-        return 0
+        return _serve(args)
     if args.command == "submit":
         from .problem import Problem
 
@@ -110,6 +173,9 @@ def main(argv=None) -> int:
         return 0
     if args.command == "status":
         print(json.dumps(_client(args).status(args.job_id), indent=2))
+        return 0
+    if args.command == "cancel":
+        print(json.dumps(_client(args).cancel(args.job_id), indent=2))
         return 0
     if args.command == "fetch":
         import time

@@ -79,6 +79,10 @@ class SolverClient:
     def status(self, job_id: str) -> dict:
         return self._json("GET", f"/jobs/{job_id}")
 
+    def cancel(self, job_id: str) -> dict:
+        """Stop a queued or running job; returns its state record."""
+        return self._json("POST", f"/jobs/{job_id}/cancel", b"")
+
     def result(self, job_id: str) -> Result:
         return Result.from_bytes(self._request("GET", f"/jobs/{job_id}/result"))
 

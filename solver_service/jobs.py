@@ -1,7 +1,7 @@
 """Persistent jobs: one directory per job, solved by a subprocess per job, recovered after a restart.
 
     workdir/jobs/<job id>/problem.npz   the submitted problem (with its options)
-                          state.json    queued | running | done | failed, timestamps, solve count
+                          state.json    queued | running | done | failed | cancelled, timestamps, solves
                           result.npz    written atomically by the worker once validated
                           log.txt       the worker's log (progress lines of long solves)
 
@@ -9,6 +9,8 @@ The job id is problem hash + options hash, so a resubmitted problem maps to the 
 a solved one is answered from disk at once, a queued or running one is not started twice.
 A subprocess per job isolates crashes and memory, keeps highspy/gurobipy out of the server
 process, and dies with the server (PR_SET_PDEATHSIG) so that a restart can simply re-queue.
+Cancelling a job kills its worker. Finished jobs are removed by age and by total size (`prune`), at start
+and after every job, so the workdir cannot grow without end.
 """
 from __future__ import annotations
 
@@ -17,19 +19,26 @@ import logging
 import os
 import queue
 import re
+import shutil
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+from .limits import ServiceLimits
 from .problem import Problem
 from .result import Result
 from .util import LOGGER_NAME, atomic_write_json
 
 JOB_ID = re.compile(r"^[0-9a-f]{32}-[0-9a-f]{16}$")
 PARENT_ENV = "SOLVER_SERVICE_PARENT_PID"
+FINISHED = ("done", "failed", "cancelled")
 log = logging.getLogger(LOGGER_NAME)
+
+
+class QueueFull(RuntimeError):
+    """`limits.max_queued` jobs are waiting already; the client should try again later."""
 
 
 def die_with_parent() -> None:
@@ -57,7 +66,8 @@ def run_job(job_dir: Path) -> int:
 
 
 class JobManager:
-    def __init__(self, workdir, workers: int = 1):
+    def __init__(self, workdir, workers: int = 1, limits: ServiceLimits | None = None):
+        self.limits = limits or ServiceLimits()
         self.root = Path(workdir) / "jobs"
         self.root.mkdir(parents=True, exist_ok=True)
         self.queue: queue.Queue[str] = queue.Queue()
@@ -110,6 +120,7 @@ class JobManager:
         for _, job_id in sorted(pending):
             log.info("re-queued job %s after restart", job_id)
             self.queue.put(job_id)
+        self.prune()
         for i in range(self.workers):
             t = threading.Thread(target=self._work, name=f"solver-worker-{i}", daemon=True)
             t.start()
@@ -118,6 +129,43 @@ class JobManager:
     def stop(self) -> None:
         for proc in list(self.running.values()):
             proc.kill()
+
+    def cancel(self, job_id: str) -> dict | None:
+        """Stop a queued or running job (its worker is killed; a later submit solves it again). Returns
+        its state, None for an unknown job; a finished job is left as it is."""
+        with self.lock:
+            state = self.state(job_id)
+            if state is None or state["state"] not in ("queued", "running"):
+                return state
+            state = self._update(job_id, state="cancelled", finished=time.time(), error="cancelled by a client")
+            proc = self.running.get(job_id)
+        if proc is not None:
+            proc.kill()
+            log.info("job %s: cancelled, worker %d killed", job_id, proc.pid)
+        return state
+
+    def prune(self) -> list[str]:
+        """Remove finished jobs older than `keep_seconds` (since they finished), then the oldest finished
+        ones while all job folders together hold more than `keep_bytes`. Queued and running jobs stay."""
+        now, removed = time.time(), []
+        with self.lock:
+            total, finished = 0, []
+            for job_dir in self.root.iterdir():
+                size = sum(f.stat().st_size for f in job_dir.rglob("*") if f.is_file())
+                total += size
+                state = self.state(job_dir.name)
+                if state and state.get("state") in FINISHED:
+                    finished.append((state.get("finished") or state.get("updated", 0.0), job_dir.name, size))
+            for when, job_id, size in sorted(finished):
+                if now - when <= self.limits.keep_seconds and total <= self.limits.keep_bytes:
+                    break
+                shutil.rmtree(self.root / job_id, ignore_errors=True)
+                total -= size
+                removed.append(job_id)
+        if removed:
+            log.info("retention: removed %d finished jobs (older than %gs or beyond %d bytes in total)",
+                     len(removed), self.limits.keep_seconds, self.limits.keep_bytes)
+        return removed
 
     def submit(self, problem: Problem) -> dict:
         """Create or find the job for `problem`; returns its state plus `cached` (answered from disk)."""
@@ -128,6 +176,8 @@ class JobManager:
                 return {**state, "cached": True}
             if state and state["state"] in ("queued", "running"):
                 return {**state, "cached": False}
+            if self.queue.qsize() >= self.limits.max_queued:
+                raise QueueFull(f"{self.queue.qsize()} jobs are waiting for a worker (the limit); try again later")
             problem.save(self.job_dir(job_id) / "problem.npz")
             state = self._update(job_id, state="queued", error=None, problem_hash=problem.content_hash(),
                                  options_hash=problem.options_hash(), options=dict(problem.options))
@@ -159,6 +209,10 @@ class JobManager:
             except Exception as exc:  # never let a worker thread die
                 log.exception("job %s crashed the worker", job_id)
                 self._update(job_id, state="failed", error=f"internal error: {exc}")
+            try:
+                self.prune()
+            except OSError:
+                log.exception("retention: pruning %s failed", self.root)
 
     def _run(self, job_id: str) -> None:
         job_dir = self.job_dir(job_id)
@@ -172,15 +226,18 @@ class JobManager:
         if options.get("threads"):
             for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
                 env[var] = str(options["threads"])
-        timeout = None
-        if options.get("time_limit"):
-            timeout = 2 * float(options["time_limit"]) + 300  # the backend stops itself long before
+        # Every job submitted through the service has a time limit (limits.apply); the backend stops itself
+        # long before this, which only catches a worker that hangs outside the backend.
+        time_limit = float(options.get("time_limit") or self.limits.default_time_limit)
+        timeout = 2 * time_limit + 300
         log.info("job %s: solving (attempt %d)", job_id, state["solves"])
         with open(job_dir / "log.txt", "ab") as log_file:
             proc = subprocess.Popen([sys.executable, "-m", "solver_service", "run-job", str(job_dir)],
                                     stdout=log_file, stderr=subprocess.STDOUT, env=env)
-            self.running[job_id] = proc
-            self._update(job_id, worker_pid=proc.pid)
+            with self.lock:  # registered under the lock: a cancel in between kills it here or in cancel()
+                self.running[job_id] = proc
+                if self._update(job_id, worker_pid=proc.pid)["state"] == "cancelled":
+                    proc.kill()
             try:
                 code = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -190,7 +247,12 @@ class JobManager:
                              error=f"worker exceeded {timeout:.0f}s and was killed")
                 return
             finally:
-                self.running.pop(job_id, None)
+                with self.lock:
+                    self.running.pop(job_id, None)
+                    cancelled = (self.state(job_id) or {}).get("state") == "cancelled"
+        if cancelled:
+            log.info("job %s: cancelled (worker exit code %s)", job_id, code)
+            return
         if code == 0 and self._finish_from_disk(job_id):
             log.info("job %s: done", job_id)
             return

@@ -11,6 +11,8 @@ import hashlib
 import io
 import json
 import math
+import zipfile
+import zlib
 from typing import Any, Mapping
 
 import numpy as np
@@ -35,6 +37,16 @@ OPTION_TYPES: dict[str, type] = {
     "effort": float,        # multiplies the iteration budgets of `fast` (1.0 = default)
     "prefer_gurobi": bool,  # lets `auto` pick gurobi when it is installed and licensed
 }
+# Absolute bounds of the numeric options, whoever solves (a service may set narrower ones, see limits.py):
+# more threads than any machine has only costs memory; Gurobi's Seed parameter ends at 2e9; effort 1e4 is
+# 2e7 tabu iterations; a week is longer than any solve this problem needs.
+OPTION_BOUNDS: dict[str, tuple[float, float]] = {
+    "threads": (0, 1024),
+    "seed": (0, 2_000_000_000),
+    "effort": (0, 1e4),
+    "time_limit": (0, 7 * 86400.0),
+}
+MAX_NPZ_MEMBERS = 64  # the fields and one entry per option are far fewer
 
 
 class ProblemError(ValueError):
@@ -87,9 +99,39 @@ def normalise_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
     for key in ("time_limit", "effort"):
         if key in out and out[key] <= 0:
             raise ProblemError(key, f"expected a positive number, got {out[key]}")
+    for key, (low, high) in OPTION_BOUNDS.items():
+        if key in out and not low <= out[key] <= high:
+            raise ProblemError(key, f"expected a value in [{low:g}, {high:g}], got {out[key]:g}")
     if "mip_gap" in out and not 0 <= out["mip_gap"] < 1:
         raise ProblemError("mip_gap", f"expected 0 <= mip_gap < 1, got {out['mip_gap']}")
     return out
+
+
+def npz_member_headers(data: bytes) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """{member name without .npy: (shape, dtype)} of an `.npz` archive, read from each member's npy header
+    only: nothing is expanded beyond the first bytes of each member, so the caller can refuse an upload by
+    the size it would take in memory before loading it."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            members = zf.infolist()
+            if len(members) > MAX_NPZ_MEMBERS:
+                raise ProblemError("problem.npz", f"{len(members)} entries, more than the {MAX_NPZ_MEMBERS} allowed")
+            headers = {}
+            for info in members:
+                with zf.open(info) as fp:
+                    version = np.lib.format.read_magic(fp)
+                    if version == (1, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_1_0(fp)
+                    elif version == (2, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_2_0(fp)
+                    else:
+                        raise ValueError(f"npy format version {version} of {info.filename} is not supported")
+                headers[info.filename.removesuffix(".npy")] = (tuple(shape), np.dtype(dtype))
+            return headers
+    except ProblemError:
+        raise
+    except Exception as exc:  # zipfile, zlib and npy header errors surface as many types
+        raise ProblemError("problem.npz", f"expected a numpy .npz archive ({exc})") from exc
 
 
 def _check_real_array(name: str, value: Any, ndim: int) -> np.ndarray:
@@ -228,10 +270,10 @@ class Problem:
             raise
         except Exception as exc:
             raise ProblemError(str(path), f"expected a numpy .npz archive ({exc})") from exc
-        return cls._from_npz(npz)
+        return cls._from_npz(npz, str(path))
 
     @classmethod
-    def _from_npz(cls, npz) -> "Problem":
+    def _from_npz(cls, npz, source: str = "problem.npz") -> "Problem":
         with npz:
             keys = set(npz.files)
             missing = [f for f in ARRAY_FIELDS + INT_FIELDS if f not in keys]
@@ -244,7 +286,9 @@ class Problem:
                 fields = {name: npz[name] for name in ARRAY_FIELDS + INT_FIELDS}
                 options = {k[len("option_"):]: npz[k] for k in keys if k.startswith("option_")}
             except ValueError as exc:  # object arrays need pickle, which we refuse
-                raise ProblemError("problem.npz", f"contains object arrays, which are not allowed ({exc})") from exc
+                raise ProblemError(source, f"contains object arrays, which are not allowed ({exc})") from exc
+            except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:  # damaged: CRC, cut short
+                raise ProblemError(source, f"damaged archive ({exc})") from exc
         for key, value in options.items():
             if value.dtype.kind == "U":
                 options[key] = str(value)
