@@ -120,6 +120,17 @@ def test_cut_shard_without_recorded_size_fails_reading_naming_it(wds_dir, tiny_d
     src = build_datasets(source_cfg("wds", folder, tiny_data), seed=0)
     with pytest.raises(DataIntegrityError, match=rf"{folder / name}: .*data_prep verify"):
         shard_samples(src)
+    if cut == "mid-member":  # resampled mode reads whole shards through webdataset's own pipeline
+        resampled = build_datasets(source_cfg("wds", folder, tiny_data, wds_mode="resampled"), seed=0)
+        with pytest.raises(DataIntegrityError, match=rf"{folder / name}: cannot read the tar .*data_prep verify"):
+            for epoch in range(4):  # shards are drawn at random: within a few epochs the cut one is read
+                epoch_batches(resampled, epoch)
+
+
+def epoch_batches(src, epoch):
+    loader = src.train_loader(8, 16, 0, 1)
+    loader.set_epoch(epoch)
+    return list(loader)
 
 
 # ------------------------------------------------------------------------------------------- manifest

@@ -103,6 +103,20 @@ def resume_position(counts: list[int], skip: int) -> tuple[list[int], int]:
 
 
 # ------------------------------------------------------------------------------------------- reading
+def tar_error(url: str, exc: BaseException, where: str = "") -> DataIntegrityError:
+    """A tar reading error as DataIntegrityError naming the shard and the fix."""
+    # webdataset re-raises tar errors with args (message @ stream, stream, url)
+    reason = exc.args[0] if exc.args and isinstance(exc.args[0], str) else plain_message(exc)
+    return DataIntegrityError(f"{url}: cannot read the tar{where} ({reason.split(' @ ')[0]}); "
+                              f"{repair_hint(Path(url).parent, 'wds')}")
+
+
+def raise_tar_error(exc: BaseException) -> bool:
+    """webdataset handler (resampled mode): name the shard webdataset appended to the error's args."""
+    url = exc.args[-1] if exc.args and isinstance(exc.args[-1], str) else "a tar shard"
+    raise tar_error(url, exc) from None
+
+
 def read_pieces(pieces: list[tuple[str, int, int]]) -> Iterator[dict]:
     """The samples of each (tar path, start, stop) piece, read with WebDataset's tar reader. A shard that
     cannot be read to `stop` (cut mid-member: a tar error; at a member boundary or a damaged header: too few
@@ -116,11 +130,7 @@ def read_pieces(pieces: list[tuple[str, int, int]]) -> Iterator[dict]:
             except StopIteration:
                 break
             except (tarfile.TarError, OSError, EOFError) as exc:
-                # webdataset re-raises tar errors with args (message @ stream, stream, url)
-                reason = exc.args[0] if exc.args and isinstance(exc.args[0], str) else plain_message(exc)
-                hint = repair_hint(Path(url).parent, "wds")
-                raise DataIntegrityError(f"{url}: cannot read the tar after {start + got} samples "
-                                         f"({reason.split(' @ ')[0]}); {hint}") from None
+                raise tar_error(url, exc, f" after {start + got} samples") from None
             got += 1
             yield sample
         if got != stop - start:
@@ -261,7 +271,7 @@ class TrainStream(IterableDataset):
         else:
             salt = int(np.random.default_rng([self.seed, self.epoch, stream_id, 1]).integers(2**62))
             source = [wds.ResampledShards(self.urls, seed=self.seed, deterministic=True, worker_seed=lambda: salt),
-                      wds.tarfile_to_samples()]
+                      wds.tarfile_to_samples(handler=raise_tar_error)]
         decoder = _SampleDecoder(self.transform, self.seed, self.epoch, self.cfg.decoder, self.cfg.on_corrupt,
                                  self.return_index, salt=salt, first_position=done * self.micro)
         pipeline = wds.DataPipeline(
