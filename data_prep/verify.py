@@ -31,11 +31,9 @@ def check_wds_shard(task: tuple) -> dict:
     import torch
     import webdataset as wds
 
-    from qpm_dist.data.decode import decode
-    from qpm_dist.data.wds_loader import IMAGE_KEYS
-
-    from qpm_dist.data.decode import CorruptImageError
+    from qpm_dist.data.decode import CorruptImageError, decode
     from qpm_dist.data.integrity import file_digest
+    from qpm_dist.data.wds_loader import IMAGE_KEYS
 
     torch.set_num_threads(1)
     path, decoder, digest = task
