@@ -75,7 +75,7 @@ def identity(fmt: str, args, bundle, options: dict) -> dict:
 def _read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # missing, or damaged (JSONDecodeError, UnicodeDecodeError): not reused
         return None
 
 

@@ -58,6 +58,7 @@ def convert_split(out: Path, split: str, items: list, args, progress: bool) -> d
     from ffcv.writer import DatasetWriter
 
     from qpm_dist.data.ffcv_loader import beton_columns
+    from qpm_dist.data.integrity import file_digest
 
     name = f"{split}.beton"
     sidecar = out / f"{name}.json"
@@ -95,8 +96,9 @@ def convert_split(out: Path, split: str, items: list, args, progress: bool) -> d
         listing = "\n  ".join(s["path"] for s in skipped)
         raise ValueError(f"{len(skipped)} unreadable image(s) in the {split} split (use --on-corrupt skip to "
                          f"leave them out):\n  {listing}")
+    # bytes: checked by the loader at open; sha256: by `verify` (the only check that sees a changed image byte)
     record = {"file": name, "num_samples": int(len(labels) - len(bad)), "rows": int(len(labels)),
-              "skipped": skipped}
+              "bytes": tmp.stat().st_size, "sha256": file_digest(tmp), "skipped": skipped}
     convert.write_json(sidecar, record)
     os.replace(tmp, out / name)
     return record

@@ -86,6 +86,7 @@ def write_shard(task: tuple) -> dict:
     import webdataset as wds
 
     from qpm_dist.data.decode import CorruptImageError
+    from qpm_dist.data.integrity import file_digest
 
     torch.set_num_threads(1)
     out, name, items, opts = task
@@ -104,7 +105,8 @@ def write_shard(task: tuple) -> dict:
                     continue
                 sink.write({"__key__": f"{index:09d}", ext: data, "cls": str(label).encode()})
                 count += 1
-        record = {"file": name, "count": count, "bytes": tmp.stat().st_size, "skipped": skipped}
+        record = {"file": name, "count": count, "bytes": tmp.stat().st_size, "sha256": file_digest(tmp),
+                  "skipped": skipped}
         convert.write_json(Path(out) / f"{name}.json", record)
         os.replace(tmp, final)
         return record
@@ -137,7 +139,8 @@ def convert_split(out: Path, split: str, items: list, args, opts: dict, progress
     ordered = [records[n] for n in names]
     return {"num_samples": sum(r["count"] for r in ordered),
             "skipped": [s for r in ordered for s in r["skipped"]],
-            "shards": [{"file": r["file"], "count": r["count"], "bytes": r["bytes"]} for r in ordered]}
+            "shards": [{"file": r["file"], "count": r["count"], "bytes": r["bytes"], "sha256": r.get("sha256")}
+                       for r in ordered]}
 
 
 def run(args: argparse.Namespace) -> int:

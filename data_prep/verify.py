@@ -1,10 +1,14 @@
 """`python -m data_prep verify OUT`: check a `to-ffcv` / `to-wds` folder sample by sample.
 
-Checks, per split: the sample counts (per shard and in total) match dataset.json; every label is in
+Checks, per split: every file's size and sha256 match dataset.json (the digest is the only check that sees
+a changed byte inside an image; folders converted before digests were recorded skip it); a .beton's header,
+metadata and allocation table agree with each other and the file size (the loaders' open-time checks, shared
+in qpm_dist.data.integrity); the sample counts (per shard and in total) match dataset.json; every label is in
 0..C-1; no sample index appears twice; every image decodes (FFCV raw images: the stored size matches).
 When the source dataset named in dataset.json is still readable, also: the converted indices plus the
 left-out ones are exactly the source split, and every label equals the source label. Runs over worker
-processes with a progress bar; exit code 0 if everything holds, 1 otherwise (each problem is printed).
+processes with a progress bar; exit code 0 if everything holds, 2 if the data is damaged or inconsistent
+(each problem is printed, naming its file).
 """
 
 from __future__ import annotations
@@ -27,12 +31,15 @@ def check_wds_shard(task: tuple) -> dict:
     import torch
     import webdataset as wds
 
-    from qpm_dist.data.decode import decode
+    from qpm_dist.data.decode import CorruptImageError, decode
+    from qpm_dist.data.integrity import file_digest
     from qpm_dist.data.wds_loader import IMAGE_KEYS
 
     torch.set_num_threads(1)
-    path, decoder = task
+    path, decoder, digest = task
     indices, labels, errors = [], [], []
+    if digest is not None and file_digest(path) != digest:
+        errors.append(f"{path}: sha256 differs from dataset.json (the file changed after conversion)")
     try:
         for sample in wds.tarfile_to_samples()(iter([{"url": path}])):
             where = f"{path}:{sample['__key__']}"
@@ -43,10 +50,10 @@ def check_wds_shard(task: tuple) -> dict:
                 decode(np.frombuffer(sample[key], dtype=np.uint8), where, decoder)
             except StopIteration:
                 errors.append(f"{where}: no image entry")
+            except CorruptImageError as exc:
+                errors.append(str(exc))
             except (KeyError, ValueError) as exc:
                 errors.append(f"{where}: missing or bad field ({exc})")
-            except RuntimeError as exc:
-                errors.append(str(exc))
     except Exception as exc:  # noqa: BLE001 - a damaged tar is a finding, not a crash
         errors.append(f"{path}: cannot read the tar ({exc})")
     return {"file": Path(path).name, "count": len(indices), "indices": indices, "labels": labels, "errors": errors}
@@ -57,7 +64,7 @@ def check_ffcv_rows(task: tuple) -> dict:
     import torch
     from ffcv.reader import Reader
 
-    from qpm_dist.data.decode import decode
+    from qpm_dist.data.decode import CorruptImageError, decode
     from qpm_dist.data.ffcv_loader import beton_columns
 
     torch.set_num_threads(1)
@@ -85,7 +92,7 @@ def check_ffcv_rows(task: tuple) -> dict:
             shape = tuple(decode(blob, f"{path}: row {row}", decoder).shape)
             if shape != (3, h, w):
                 errors.append(f"{path}: row {row}: decodes to {shape[1]}x{shape[2]}, metadata says {h}x{w}")
-        except RuntimeError as exc:
+        except CorruptImageError as exc:
             errors.append(str(exc))
     return {"count": stop - start, "errors": errors}
 
@@ -124,8 +131,12 @@ def verify_split(root: Path, manifest: dict, split: str, source: dict | None, po
     decoder = manifest["options"].get("decoder", "torchvision")
     problems: list[str] = []
     if manifest["format"] == "wds":
-        tasks = [(str(root / s["file"]), decoder) for s in info["shards"]]
-        counts = {s["file"]: s["count"] for s in info["shards"]}
+        from qpm_dist.data.integrity import shard_problems
+
+        problems += shard_problems(root, info["shards"])
+        shards = [s for s in info["shards"] if (root / s["file"]).is_file()]  # a missing one is reported above
+        tasks = [(str(root / s["file"]), decoder, s.get("sha256")) for s in shards]
+        counts = {s["file"]: s["count"] for s in shards}
         results = _run_tasks(check_wds_shard, tasks, pool, f"verify {split}", progress,
                              lambda t: counts[Path(t[0]).name])
         for r in results:
@@ -136,8 +147,14 @@ def verify_split(root: Path, manifest: dict, split: str, source: dict | None, po
         problems += [e for r in results for e in r["errors"]]
     else:
         from qpm_dist.data.ffcv_loader import beton_columns
+        from qpm_dist.data.integrity import beton_problems, file_digest
 
         path = root / info["file"]
+        damaged = beton_problems(path, info.get("bytes"), info.get("rows"))
+        if damaged:  # its rows cannot be located: nothing more to check
+            return damaged
+        if info.get("sha256") is not None and file_digest(path) != info["sha256"]:
+            problems.append(f"{path}: sha256 differs from dataset.json (the file changed after conversion)")
         columns = beton_columns(path)
         keep = columns["label"] >= 0  # label -1: placeholder of an image left out at conversion
         indices, labels = columns["index"][keep].astype(np.int64), columns["label"][keep].astype(np.int64)
@@ -202,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
             checked = " and match the source labels" if source is not None else ""
             print(f"{split}: OK: {info['num_samples']} samples decode, labels in 0..{manifest['num_classes'] - 1}"
                   f"{checked}{left_out}")
-    return 1 if failed else 0
+    return 2 if failed else 0
 
 
 def register(subparsers) -> None:

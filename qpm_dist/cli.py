@@ -56,6 +56,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _fail(str(exc))
 
     from qpm_dist import dist, methods
+    from qpm_dist.data.integrity import DataIntegrityError, plain_message
     from qpm_dist.data.sources import build_datasets
     from qpm_dist.engine.preemption import PREEMPTED_EXIT_CODE, Preempted
     from qpm_dist.stages.runner import RunContext, run_stages
@@ -87,6 +88,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             return PREEMPTED_EXIT_CODE
         except FileNotFoundError as exc:
             return _fail(str(exc))
+        except DataIntegrityError as exc:  # a damaged image or shard met during training (data.on_corrupt=error)
+            return _fail(plain_message(exc))
         for name, record in summaries.items():
             test = (record.get("summary") or {}).get("test")
             if test:

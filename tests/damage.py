@@ -84,3 +84,22 @@ def damaged_copies(src: Path, dst_root: Path, damages: list[Damage] | None = Non
         else:
             shutil.copyfile(src, dst)
         yield damage, dst
+
+
+def damaged_folder_copies(src: Path, name: str, dst_root: Path,
+                          damages: list[Damage] | None = None) -> Iterator[tuple[Damage, Path]]:
+    """Yield (damage, folder) for a copy of folder `src` per damage, with the file `name` in it copied and
+    damaged and every other file hard-linked (cheap for large converted folders; never written to)."""
+    for i, damage in enumerate(damages or standard_damages()):
+        dst = dst_root / f"{i}_{src.name}"
+        dst.mkdir(parents=True)
+        for entry in src.iterdir():
+            if entry.name == name:
+                shutil.copyfile(entry, dst / name)
+                damage.apply(dst / name)
+            else:
+                try:
+                    (dst / entry.name).hardlink_to(entry)
+                except OSError:  # another file system
+                    shutil.copyfile(entry, dst / entry.name)
+        yield damage, dst

@@ -93,7 +93,7 @@ def test_verify_finds_a_damaged_shard(tiny_data, tmp_path, capfd):
     shard = out / "train-000001.tar"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
     capfd.readouterr()
-    assert data_prep("verify", out, "--workers", "1", "--quiet") == 1
+    assert data_prep("verify", out, "--workers", "1", "--quiet") == 2
     report = capfd.readouterr().out
     assert "train: " in report and "train-000001.tar" in report and "test: OK" in report
 

@@ -3,6 +3,7 @@ exact resume with the next unseen batch, the folder backend's augmentation, resa
 sharding without padding, and corrupt samples inside shards."""
 
 import io
+import json
 import tarfile
 
 import pytest
@@ -124,6 +125,9 @@ def test_corrupt_sample_in_a_shard_stops_or_is_replaced(wds_dir, tiny_data, tmp_
                 data = b"\xff\xd8\xff broken"
                 member.size = len(data)
             tar.addfile(member, io.BytesIO(data))
+    manifest = json.loads((damaged / "dataset.json").read_text())  # a well-formed shard holding a broken image,
+    manifest["splits"]["train"]["shards"][0]["bytes"] = shard.stat().st_size  # not a cut one (refused at open)
+    (damaged / "dataset.json").write_text(json.dumps(manifest))
     with pytest.raises(CorruptImageError, match=f"train-000000.tar:{bad_key}"):
         for world_rank in range(2):
             epoch_indices(source(damaged, tiny_data), 0, 8, 16, world_rank, 2)

@@ -20,6 +20,8 @@ import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
+from qpm_dist.data.integrity import DataIntegrityError
+
 JPEG_MAGIC = b"\xff\xd8\xff"
 
 # torchvision 0.29 deprecates its image codecs in favour of TorchCodec and warns on every import site. We use
@@ -28,8 +30,8 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
                         category=DeprecationWarning)
 
 
-class CorruptImageError(RuntimeError):
-    """An image file or record that no decoder can read; the message names it."""
+class CorruptImageError(DataIntegrityError):
+    """An image file or record that no decoder can read; the message names it. Bad input data (exit code 2)."""
 
 
 def read_bytes(path: str | Path) -> np.ndarray:

@@ -9,7 +9,8 @@ mode is a DistributedSampler that pads ranks with repeated samples and whose per
 world size; ours does neither.
 
 Guarantees: every step's global batch holds the same samples as with the folder backend; equal batch counts
-on every rank; `set_epoch(epoch, skip_batches)` resumes with the next unseen batch. Not guaranteed: the
+on every rank; `set_epoch(epoch, skip_batches)` resumes with the next unseen batch; a cut or structurally
+damaged .beton is refused at open (qpm_dist.data.integrity; FFCV itself would feed wrong bytes). Not guaranteed: the
 augmentation itself. FFCV draws crops and flips from numba's unseeded per-thread generators inside its JIT
 pipeline, so they are random, not a function of (seed, epoch, index).
 
@@ -41,6 +42,7 @@ from ffcv.transforms import (NormalizeImage, RandomBrightness, RandomContrast, R
 from ffcv.traversal_order.base import TraversalOrder
 
 from qpm_dist.config import DataConfig
+from qpm_dist.data.integrity import DataIntegrityError, beton_problems, raise_if_damaged, repair_hint
 from qpm_dist.data.loaders import EpochShardSampler
 from qpm_dist.data.manifest import ConvertedSource
 from qpm_dist.data.transforms import eval_crop_ratio, eval_squashes
@@ -180,12 +182,18 @@ class FFCVSource(ConvertedSource):
         super().__init__(cfg, seed)
         self.files, self.rows = {}, {}
         for split in ("train", "test"):
-            path = self.root / self.manifest["splits"][split]["file"]
+            info = self.manifest["splits"][split]
+            path = self.root / info["file"]
             if not path.is_file():
                 raise FileNotFoundError(f"data.converted: {path} listed in dataset.json is missing")
+            # cheap, on every rank: FFCV itself would feed the rows of a cut file from wrong bytes
+            raise_if_damaged(beton_problems(path, info.get("bytes"), info.get("rows")), self.root, "ffcv")
             labels = beton_columns(path)["label"]
             # Rows of images left out at conversion (placeholders, label -1) are never loaded.
             self.files[split], self.rows[split] = str(path), np.flatnonzero(labels >= 0).astype(np.int64)
+            if len(self.rows[split]) != int(info["num_samples"]):
+                raise DataIntegrityError(f"data.converted: {path}: {len(self.rows[split])} samples, dataset.json "
+                                         f"says {info['num_samples']}; {repair_hint(self.root, 'ffcv')}")
         image_pipeline(cfg, True, None)  # an unsupported augment recipe fails here, before training
         self._eval_cache: dict[tuple, FFCVBatches] = {}
 

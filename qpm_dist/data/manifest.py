@@ -8,12 +8,13 @@ these counts alone. It is written last and atomically, so its presence marks a f
      "num_classes": C, "class_names": [...], "source_fingerprint": ..., "fingerprint": ..., "options": {...},
      "class_parts": [[0, 1, ...], ...]                                     (synthetic data only)
      "splits": {"train": {"num_samples": N, "skipped": [{"index": i, "path": ..., "error": ...}],
-                          "file": "train.beton"                                        (ffcv)
-                          "shards": [{"file": "train-000000.tar", "count": n, "bytes": b}, ...]   (wds)
+                          "file": "train.beton", "rows": r, "bytes": b, "sha256": h      (ffcv)
+                          "shards": [{"file": "train-000000.tar", "count": n, "bytes": b, "sha256": h}, ...] (wds)
                }, "test": {...}}}
 
 Sample `index` everywhere is the position in the source split (as the folder backend numbers samples),
-so per-sample augmentation seeds and labels can be compared across backends.
+so per-sample augmentation seeds and labels can be compared across backends. `bytes` is checked by the
+loaders at open, `sha256` (absent in folders converted before it was recorded) by `verify` (qpm_dist.data.integrity).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from qpm_dist.config import DataConfig
+from qpm_dist.data.integrity import DataIntegrityError
 
 MANIFEST = "dataset.json"
 VERSION = 1
@@ -40,9 +42,12 @@ def load_manifest(folder: str | Path, expect_format: str | None = None) -> dict[
         prefix = "data.converted: " if expect_format else ""  # the loaders name the config key
         raise FileNotFoundError(f"{prefix}{folder}: {reason}{hint}")
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # cut short, a changed byte, a zeroed block
+        raise DataIntegrityError(f"{path}: not valid JSON ({exc}); the file is damaged: reconvert "
+                                 f"(`python -m data_prep to-{expect_format or '...'} {folder} ... --force`)") from None
+    if not isinstance(manifest, dict):
+        raise DataIntegrityError(f"{path}: not a dataset manifest (a JSON object expected)")
     if manifest.get("version") != VERSION:
         raise ValueError(f"{path}: manifest version {manifest.get('version')}, this code reads version {VERSION}")
     if expect_format and manifest.get("format") != expect_format:

@@ -28,6 +28,9 @@ resampled mode (`data.wds_mode: resampled`)
 
 Evaluation: rank r reads the contiguous range [r*N/W, (r+1)*N/W) of the split in shard order, without
 padding, so all-reduced sums count every sample once.
+
+Damage: a missing shard or one whose size differs from dataset.json is refused at open; a tar error or too few
+samples met while reading raises DataIntegrityError naming the shard and the fix (qpm_dist.data.integrity).
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 import random
+import tarfile
 import warnings
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -46,6 +51,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from qpm_dist.config import DataConfig
 from qpm_dist.data.datasets import sample_seed, seeded_cpu_rng
 from qpm_dist.data.decode import CorruptImageError, decode
+from qpm_dist.data.integrity import DataIntegrityError, plain_message, raise_if_damaged, repair_hint, shard_problems
 from qpm_dist.data.loaders import collate
 from qpm_dist.data.manifest import ConvertedSource
 from qpm_dist.data.transforms import test_transform, train_transform
@@ -97,17 +103,39 @@ def resume_position(counts: list[int], skip: int) -> tuple[list[int], int]:
 
 
 # ------------------------------------------------------------------------------------------- reading
+def tar_error(url: str, exc: BaseException, where: str = "") -> DataIntegrityError:
+    """A tar reading error as DataIntegrityError naming the shard and the fix."""
+    # webdataset re-raises tar errors with args (message @ stream, stream, url)
+    reason = exc.args[0] if exc.args and isinstance(exc.args[0], str) else plain_message(exc)
+    return DataIntegrityError(f"{url}: cannot read the tar{where} ({reason.split(' @ ')[0]}); "
+                              f"{repair_hint(Path(url).parent, 'wds')}")
+
+
+def raise_tar_error(exc: BaseException) -> bool:
+    """webdataset handler (resampled mode): name the shard webdataset appended to the error's args."""
+    url = exc.args[-1] if exc.args and isinstance(exc.args[-1], str) else "a tar shard"
+    raise tar_error(url, exc) from None
+
+
 def read_pieces(pieces: list[tuple[str, int, int]]) -> Iterator[dict]:
-    """The samples of each (tar path, start, stop) piece, read with WebDataset's tar reader."""
+    """The samples of each (tar path, start, stop) piece, read with WebDataset's tar reader. A shard that
+    cannot be read to `stop` (cut mid-member: a tar error; at a member boundary or a damaged header: too few
+    samples) raises DataIntegrityError naming it and the fix."""
     for url, start, stop in pieces:
-        samples = wds.tarfile_to_samples()(iter([{"url": url}]))
+        samples = itertools.islice(wds.tarfile_to_samples()(iter([{"url": url}])), start, stop)
         got = 0
-        for sample in itertools.islice(samples, start, stop):
+        while True:
+            try:
+                sample = next(samples)
+            except StopIteration:
+                break
+            except (tarfile.TarError, OSError, EOFError) as exc:
+                raise tar_error(url, exc, f" after {start + got} samples") from None
             got += 1
             yield sample
         if got != stop - start:
-            raise ValueError(f"{url}: expected at least {stop} samples (dataset.json), found {start + got}; "
-                             f"the shard is damaged or the index is stale (run `python -m data_prep verify`)")
+            raise DataIntegrityError(f"{url}: {start + got} samples, dataset.json says at least {stop}; "
+                                     f"{repair_hint(Path(url).parent, 'wds')}")
 
 
 def _skip(n: int):
@@ -243,7 +271,7 @@ class TrainStream(IterableDataset):
         else:
             salt = int(np.random.default_rng([self.seed, self.epoch, stream_id, 1]).integers(2**62))
             source = [wds.ResampledShards(self.urls, seed=self.seed, deterministic=True, worker_seed=lambda: salt),
-                      wds.tarfile_to_samples()]
+                      wds.tarfile_to_samples(handler=raise_tar_error)]
         decoder = _SampleDecoder(self.transform, self.seed, self.epoch, self.cfg.decoder, self.cfg.on_corrupt,
                                  self.return_index, salt=salt, first_position=done * self.micro)
         pipeline = wds.DataPipeline(
@@ -319,10 +347,8 @@ class WebDatasetSource(ConvertedSource):
     def __init__(self, cfg: DataConfig, seed: int) -> None:
         super().__init__(cfg, seed)
         for split in ("train", "test"):
-            for shard in self.manifest["splits"][split]["shards"]:
-                if not (self.root / shard["file"]).is_file():
-                    raise FileNotFoundError(f"data.converted: shard {self.root / shard['file']} listed in "
-                                            f"dataset.json is missing")
+            # one stat per shard: a cut or replaced shard is refused here, not hours later mid-epoch
+            raise_if_damaged(shard_problems(self.root, self.manifest["splits"][split]["shards"]), self.root, "wds")
 
     def num_samples(self, split: str) -> int:
         return int(self.manifest["splits"][split]["num_samples"])
