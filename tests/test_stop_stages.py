@@ -1,0 +1,86 @@
+"""Stop signals outside training (issue 13, item 6): SIGTERM/SIGUSR1 during a non-training stage (here QPM's
+statistics pass) stops at the next batch boundary with exit 75, marks nothing finished, and the rerun redoes the
+stage and ends bitwise equal to an uninterrupted run. In process, one rank (the signal is sent to this process
+from inside the pass, so it arrives at a known batch)."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import run_in_process
+
+# Four batches in the statistics pass, so a signal after the first one lands in the middle of it.
+STATS = {"dense": {"epochs": 1}, "qpm": {"n_features": 6, "n_per_class": 2, "stats_batch_size": 32}}
+
+
+def signal_during_pass(monkeypatch, sig: signal.Signals, after_batches: int = 1) -> None:
+    """Send `sig` to this process after `after_batches` batches of the training-set pass."""
+    from qpm_dist.stages import train_pass
+
+    original = train_pass.model_outputs
+
+    def outputs(*args, **kwargs):
+        for i, item in enumerate(original(*args, **kwargs)):
+            if i == after_batches:
+                os.kill(os.getpid(), sig)
+            yield item
+
+    monkeypatch.setattr(train_pass, "model_outputs", outputs)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_stats(tmp_path_factory, tiny_data):
+    from helpers import write_test_config
+
+    tmp = tmp_path_factory.mktemp("stats-ref")
+    _, ctx = run_in_process(write_test_config(tmp / "ref.yaml", tiny_data, tmp / "runs", **STATS), stage="stats")
+    return ctx.outputs["stats"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_signal_in_a_non_training_stage_exits_75_and_the_rerun_redoes_it(write_config, monkeypatch, capsys, sig,
+                                                                          uninterrupted_stats):
+    from qpm_dist.cli import main
+    from qpm_dist.engine.preemption import PREEMPTED_EXIT_CODE
+
+    config = write_config(**STATS)
+    signal_during_pass(monkeypatch, sig)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as run_in_process and a 1-process run under torchrun: the reference's arithmetic
+    try:
+        assert main(["run", str(config), "--stage", "stats"]) == PREEMPTED_EXIT_CODE
+    finally:
+        torch.set_num_threads(threads)
+    err = capsys.readouterr().err
+    assert f"stopped by {sig.name} during stage stats; no checkpoint for this stage, it restarts on rerun" in err
+    assert "stopped at a checkpoint" not in err
+    run_dir = config.parent / "runs-config" / "t"
+    assert list(run_dir.glob("dense-*/stage.json")) and not list(run_dir.glob("stats-*/stage.json"))
+    assert not list(run_dir.glob("stats-*/*.npz")), "nothing half-done is written"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the run's handlers are gone after it
+
+    monkeypatch.undo()
+    _, ctx = run_in_process(config, stage="stats")
+    for name in ("sums.npz", "constants.npz"):  # bitwise equal arrays (a zip's bytes hold its write time)
+        with np.load(ctx.outputs["stats"] / name) as got, np.load(uninterrupted_stats / name) as want:
+            assert got.files == want.files
+            for key in want.files:
+                assert got[key].dtype == want[key].dtype and got[key].tobytes() == want[key].tobytes(), (name, key)
+
+
+def test_a_signal_between_stages_keeps_the_finished_ones(write_config, monkeypatch):
+    """The signal lands after the last batch of the pass: the stage completes and is kept; the run stops
+    before the next stage."""
+    from qpm_dist.engine.preemption import Preempted
+
+    config = write_config(**STATS)
+    signal_during_pass(monkeypatch, signal.SIGTERM, after_batches=3)  # 4 batches: sent while the last is used
+    with pytest.raises(Preempted, match="stopped by a stop signal before stage qpm_solve; finished stages are kept"):
+        run_in_process(config, stage="qpm_solve")
+    run_dir = config.parent / "runs-config" / "t"
+    assert list(run_dir.glob("stats-*/stage.json")) and not list(run_dir.glob("qpm_solve-*"))
