@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import threading
 from types import FrameType
 from typing import Iterator
 
@@ -67,6 +68,8 @@ class StopRequest:
         self.signum = signum
 
     def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is not threading.main_thread():
+            return self  # Python delivers signals to the main thread only; a run in another thread is not stopped
         for sig in _SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
