@@ -84,3 +84,26 @@ def test_a_signal_between_stages_keeps_the_finished_ones(write_config, monkeypat
         run_in_process(config, stage="qpm_solve")
     run_dir = config.parent / "runs-config" / "t"
     assert list(run_dir.glob("stats-*/stage.json")) and not list(run_dir.glob("qpm_solve-*"))
+
+
+def test_a_signal_during_the_trainers_evaluation_stops_at_the_next_step_with_a_checkpoint(write_config, monkeypatch):
+    """Inside a training stage the trainer owns the stop: its evaluation pass is not cut short, the next step
+    checkpoints and the message names that checkpoint."""
+    from qpm_dist.engine import evaluate
+    from qpm_dist.engine.preemption import Preempted
+
+    original, calls = evaluate.model_outputs, []
+
+    def outputs(*args, **kwargs):
+        calls.append(1)
+        for i, item in enumerate(original(*args, **kwargs)):
+            if i == 0 and len(calls) == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield item
+
+    monkeypatch.setattr(evaluate, "model_outputs", outputs)
+    config = write_config(dense={"epochs": 2})
+    with pytest.raises(Preempted, match=r"during stage dense: stopped at a checkpoint at step 9 \(.*step_000000009\)"):
+        run_in_process(config, stage="dense")
+    (folder,) = (config.parent / "runs-config" / "t").glob("dense-*")
+    assert sorted(p.name for p in folder.glob("checkpoints/step_*")) == ["step_000000008", "step_000000009"]
