@@ -128,6 +128,7 @@ def _run_stage(stage: Stage, ctx: RunContext, key: str, out_dir: Path, stop: Sto
                             f"({type(exc).__name__}: {exc}); the stage is not marked finished and runs on rerun "
                             f"(a training stage from its last checkpoint)") from exc
         raise
+    dist.barrier()  # every rank has written its part (e.g. per-rank shards) before rank 0 reads them
     bad = from_main(lambda: nonfinite_outputs(out_dir))
     if bad:
         raise NonFiniteError(f"stage {stage.name}: not marked finished, its outputs hold NaN/inf: {'; '.join(bad)}")
