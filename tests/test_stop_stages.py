@@ -107,3 +107,35 @@ def test_a_signal_during_the_trainers_evaluation_stops_at_the_next_step_with_a_c
         run_in_process(config, stage="dense")
     (folder,) = (config.parent / "runs-config" / "t").glob("dense-*")
     assert sorted(p.name for p in folder.glob("checkpoints/step_*")) == ["step_000000008", "step_000000009"]
+
+
+@pytest.mark.slow
+def test_two_ranks_stopped_in_a_non_training_stage_exit_75_and_the_rerun_redoes_it(write_config):
+    """Under torchrun with 2 ranks, each rank receiving the signal mid-pass: both leave with 75, the stage is
+    not marked finished; the rerun computes it, bitwise as a run that was never stopped."""
+    import shutil
+    import subprocess
+
+    from helpers import REPO, clean_env, qpm_command, run_qpm, stage_dir
+
+    config = write_config(**STATS)
+    out = config.parent / "runs-config"
+    env = clean_env()
+    env["PYTHONPATH"] = f"{REPO / 'tests'}:{env['PYTHONPATH']}"
+    stopped = subprocess.run(qpm_command(2, "run", str(config), "--stage", "stats", "--plugin", "stop_in_pass_plugin"),
+                             capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert stopped.returncode != 0
+    assert stopped.stderr.count("no checkpoint for this stage, it restarts on rerun") == 2, stopped.stderr[-3000:]
+    assert "exitcode  : 75" in stopped.stderr or "exitcode: 75" in stopped.stderr, stopped.stderr[-3000:]
+    assert (stage_dir(out, "dense") / "stage.json").is_file() and not (stage_dir(out, "stats") / "stage.json").exists()
+
+    resumed = run_qpm(2, "run", str(config), "--stage", "stats")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    stats = stage_dir(out, "stats")
+    first = {name: dict(np.load(stats / name)) for name in ("sums.npz", "constants.npz")}
+    shutil.rmtree(stats)
+    again = run_qpm(2, "run", str(config), "--stage", "stats")  # never stopped, on the same dense model
+    assert again.returncode == 0, again.stderr[-3000:]
+    for name, arrays in first.items():
+        with np.load(stats / name) as want:
+            assert all(arrays[k].tobytes() == want[k].tobytes() for k in want.files), name
