@@ -54,23 +54,26 @@ def test_cli_exits_3_with_one_line_for_a_diverging_run(write_config, capsys):
     assert "qpm-dist: error: dense (stage dense): non-finite training" in err and "Traceback" not in err
 
 
-def test_one_nan_loss_stops_by_default_and_is_skipped_when_allowed(write_config, monkeypatch):
+@pytest.mark.parametrize("accum, skipped", [(1, [0, 0, 1, 1, 1, 1, 1, 1]), (2, [0, 1, 1, 1, 1, 1, 1, 1])])
+def test_one_nan_loss_stops_by_default_and_is_skipped_when_allowed(write_config, monkeypatch, accum, skipped):
+    """The third micro-batch's loss is NaN: step 3, or with 2 micro-batches per step step 2, is dropped."""
     from qpm_dist.engine.trainer import NonFiniteError
 
     nan_loss_at(monkeypatch, {3})
     with pytest.raises(NonFiniteError, match="non-finite training"):
-        run_in_process(write_config("stop.yaml", **SHORT), stage="dense")
+        run_in_process(write_config("stop.yaml", **SHORT), f"dense.grad_accum={accum}", stage="dense")
 
     monkeypatch.undo()
     nan_loss_at(monkeypatch, {3})
-    records, ctx = run_in_process(write_config("skip.yaml", **SHORT), "engine.skip_nonfinite_steps=2", stage="dense")
+    records, ctx = run_in_process(write_config("skip.yaml", **SHORT), "engine.skip_nonfinite_steps=2",
+                                  f"dense.grad_accum={accum}", stage="dense")
     result = records["dense"]["summary"]
     assert result["skipped_steps"] == 1 and result["global_step"] == 8  # the data position still moves on
     assert math.isfinite(result["test"]["loss"])
     weights = load_weights(ctx.outputs["dense"] / "model.pt")  # a step applied with NaN gradients would be NaN
     assert all(bool(torch.isfinite(t).all()) for t in weights.values() if t.is_floating_point())
     steps = [json.loads(x) for x in (ctx.outputs["dense"] / "metrics.jsonl").read_text().splitlines()]
-    assert [r["skipped_steps"] for r in steps if r["event"] == "step"] == [0, 0, 1, 1, 1, 1, 1, 1]
+    assert [r["skipped_steps"] for r in steps if r["event"] == "step"] == skipped
 
 
 def test_skipping_more_steps_than_allowed_stops_the_run(write_config, monkeypatch):
