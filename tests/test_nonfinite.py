@@ -38,7 +38,8 @@ def test_a_diverging_phase_stops_with_a_clear_error_and_saves_nothing(write_conf
     from qpm_dist.engine.trainer import NonFiniteError
 
     config = write_config(**SHORT)
-    with pytest.raises(NonFiniteError, match=r"dense \(stage dense\): non-finite training .*loss=nan.*dense\.optim\.lr"):
+    message = r"dense \(stage dense\): non-finite training .*loss=nan.*dense\.optim\.lr"
+    with pytest.raises(NonFiniteError, match=message):
         run_in_process(config, *DIVERGE, stage="dense")
     (folder,) = (config.parent / "runs-config" / "t").glob("dense-*")
     assert not (folder / "stage.json").exists() and not (folder / "model.pt").exists()
