@@ -74,3 +74,16 @@ def test_a_missing_output_is_reported_by_name(finished_run, tmp_path):
     model.unlink()
     with pytest.raises(DamagedOutput, match=f"{model}: missing"):
         run_in_process(finished_run, f"run.out_dir={out}", stage="stats")
+
+
+def test_the_cli_exits_2_naming_the_damaged_file(finished_run, tmp_path, capsys):
+    from damage import flip_byte
+    from qpm_dist.cli import EXIT_BAD_INPUT, main
+
+    out = tmp_path / "runs"
+    shutil.copytree(finished_run.parent / "runs", out)
+    (sums,) = out.glob("t/stats-*/sums.npz")
+    flip_byte(lambda size: size // 2).apply(sums)
+    assert main(["run", str(finished_run), "--stage", "stats", f"run.out_dir={out}"]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert f"qpm-dist: error: {sums}: differs from what the stage wrote" in err and "Traceback" not in err
