@@ -1,7 +1,10 @@
 """`qpm-dist` command line: run | demo | compare | make-synthetic | print-config | launch.
 
-Exit codes: 0 success, 2 bad input (config, paths, files; reported before any training starts),
-75 stopped by SIGTERM/SIGUSR1 after writing a checkpoint (rerun the same command to resume).
+Exit codes: 0 success, 2 bad input (config, paths, files; reported before any training starts; a damaged
+output of a finished stage), 3 training diverged (NaN/inf loss, or a stage's weights/results are NaN/inf: nothing
+of it was saved or marked finished; rerunning the same command would diverge again), 75 stopped by
+SIGTERM/SIGUSR1 in any stage (rerun the same command: a training stage resumes from its checkpoint, any other
+stage restarts), 1 a bug or crash.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import sys
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
+EXIT_NONFINITE = 3
 
 
 def _fail(message: str) -> int:
@@ -59,6 +63,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from qpm_dist.data.integrity import DataIntegrityError, plain_message
     from qpm_dist.data.sources import build_datasets
     from qpm_dist.engine.preemption import PREEMPTED_EXIT_CODE, Preempted
+    from qpm_dist.engine.trainer import NonFiniteError
+    from qpm_dist.stages.artifacts import DamagedOutput
     from qpm_dist.stages.runner import RunContext, run_stages
     from qpm_dist.utils import log, setup_logging
 
@@ -86,10 +92,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         except Preempted as exc:
             log.warning("%s", exc)
             return PREEMPTED_EXIT_CODE
-        except FileNotFoundError as exc:
+        except (FileNotFoundError, DamagedOutput) as exc:
             return _fail(str(exc))
         except DataIntegrityError as exc:  # a damaged image or shard met during training (data.on_corrupt=error)
             return _fail(plain_message(exc))
+        except NonFiniteError as exc:
+            print(f"qpm-dist: error: {exc}", file=sys.stderr, flush=True)
+            return EXIT_NONFINITE
         for name, record in summaries.items():
             test = (record.get("summary") or {}).get("test")
             if test:

@@ -232,6 +232,14 @@ class EngineConfig:
     progress: bool = True
     # Seconds to wait for the other ranks in collectives before giving up.
     timeout_s: int = bounded(1800, ge=1)
+    # Non-finite (NaN/inf) training loss: 0 stops the phase at once (exit 3); N >= 1 skips such optimizer steps
+    # (gradients dropped, counted in the logs) and stops at the (N+1)-th. DDP only: DeepSpeed cannot skip a step.
+    skip_nonfinite_steps: int = bounded(0, ge=0)
+
+    def check(self, key: str) -> None:
+        if self.skip_nonfinite_steps and self.strategy == "deepspeed":
+            raise ConfigError(f"{key}.skip_nonfinite_steps: not supported with {key}.strategy=deepspeed (its engine "
+                              f"cannot leave out one optimizer step cleanly); use 0 (stop at a non-finite loss)")
 
 
 @dataclass

@@ -93,6 +93,8 @@ def test_sigterm_mid_epoch_then_resume_is_bitwise_identical(write_config, refere
     assert not (run / "model.pt").exists()
     (ckpt,) = list((run / "checkpoints").glob("step_*"))
     meta = json.loads((ckpt / "meta.json").read_text())
+    assert (f"stopped by SIGTERM during stage dense: stopped at a checkpoint at step {meta['global_step']} ({ckpt})"
+            in stopped.stderr), stopped.stderr[-3000:]
     assert 5 <= meta["global_step"] < 48 and meta["step_in_epoch"] % 16 != 0, meta  # really mid-epoch
     resumed = run_qpm(1, "run", str(config), "--stage", "dense", "data.num_workers=1")
     assert resumed.returncode == 0, resumed.stderr[-3000:]

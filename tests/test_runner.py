@@ -92,3 +92,31 @@ def test_stage_lists_that_cannot_run_are_refused(tmp_path):
         run_stages([Recorder("a"), Recorder("b", ("z",))], context(tmp_path))
     with pytest.raises(ValueError, match="stage names must be unique; repeated: a"):
         run_stages([Recorder("a"), Recorder("a")], context(tmp_path))
+
+
+class WritesNaN(Recorder):
+    """A stage whose model file or training result holds NaN (as a diverged phase would write)."""
+
+    def __init__(self, name: str, file: str) -> None:
+        super().__init__(name)
+        self.file = file
+
+    def run(self, ctx: RunContext, out_dir: Path) -> dict:
+        import torch
+
+        if self.file == "model.pt":
+            torch.save({"state_dict": {"w": torch.tensor([1.0, float("nan")]), "n": torch.tensor([3])}},
+                       out_dir / "model.pt")
+        else:
+            (out_dir / "result.json").write_text(json.dumps({"test": {"loss": float("nan"), "acc": 25.0}}))
+        return {}
+
+
+@pytest.mark.parametrize("file, where", [("model.pt", r"model\.pt: w \(1 NaN/inf values\)"),
+                                         ("result.json", r"result\.json: test\.loss=nan")])
+def test_a_stage_with_nonfinite_weights_or_results_is_not_marked_finished(tmp_path, file, where):
+    from qpm_dist.engine.trainer import NonFiniteError
+
+    with pytest.raises(NonFiniteError, match=f"stage a: not marked finished, its outputs hold NaN/inf: .*{where}"):
+        run_stages([WritesNaN("a", file)], context(tmp_path))
+    assert not list(tmp_path.glob(f"a-*/{RECORD}"))

@@ -89,6 +89,12 @@ class DDPStrategy:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
 
+    def skip_step(self) -> None:
+        """End an optimizer step without applying it (its loss was not finite): drop the accumulated gradients;
+        the schedule moves on, as it follows the data position."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 

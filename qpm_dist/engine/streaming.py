@@ -16,6 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from qpm_dist.dist import DistInfo
+from qpm_dist.engine.preemption import stop_point
 
 Autocast = Callable[[], contextlib.AbstractContextManager]
 
@@ -26,7 +27,8 @@ def model_outputs(model: nn.Module, loader: Iterable, info: DistInfo, autocast: 
     """Yield (model output, labels on the device, *the loader's other fields) for every batch of `loader`.
 
     The model is put in eval mode for the pass and back into its previous mode afterwards. `prepare` moves the
-    images (default: to the device); a strategy passes its own (memory format, input dtype)."""
+    images (default: to the device); a strategy passes its own (memory format, input dtype). A stop signal
+    (SIGTERM/SIGUSR1) ends the pass at the next batch boundary (`engine.preemption.stop_point`)."""
     was_training = model.training
     model.eval()
     prepare = prepare or (lambda images: images.to(info.device, non_blocking=True))
@@ -35,6 +37,7 @@ def model_outputs(model: nn.Module, loader: Iterable, info: DistInfo, autocast: 
         with tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True,
                   disable=not (info.is_main and desc)) as bar:
             for images, labels, *rest in loader:
+                stop_point()
                 images, labels = prepare(images), labels.to(info.device, non_blocking=True)
                 with autocast():
                     output = model(images)

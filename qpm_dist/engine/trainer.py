@@ -6,6 +6,11 @@ and its epoch hooks, and builds the optimizer from its parameter groups. What it
   depend on the number of processes (up to batch-norm statistics and floating-point reduction order);
 * every rank runs the same number of steps; evaluation all-reduces sums, so every test sample counts once;
 * checkpoints at epoch ends, every `checkpoint_every_steps`, and on SIGTERM/SIGUSR1 (then exit 75);
+* a non-finite loss stops the phase (`NonFiniteError`) before anything is saved from it: checked where the
+  trainer already synchronises (the all-reduced metric window at every log step, every checkpoint and the epoch
+  end), so it costs no extra sync, and the decision is the same on every rank. With
+  `engine.skip_nonfinite_steps=N` such a step is instead skipped (its gradients dropped, one host sync per step,
+  as fp16 loss scaling does) and counted; the phase stops at the (N+1)-th skipped step;
   resuming restores model, optimizer, scheduler, grad scaler, the position inside the epoch and every
   rank's RNG state, so an interrupted and resumed CPU run ends bitwise equal to an uninterrupted one;
 * the task's epoch-end hook runs once per epoch, before that epoch's checkpoint, never again on resume;
@@ -15,6 +20,7 @@ and its epoch hooks, and builds the optimizer from its parameter groups. What it
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,7 +38,7 @@ from qpm_dist.engine.checkpoint import CheckpointManager, capture_rng, restore_r
 from qpm_dist.engine.evaluate import evaluate_accuracy
 from qpm_dist.engine.monitor import MetricsLogger, new_run_id
 from qpm_dist.engine.optim import build_optimizer, build_scheduler
-from qpm_dist.engine.preemption import Preempted, StopRequest
+from qpm_dist.engine.preemption import StopRequest, at_checkpoint, stop_requests
 from qpm_dist.engine.strategy import DDPStrategy, DeepSpeedStrategy
 from qpm_dist.engine.task import TrainingTask
 from qpm_dist.models.io import save_classifier
@@ -44,6 +50,12 @@ class Progress:
     epoch: int = 0  # the epoch in progress (== epochs completed when step_in_epoch == 0)
     step_in_epoch: int = 0  # optimizer steps already taken in `epoch`
     global_step: int = 0
+    skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss (engine.skip_nonfinite_steps)
+
+
+class NonFiniteError(RuntimeError):
+    """Training diverged (a NaN/inf loss) or a stage's outputs hold NaN/inf; nothing of it is saved or marked
+    finished. The CLI exits with EXIT_NONFINITE: rerunning the same command would diverge again."""
 
 
 @dataclass
@@ -145,28 +157,22 @@ class Trainer:
                                     group=self.setup.run_name,
                                     job_type=self.setup.phase, config=self.setup.config_dict or {},
                                     directory=stage_dir)
-        last_eval: dict = {}
+        self.last_eval: dict = {}
         try:
-            with StopRequest() as stop:
-                while self.progress.epoch < self.cfg.epochs:
-                    train_stats = self.train_epoch(stop)
-                    self.task.on_epoch_end(self)
-                    self.strategy.parameters_edited()
-                    epoch = self.progress.epoch
-                    self.progress.epoch += 1
-                    self.progress.step_in_epoch = 0
-                    record = {"phase": self.setup.phase, "event": "epoch", "epoch": epoch,
-                              "global_step": self.progress.global_step, **train_stats}
-                    if (epoch + 1) % self.cfg.eval_every_epochs == 0 or self.progress.epoch == self.cfg.epochs:
-                        last_eval = self.evaluate()
-                        record.update({f"test_{k}": v for k, v in last_eval.items()})
-                    self.logger.log(record, step=self.progress.global_step)
-                    self.save_checkpoint()
-            if not last_eval:  # resumed after the last epoch had finished
-                last_eval = self.evaluate()
+            with stop_requests() as stop:
+                handled_before, stop.checkpointing = stop.checkpointing, True
+                try:
+                    self._train_epochs(stop)
+                finally:
+                    stop.checkpointing = handled_before
+            if not self.last_eval:  # resumed after the last epoch had finished
+                self.last_eval = self.evaluate()
+            self._check_finite(self.last_eval, "test")
             result = {"phase": self.setup.phase, "epochs": self.cfg.epochs, "global_step": self.progress.global_step,
                       "world_size": self.info.world_size, "strategy": self.strategy.name,
-                      "seconds": round(time.time() - start, 2), "test": last_eval}
+                      "seconds": round(time.time() - start, 2), "test": self.last_eval}
+            if self.progress.skipped_steps:
+                result["skipped_steps"] = self.progress.skipped_steps
             task_state = self.task.state_dict()
             if task_state:  # what the task's hooks recorded (e.g. which epochs they ran at)
                 result["task"] = task_state
@@ -175,17 +181,37 @@ class Trainer:
         finally:
             self.logger.close()
 
+    def _train_epochs(self, stop: StopRequest) -> None:
+        while self.progress.epoch < self.cfg.epochs:
+            train_stats = self.train_epoch(stop)
+            self.task.on_epoch_end(self)
+            self.strategy.parameters_edited()
+            epoch = self.progress.epoch
+            self.progress.epoch += 1
+            self.progress.step_in_epoch = 0
+            record = {"phase": self.setup.phase, "event": "epoch", "epoch": epoch,
+                      "global_step": self.progress.global_step, **train_stats}
+            if (epoch + 1) % self.cfg.eval_every_epochs == 0 or self.progress.epoch == self.cfg.epochs:
+                self.last_eval = self.evaluate()
+                record.update({f"test_{k}": v for k, v in self.last_eval.items()})
+            self.logger.log(record, step=self.progress.global_step)
+            self._check_finite(self.last_eval, "test")  # a model that predicts NaN is not checkpointed
+            self.save_checkpoint()
+
     def train_epoch(self, stop: StopRequest) -> dict:
         accum = self.cfg.grad_accum
         self.loader.set_epoch(self.progress.epoch, skip_batches=self.progress.step_in_epoch * accum)
         self.module.train()
         self.task.on_epoch_start(self)
         self.strategy.parameters_edited()
-        epoch_sums, window = MetricWindow(self.info.device), MetricWindow(self.info.device)
+        device = self.info.device
+        # step: the micro-batches of the optimizer step in progress; window: kept steps since the last log line
+        epoch_sums, window, step = MetricWindow(device), MetricWindow(device), MetricWindow(device)
         bar = tqdm(total=self.steps_per_epoch, initial=self.progress.step_in_epoch, leave=False, dynamic_ncols=True,
                    desc=f"{self.setup.phase} epoch {self.progress.epoch + 1}/{self.cfg.epochs}",
                    disable=not (self.info.is_main and self.setup.engine.progress))
         every = self.setup.engine.log_every_steps
+        may_skip = self.setup.engine.skip_nonfinite_steps
         tick, micro = time.perf_counter(), 0
         try:
             for item in self.loader:
@@ -195,10 +221,16 @@ class Trainer:
                 with self.strategy.accumulate(boundary):
                     loss, logs = self.task.step(batch, self.strategy)
                     self.strategy.backward(loss)
-                self.strategy.step(boundary)
-                window.add({"loss": loss, **logs}, batch.size)
+                step.add({"loss": loss, **logs}, batch.size)
                 if not boundary:
+                    self.strategy.step(boundary)
                     continue
+                if may_skip and dist.any_rank(not step.finite()):  # the same decision on every rank
+                    self._skip_step()
+                else:
+                    self.strategy.step(boundary)
+                    window.merge(step)
+                step.clear()
                 self.progress.step_in_epoch += 1
                 self.progress.global_step += 1
                 bar.update(1)
@@ -207,27 +239,56 @@ class Trainer:
                     stats = window.all_reduced()
                     elapsed = time.perf_counter() - tick
                     stats["images_per_s"] = round(stats.pop("count") / max(elapsed, 1e-9), 1)
+                    extra = {"skipped_steps": self.progress.skipped_steps} if may_skip else {}
                     self.logger.log({"phase": self.setup.phase, "event": "step", "epoch": self.progress.epoch,
-                                     "global_step": self.progress.global_step, "lr": self.strategy.lr(), **stats},
-                                    step=self.progress.global_step)
+                                     "global_step": self.progress.global_step, "lr": self.strategy.lr(), **stats,
+                                     **extra}, step=self.progress.global_step)
+                    self._check_finite(stats, "training")
                     bar.set_postfix({k: f"{stats[k]:.3f}" if k == "loss" else f"{stats[k]:.1f}"
                                      for k in ("loss", "acc") if k in stats})
                     window.clear()
                     tick = time.perf_counter()
                 if dist.any_rank(stop.requested):
+                    self._check_finite(window.all_reduced(), "training")  # never checkpoint a diverged model
                     path = self.save_checkpoint()
                     log.warning("stop requested: saved %s at epoch %d step %d", path, self.progress.epoch,
                                 self.progress.step_in_epoch)
-                    raise Preempted(str(path), stop.signum)
+                    raise at_checkpoint(self.setup.stage, str(path), self.progress.global_step, stop.signum)
                 n_ckpt = self.setup.engine.checkpoint_every_steps
                 if n_ckpt and self.progress.global_step % n_ckpt == 0 and self.progress.step_in_epoch < self.steps_per_epoch:
+                    self._check_finite(window.all_reduced(), "training")
                     self.save_checkpoint()
         finally:
             bar.close()
         epoch_sums.merge(window)
         stats = epoch_sums.all_reduced()
         stats.pop("count")
+        self._check_finite(stats, "training")
         return {f"train_{k}": v for k, v in stats.items()}
+
+    def _skip_step(self) -> None:
+        """Drop the step whose loss was not finite on some rank (every rank skips it); stop past the bound."""
+        self.strategy.skip_step()
+        self.progress.skipped_steps += 1
+        bound = self.setup.engine.skip_nonfinite_steps
+        where = f"{self.setup.phase} (stage {self.setup.stage}) global step {self.progress.global_step + 1}"
+        if self.progress.skipped_steps > bound:
+            raise NonFiniteError(f"{where}: non-finite training loss; {self.progress.skipped_steps} steps skipped, "
+                                 f"more than engine.skip_nonfinite_steps={bound}: training diverged, stopped "
+                                 f"without saving it (lower {self.setup.phase}.optim.lr or set "
+                                 f"{self.setup.phase}.clip_grad_norm)")
+        log.warning("%s: non-finite training loss, step skipped (%d skipped so far, at most %d)", where,
+                    self.progress.skipped_steps, bound)
+
+    def _check_finite(self, stats: dict, what: str) -> None:
+        """Raise NonFiniteError if an all-reduced statistic is NaN/inf (every rank holds the same numbers)."""
+        bad = {k: v for k, v in stats.items() if isinstance(v, float) and not math.isfinite(v)}
+        if bad:
+            raise NonFiniteError(
+                f"{self.setup.phase} (stage {self.setup.stage}): non-finite {what} "
+                f"{', '.join(f'{k}={v}' for k, v in sorted(bad.items()))} by global step {self.progress.global_step}: "
+                f"training diverged, stopped without saving it (lower {self.setup.phase}.optim.lr, set "
+                f"{self.setup.phase}.clip_grad_norm, or let engine.skip_nonfinite_steps skip such steps)")
 
     def evaluate(self) -> dict:
         """Top-1/top-5 accuracy (percent) and mean CE over the whole test set, all-reduced over ranks.
@@ -280,6 +341,12 @@ class MetricWindow:
 
     def clear(self) -> None:
         self.sums, self.count = {}, 0
+
+    def finite(self) -> bool:
+        """True if every sum is finite on this rank (reads the device: one host sync)."""
+        if not self.sums:
+            return True
+        return bool(torch.isfinite(torch.stack([v.to(self.device) for v in self.sums.values()])).all())
 
     def all_reduced(self) -> dict[str, float]:
         """{name: Σ value·size / Σ size over all ranks, ..., "count": Σ size}."""

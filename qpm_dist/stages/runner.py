@@ -5,11 +5,16 @@ hashes everything the stage depends on: the config fields it reads, the dataset 
 of the stages it consumes. A finished stage (its `stage.json` exists) is skipped on rerun; a changed
 input gives a new key and thus a new folder, so a stale result is never reused, and an unfinished one is
 resumed from its checkpoints.
+
+A stage is marked finished only if its weights and results are finite (`artifacts.MUST_BE_FINITE`); its record
+holds the sha256 of every output file (and of itself), checked whenever the stage is reused, so a damaged
+file is reported by name instead of being read by the next stage. Every stage runs under the run's stop
+request (SIGTERM/SIGUSR1, `engine.preemption`): a stop ends the run with `Preempted` and never marks the
+stage in progress finished.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +24,11 @@ from qpm_dist.config import Config, fingerprint
 from qpm_dist.data.loaders import DataSource
 from qpm_dist.dist import DistInfo
 from qpm_dist.engine.evaluate import autocast_for
-from qpm_dist.stages.artifacts import RECORD, on_main, write_json
+from qpm_dist import dist
+from qpm_dist.engine.preemption import Preempted, StopRequest, stop_requests
+from qpm_dist.engine.trainer import NonFiniteError
+from qpm_dist.stages.artifacts import (RECORD, from_main, nonfinite_outputs, on_main, output_digests, read_record,
+                                       record_digest, write_json)
 from qpm_dist.utils import log
 
 # Part of every stage key: raised when what a stage folder holds changes form (2: model files carry their head
@@ -82,27 +91,51 @@ def run_stages(stages: list[Stage], ctx: RunContext, target: str | None = None) 
         raise ValueError(f"stage names must be unique; repeated: {', '.join(duplicate)}")
     needed = _needed(stages, target)
     summaries: dict[str, dict] = {}
-    for stage in stages:
-        missing = [d for d in stage.depends if d not in ctx.keys]
-        if missing:
-            raise ValueError(f"stage {stage.name} depends on {', '.join(missing)}, which no earlier stage produces")
-        key = stage_key(stage, ctx)
-        out_dir = ctx.run_dir / f"{stage.name}-{key[:12]}"
-        ctx.keys[stage.name], ctx.outputs[stage.name] = key, out_dir
-        if stage.name not in needed:
-            continue
-        marker = out_dir / RECORD
-        if marker.is_file():
-            log.info("stage %s: finished earlier, reusing %s", stage.name, out_dir)
-            summaries[stage.name] = json.loads(marker.read_text())
-            continue
-        log.info("stage %s: running into %s", stage.name, out_dir)
-        on_main(out_dir.mkdir, parents=True, exist_ok=True)
-        start = time.time()
-        summary = stage.run(ctx, out_dir)
-        record = {"stage": stage.name, "key": key, "config": stage.config_parts(ctx.cfg),
-                  "dataset": ctx.data.fingerprint, "upstream": {d: ctx.keys[d] for d in stage.depends},
-                  "seconds": round(time.time() - start, 2), "summary": summary}
-        write_json(marker, record)
-        summaries[stage.name] = record
+    with stop_requests() as stop:
+        for stage in stages:
+            missing = [d for d in stage.depends if d not in ctx.keys]
+            if missing:
+                raise ValueError(f"stage {stage.name} depends on {', '.join(missing)}, which no earlier stage produces")
+            key = stage_key(stage, ctx)
+            out_dir = ctx.run_dir / f"{stage.name}-{key[:12]}"
+            ctx.keys[stage.name], ctx.outputs[stage.name] = key, out_dir
+            if stage.name not in needed:
+                continue
+            if (out_dir / RECORD).is_file():
+                summaries[stage.name] = read_record(out_dir)  # raises DamagedOutput, naming the file
+                log.info("stage %s: finished earlier, reusing %s", stage.name, out_dir)
+                continue
+            summaries[stage.name] = _run_stage(stage, ctx, key, out_dir, stop)
     return summaries
+
+
+def _run_stage(stage: Stage, ctx: RunContext, key: str, out_dir: Path, stop: StopRequest) -> dict:
+    """Run one stage and mark it finished (`stage.json`) if it ended, was not stopped and its outputs are finite."""
+    if dist.any_rank(stop.requested):  # a signal between stages: what finished so far stays finished
+        raise Preempted(f"stopped by a stop signal before stage {stage.name}; finished stages are kept, "
+                        f"{stage.name} runs on rerun")
+    log.info("stage %s: running into %s", stage.name, out_dir)
+    on_main(out_dir.mkdir, parents=True, exist_ok=True)
+    stop.stage = stage.name
+    start = time.time()
+    try:
+        summary = stage.run(ctx, out_dir)
+    except (Preempted, NonFiniteError):
+        raise
+    except Exception as exc:
+        if stop.requested:  # e.g. a collective failing because another rank already left on the same signal
+            raise Preempted(f"stopped by a stop signal during stage {stage.name}, which then failed "
+                            f"({type(exc).__name__}: {exc}); the stage is not marked finished and runs on rerun "
+                            f"(a training stage from its last checkpoint)") from exc
+        raise
+    dist.barrier()  # every rank has written its part (e.g. per-rank shards) before rank 0 reads them
+    bad = from_main(lambda: nonfinite_outputs(out_dir))
+    if bad:
+        raise NonFiniteError(f"stage {stage.name}: not marked finished, its outputs hold NaN/inf: {'; '.join(bad)}")
+    record = {"stage": stage.name, "key": key, "config": stage.config_parts(ctx.cfg),
+              "dataset": ctx.data.fingerprint, "upstream": {d: ctx.keys[d] for d in stage.depends},
+              "seconds": round(time.time() - start, 2), "summary": summary,
+              "outputs": from_main(lambda: output_digests(out_dir))}
+    record["digest"] = record_digest(record)
+    write_json(out_dir / RECORD, record)
+    return record
