@@ -16,8 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-EXIT_BAD_INPUT = 2
-EXIT_NONFINITE = 3
+from qpm_dist.launching import EXIT_BAD_INPUT, EXIT_NONFINITE
 
 
 def _fail(message: str) -> int:

@@ -161,6 +161,8 @@ def _torchrun_signalled(sig: signal.Signals) -> BaseException:
         (lambda: _workers_failed(2, 2), 2),  # bad input, e.g. a dataset folder missing on that node
         (lambda: _workers_failed(2, -signal.SIGTERM), 2),
         (lambda: _workers_failed(2, 75), 1),
+        (lambda: _workers_failed(3, -signal.SIGTERM), 3),  # the run diverged: not requeued, not a crash
+        (lambda: _workers_failed(3, 2), 1),
         (lambda: _workers_failed(-signal.SIGTERM, -signal.SIGTERM), 1),
         (lambda: _torchrun_signalled(signal.SIGUSR1), 75),  # SLURM's warning, forwarded to the workers
         (lambda: _torchrun_signalled(signal.SIGTERM), 75),
