@@ -1,4 +1,8 @@
-"""Command line: `python -m solver_service {solve,serve,submit,status,fetch,generate,run-job} ...`."""
+"""Command line: `python -m solver_service {solve,serve,submit,status,fetch,generate,run-job} ...`.
+
+Exit codes: 0 success, 2 bad input (a missing or invalid file, a request the service refuses: wrong token,
+unknown job), 69 the service is unreachable or gave no usable answer (retry later). Errors are one line.
+"""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +15,8 @@ from pathlib import Path
 from .util import LOGGER_NAME
 
 TOKEN_ENV = "SOLVER_SERVICE_TOKEN"
+EXIT_BAD_INPUT = 2
+EXIT_UNAVAILABLE = 69  # sysexits.h EX_UNAVAILABLE
 
 
 def _solver_options(p: argparse.ArgumentParser) -> None:
@@ -38,6 +44,25 @@ def _client(args):
 
 
 def main(argv=None) -> int:
+    """The command's exit code; errors the user can act on are one line on stderr, not a traceback."""
+    from .client import SolverServiceError
+    from .problem import ProblemError
+
+    try:
+        return _main(argv)
+    except SolverServiceError as exc:
+        bad_input = exc.http_status is not None and 400 <= exc.http_status < 500
+        return _fail(str(exc), EXIT_BAD_INPUT if bad_input else EXIT_UNAVAILABLE)
+    except (ProblemError, OSError) as exc:  # a missing/unreadable/invalid file, a port in use, ...
+        return _fail(str(exc), EXIT_BAD_INPUT)
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"solver_service: error: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def _main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m solver_service", description=__doc__)
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings on stderr")
     sub = parser.add_subparsers(dest="command", required=True)
