@@ -139,10 +139,18 @@ def _main(argv=None) -> int:
     if args.command == "fetch":
         import time
 
+        from .client import SolverServiceError
+
         client = _client(args)
-        while args.wait and client.status(args.job_id)["state"] in ("queued", "running"):
-            time.sleep(2.0)
-        result = client.result(args.job_id)
+        while True:
+            while args.wait and client.status(args.job_id)["state"] in ("queued", "running"):
+                time.sleep(1.0)
+            try:
+                result = client.result(args.job_id)
+                break
+            except SolverServiceError as exc:  # 409 after done: the service re-solves a missing/damaged result
+                if not (args.wait and exc.http_status == 409):
+                    raise
         result.save(args.out)
         print(result.summary())
         return 0

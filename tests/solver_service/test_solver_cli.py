@@ -57,3 +57,18 @@ def test_refused_request(service, capsys, token, code):
     assert main(["-q", "fetch", "--url", service.url, "--token", token, JOB, "--out", "x.npz"]) == EXIT_BAD_INPUT
     line = _error_line(capsys)
     assert code in line and service.url in line
+
+
+def test_fetch_wait_outlasts_a_result_the_service_solves_again(service, tmp_path, capsys):
+    from solver_service import Result, SolverClient
+    from solver_service.synthetic import random_problem
+
+    client = SolverClient(service.url, token="s3cret", timeout=10)
+    problem = random_problem(12, 5, 6, 2, seed=0)
+    first = client.solve(problem, backend="fast", seed=1, poll_interval=0.05, wait_timeout=60)
+    job = client.submit(problem, backend="fast", seed=1)["job_id"]
+    (service.workdir / "jobs" / job / "result.npz").unlink()  # done, but its result is gone: 409, solved again
+    out = tmp_path / "result.npz"
+    assert main(["-q", "fetch", "--url", service.url, "--token", "s3cret", "--wait", job, "--out", str(out)]) == 0
+    assert Result.load(out).selected.tolist() == first.selected.tolist()
+    assert client.status(job)["solves"] == 2
