@@ -24,10 +24,11 @@ def silent_service() -> Iterator[str]:
 
 
 class FakeSolverService:
-    """Answers POST /jobs and GET /jobs/<id> with `state`, GET /jobs/<id>/result with `result` (bytes)."""
+    """Answers POST /jobs and GET /jobs/<id> with `state`, GET /jobs/<id>/result with `result` (bytes), after
+    `conflicts` 409 answers (what the service says while it re-solves a result it found missing or damaged)."""
 
-    def __init__(self, state: str = "done", result: bytes = b""):
-        self.state, self.result = state, result
+    def __init__(self, state: str = "done", result: bytes = b"", conflicts: int = 0):
+        self.state, self.result, self.conflicts = state, result, conflicts
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -36,8 +37,8 @@ class FakeSolverService:
             def log_message(self, *args):
                 pass
 
-            def _send(self, body: bytes, content_type: str) -> None:
-                self.send_response(200)
+            def _send(self, body: bytes, content_type: str, code: int = 200) -> None:
+                self.send_response(code)
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -48,6 +49,9 @@ class FakeSolverService:
                 self.do_GET()
 
             def do_GET(self):
+                if self.path.endswith("/result") and fake.conflicts > 0:
+                    fake.conflicts -= 1
+                    return self._send(b'{"error": "solving again"}', "application/json", 409)
                 if self.path.endswith("/result"):
                     return self._send(fake.result, "application/octet-stream")
                 self._send(json.dumps({"job_id": JOB_ID, "state": fake.state}).encode(), "application/json")

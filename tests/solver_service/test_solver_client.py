@@ -73,3 +73,12 @@ def test_client_rejects_a_result_violating_the_constraints(solved):
             SolverClient(fake.url, timeout=5).solve(problem, wait_timeout=10)
         again = SolverClient(fake.url, timeout=5).solve(problem, wait_timeout=10, validate=False)
     np.testing.assert_array_equal(again.assignment, wrong.assignment)  # validate=False returns it as is
+
+
+def test_result_being_solved_again_is_waited_for(solved, caplog):
+    problem, result = solved
+    with FakeSolverService(result=result.to_bytes(), conflicts=2) as fake:
+        got = SolverClient(fake.url, timeout=5).solve(problem, poll_interval=0.01, wait_timeout=10)
+        assert fake.conflicts == 0
+    np.testing.assert_array_equal(got.assignment, result.assignment)
+    assert "HTTP 409: solving again; waiting for the job again" in caplog.text
