@@ -32,8 +32,15 @@ class SolverConfig:
     # solves in process on rank 0. A token can also come from the environment variable SOLVER_SERVICE_TOKEN.
     url: Optional[str] = None
     retries: int = bounded(5, ge=0)  # connection attempts after the first, with exponential backoff
-    # When the service cannot be reached: solve in process with an open-source backend instead of failing.
+    # Total seconds to wait for the service (submitting, queueing, solving, fetching, retries), so a blocked or
+    # overloaded service cannot hold the run forever; > 0. None: 2 * time_limit + 300 (the service's own cap).
+    wait_timeout: Optional[float] = bounded(None, gt=0, lt=float("inf"))
+    # When the service cannot be reached, does not answer within wait_timeout, or returns an unusable result:
+    # solve in process with an open-source backend instead of failing.
     fallback_local: bool = True
+
+    def total_wait(self) -> float:
+        return self.wait_timeout if self.wait_timeout is not None else 2 * self.time_limit + 300
 
 
 OPEN_SOURCE_FALLBACK = "auto"  # without gurobi installed, auto means HiGHS (small) or the fast search (large)
@@ -64,10 +71,14 @@ def _solve_rank0(A: np.ndarray, R: np.ndarray, b: np.ndarray, n_features: int, n
     if s.url:
         try:
             url, token = service_address(s.url)
-            log.info("solve: submitting problem %s to the solver service %s", problem.content_hash()[:12], url)
-            return SolverClient(url, token=token, retries=s.retries).solve(problem, backend=s.backend)
+            log.info("solve: submitting problem %s to the solver service %s (waiting at most %.0f s)",
+                     problem.content_hash()[:12], url, s.total_wait())
+            return SolverClient(url, token=token, retries=s.retries).solve(problem, wait_timeout=s.total_wait(),
+                                                                           backend=s.backend)
         except (SolverServiceError, FileNotFoundError) as exc:
             if not s.fallback_local:
+                log.error("solve: the solver service failed (%s); stopping (qpm.solver.fallback_local=false; "
+                          "set it to true to solve in process instead)", exc)
                 raise
             log.warning("solve: the solver service failed (%s); solving in process with the open-source "
                         "backends instead (qpm.solver.fallback_local=true)", exc)

@@ -1,4 +1,8 @@
-"""Command line: `python -m solver_service {solve,serve,submit,status,fetch,cancel,generate,run-job} ...`."""
+"""Command line: `python -m solver_service {solve,serve,submit,status,fetch,cancel,generate,run-job} ...`.
+
+Exit codes: 0 success, 2 bad input (a missing or invalid file, a request the service refuses: wrong token,
+unknown job), 69 the service is unreachable or gave no usable answer (retry later). Errors are one line.
+"""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +15,8 @@ from pathlib import Path
 from .util import LOGGER_NAME
 
 TOKEN_ENV = "SOLVER_SERVICE_TOKEN"
+EXIT_BAD_INPUT = 2
+EXIT_UNAVAILABLE = 69  # sysexits.h EX_UNAVAILABLE
 
 
 def _solver_options(p: argparse.ArgumentParser) -> None:
@@ -47,8 +53,7 @@ def _client(args):
     try:
         token = _token(args)
     except (ValueError, OSError) as exc:
-        print(f"error: {args.command}: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(_fail(f"{args.command}: {exc}", EXIT_BAD_INPUT)) from None
     return SolverClient(args.url, token=token, timeout=args.timeout, retries=args.retries)
 
 
@@ -101,14 +106,32 @@ def _serve(args) -> int:
         service = SolverService(args.workdir, args.host, args.port, _token(args), workers=args.workers,
                                 limits=limits, tls_cert=args.tls_cert, tls_key=args.tls_key)
     except (ValueError, OSError) as exc:  # a bad limit, a missing certificate, a port in use
-        print(f"error: serve: {exc}", file=sys.stderr)
-        return 2
+        return _fail(f"serve: {exc}", EXIT_BAD_INPUT)
     print(f"listening on {service.url}", flush=True)
     service.serve_forever()
     return 0
 
 
 def main(argv=None) -> int:
+    """The command's exit code; errors the user can act on are one line on stderr, not a traceback."""
+    from .client import SolverServiceError
+    from .problem import ProblemError
+
+    try:
+        return _main(argv)
+    except SolverServiceError as exc:
+        bad_input = exc.http_status is not None and 400 <= exc.http_status < 500
+        return _fail(str(exc), EXIT_BAD_INPUT if bad_input else EXIT_UNAVAILABLE)
+    except (ProblemError, OSError) as exc:  # a missing/unreadable/invalid file, a port in use, ...
+        return _fail(str(exc), EXIT_BAD_INPUT)
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"solver_service: error: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def _main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m solver_service", description=__doc__)
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings on stderr")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -180,10 +203,18 @@ def main(argv=None) -> int:
     if args.command == "fetch":
         import time
 
+        from .client import SolverServiceError
+
         client = _client(args)
-        while args.wait and client.status(args.job_id)["state"] in ("queued", "running"):
-            time.sleep(2.0)
-        result = client.result(args.job_id)
+        while True:
+            while args.wait and client.status(args.job_id)["state"] in ("queued", "running"):
+                time.sleep(1.0)
+            try:
+                result = client.result(args.job_id)
+                break
+            except SolverServiceError as exc:  # 409 after done: the service re-solves a missing/damaged result
+                if not (args.wait and exc.http_status == 409):
+                    raise
         result.save(args.out)
         print(result.summary())
         return 0

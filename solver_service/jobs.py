@@ -1,12 +1,15 @@
 """Persistent jobs: one directory per job, solved by a subprocess per job, recovered after a restart.
 
     workdir/jobs/<job id>/problem.npz   the submitted problem (with its options)
-                          state.json    queued | running | done | failed | cancelled, timestamps, solves
+                          state.json    queued | running | done | failed | cancelled, timestamps, solves,
+                                        result_sha256 (digest of result.npz once checked)
                           result.npz    written atomically by the worker once validated
                           log.txt       the worker's log (progress lines of long solves)
 
 The job id is problem hash + options hash, so a resubmitted problem maps to the same directory:
-a solved one is answered from disk at once, a queued or running one is not started twice.
+a solved one is answered from disk at once, a queued or running one is not started twice. A cached
+result is served only while its bytes match the digest recorded when it was checked; a missing or damaged
+one is dropped and the job solved again, never served.
 A subprocess per job isolates crashes and memory, keeps highspy/gurobipy out of the server
 process, and dies with the server (PR_SET_PDEATHSIG) so that a restart can simply re-queue.
 Cancelling a job kills its worker. Finished jobs are removed by age and by total size (`prune`), at start
@@ -14,6 +17,7 @@ and after every job, so the workdir cannot grow without end.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -28,7 +32,7 @@ from pathlib import Path
 
 from .limits import ServiceLimits
 from .problem import Problem
-from .result import Result
+from .result import Result, ResultError, check_selection
 from .util import LOGGER_NAME, atomic_write_json
 
 JOB_ID = re.compile(r"^[0-9a-f]{32}-[0-9a-f]{16}$")
@@ -172,7 +176,7 @@ class JobManager:
         job_id = problem.job_id()
         with self.lock:
             state = self.state(job_id)
-            if state and state["state"] == "done" and (self.job_dir(job_id) / "result.npz").exists():
+            if state and state["state"] == "done" and self._cached_result(job_id, state) is not None:
                 return {**state, "cached": True}
             if state and state["state"] in ("queued", "running"):
                 return {**state, "cached": False}
@@ -184,21 +188,63 @@ class JobManager:
         self.queue.put(job_id)
         return {**state, "cached": False}
 
+    def result_bytes(self, job_id: str) -> tuple[bytes | None, dict | None]:
+        """(result.npz bytes, state) of a done job whose result is intact; (None, state) otherwise. A done
+        job whose result is missing or damaged is queued to be solved again (its state says so)."""
+        with self.lock:
+            state = self.state(job_id)
+            if not state or state["state"] != "done":
+                return None, state
+            data = self._cached_result(job_id, state)
+            if data is not None:
+                return data, state
+            state = self._update(job_id, state="queued", error=None, requeued="result missing or damaged")
+        self.queue.put(job_id)
+        return None, state
+
+    def _cached_result(self, job_id: str, state: dict) -> bytes | None:
+        """The bytes of a done job's result.npz if they match the recorded digest (or, for a job recorded
+        before digests, pass the full check now); a damaged file is removed. Call with the lock held."""
+        path = self.job_dir(job_id) / "result.npz"
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            log.warning("job %s: result.npz is missing; solving again", job_id)
+            return None
+        digest = state.get("result_sha256")
+        if digest is not None and hashlib.sha256(data).hexdigest() == digest:
+            return data
+        if digest is None and self._finish_from_disk(job_id):  # no digest yet: check the file and record one
+            return data
+        if digest is not None:
+            log.warning("job %s: %s does not match its recorded digest (damaged); solving again", job_id, path)
+            path.unlink(missing_ok=True)
+        return None
+
     # ---- workers -----------------------------------------------------------------------------
     def _finish_from_disk(self, job_id: str) -> bool:
-        """Mark a job done if its result file is present and loads (the worker finished but the
-        server died before recording it)."""
-        path = self.job_dir(job_id) / "result.npz"
-        if not path.exists():
+        """Mark a job done if its result file is present and checks out (loads, expected arrays and dtypes,
+        finite objective, the selection constraints of the job's problem), recording the file's digest;
+        a damaged file is removed so the job is solved again. (The worker validated the result in full
+        before writing it; this catches what happened to the file since.)"""
+        job_dir = self.job_dir(job_id)
+        path = job_dir / "result.npz"
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
             return False
         try:
-            result = Result.load(path)
-        except Exception as exc:  # a damaged file: solve again
-            log.warning("job %s: unreadable result (%s), solving again", job_id, exc)
-            path.unlink()
+            result = Result.from_bytes(data, source=str(path))
+            problem = Problem.load(job_dir / "problem.npz")
+            check_selection(result.selected, result.assignment, problem.n_all_features, problem.n_classes,
+                            problem.n_features, problem.n_per_class)
+        except (ResultError, ValueError, OSError) as exc:  # ProblemError is a ValueError
+            log.warning("job %s: unusable result (%s); solving again", job_id, exc)
+            path.unlink(missing_ok=True)
             return False
         self._update(job_id, state="done", finished=time.time(), objective=result.objective, bound=result.bound,
-                     gap=result.gap, backend=result.backend, status=result.status)
+                     gap=result.gap, backend=result.backend, status=result.status,
+                     result_sha256=hashlib.sha256(data).hexdigest())
         return True
 
     def _work(self) -> None:

@@ -71,19 +71,33 @@ class Result:
         atomic_write_bytes(path, self.to_bytes())
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "Result":
-        return cls._from_npz(np.load(io.BytesIO(data), allow_pickle=False))
+    def from_bytes(cls, data: bytes, source: str = "result.npz") -> "Result":
+        """Parse a result file's bytes; any damage raises ResultError naming `source` (a file, or a job and URL)."""
+        return cls._parse(lambda: np.load(io.BytesIO(data), allow_pickle=False), source)
 
     @classmethod
     def load(cls, path) -> "Result":
-        return cls._from_npz(np.load(path, allow_pickle=False))
+        return cls._parse(lambda: np.load(path, allow_pickle=False), str(path))
+
+    @classmethod
+    def _parse(cls, open_npz, source: str) -> "Result":
+        """A damaged .npz fails in many ways (BadZipFile, zlib.error, EOFError, ValueError, ...): all become
+        one ResultError naming the source, so callers can drop the file or fall back instead of crashing."""
+        try:
+            return cls._from_npz(open_npz())
+        except FileNotFoundError:  # missing, not damaged: the caller decides
+            raise
+        except ResultError as exc:
+            raise ResultError(f"{source}: {exc}") from None
+        except Exception as exc:
+            raise ResultError(f"{source}: unreadable result file ({type(exc).__name__}: {exc})") from exc
 
     @classmethod
     def _from_npz(cls, npz) -> "Result":
         with npz:
             missing = [k for k in ("selected", "assignment", *_FLOATS, *_STRINGS) if k not in npz.files]
             if missing:
-                raise ResultError(f"result.npz lacks {missing}")
+                raise ResultError(f"lacks {missing}")
             kw: dict[str, Any] = {f: float(npz[f]) for f in _FLOATS}
             kw.update({f: str(npz[f]) for f in _STRINGS})
             kw["selected"] = npz["selected"]
@@ -91,4 +105,36 @@ class Result:
             kw["n_penalised_pairs"] = int(npz["n_penalised_pairs"]) if "n_penalised_pairs" in npz.files else 0
             kw["timings"] = json.loads(str(npz["timings"])) if "timings" in npz.files else {}
             kw["options"] = json.loads(str(npz["options"])) if "options" in npz.files else {}
+        sel, W = kw["selected"], kw["assignment"]
+        if sel.ndim != 1 or sel.dtype.kind not in "iu":
+            raise ResultError(f"selected: expected a 1-D integer array, got {sel.dtype} {sel.shape}")
+        if W.dtype != bool or W.ndim != 2 or W.shape[1] != sel.size:
+            raise ResultError(f"assignment: expected a bool array of shape (C, {sel.size}), got {W.dtype} {W.shape}")
+        bad = [f for f in ("objective", "assignment_term", "penalty_term", "bias_term") if not math.isfinite(kw[f])]
+        if bad:
+            raise ResultError(f"{bad[0]}: expected a finite number, got {kw[bad[0]]}")
         return cls(**kw)
+
+
+def check_selection(selected, assignment, n_all_features: int, n_classes: int, n: int, k: int) -> None:
+    """Raise ResultError unless the selection obeys the problem's constraints: exactly n distinct features
+    (ascending ids in [0, F)), a C x n bool assignment with exactly k per class. Needs only the problem's
+    sizes, so the service can check a cached result cheaply (validate.py adds the objective check)."""
+    F, C = n_all_features, n_classes
+    sel = np.asarray(selected)
+    if sel.ndim != 1 or sel.dtype.kind not in "iu":
+        raise ResultError(f"selected: expected a 1-D integer array, got dtype {sel.dtype} shape {sel.shape}")
+    if sel.size != n:
+        raise ResultError(f"selected: expected exactly n = {n} features, got {sel.size}")
+    if sel.size and (sel.min() < 0 or sel.max() >= F):
+        raise ResultError(f"selected: feature ids must lie in [0, {F}), got [{sel.min()}, {sel.max()}]")
+    if np.any(np.diff(sel) <= 0):
+        raise ResultError("selected: expected distinct feature ids in ascending order")
+    W = np.asarray(assignment)
+    if W.dtype != bool or W.shape != (C, n):
+        raise ResultError(f"assignment: expected a bool array of shape (C, n) = ({C}, {n}), got {W.dtype} {W.shape}")
+    counts = W.sum(axis=1)
+    bad = np.flatnonzero(counts != k)
+    if bad.size:
+        raise ResultError(f"assignment: expected exactly k = {k} features per class; class {bad[0]} has {counts[bad[0]]} "
+                          f"({bad.size} classes wrong)")

@@ -51,7 +51,27 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt, *args):  # route access logs to logging, not stderr
         log.debug("%s %s", self.address_string(), fmt % args)
 
+    def handle_one_request(self):
+        """Every request gets an answer or one log line: a client that went away is logged in one line
+        (no traceback), and an unexpected error is logged and answered with a JSON 500 (never an empty reply)."""
+        self._replied = False
+        try:
+            super().handle_one_request()
+        except (ConnectionError, TimeoutError, ssl.SSLError) as exc:  # BrokenPipe/Reset/TLS EOF: the client left
+            self.close_connection = True
+            log.info("client %s disconnected during %r (%s)", self.address_string(),
+                     getattr(self, "requestline", ""), type(exc).__name__)
+        except Exception as exc:
+            self.close_connection = True
+            log.exception("request %r from %s failed", getattr(self, "requestline", ""), self.address_string())
+            if not self._replied:
+                try:
+                    self._error(500, f"internal error: {type(exc).__name__}: {exc}")
+                except OSError:
+                    pass
+
     def _send(self, code: int, body: bytes, content_type: str) -> None:
+        self._replied = True
         self.send_response(code)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -99,11 +119,13 @@ class _Handler(BaseHTTPRequestHandler):
         if parts[2] == "result":
             if state["state"] != "done":
                 return self._error(409, f"job {job_id} is {state['state']}, no result yet")
-            try:
-                body = (job_dir / "result.npz").read_bytes()
-            except FileNotFoundError:  # removed by retention since the state was read
+            data, state = self.server.jobs.result_bytes(job_id)
+            if state is None:  # removed by retention since the state was read
                 return self._error(404, f"job {job_id}: its result was removed")
-            return self._send(200, body, "application/octet-stream")
+            if data is None:  # missing or damaged: the job is being solved again
+                return self._error(409, f"job {job_id} is {state['state']}, no result yet"
+                                   + (f" ({state['requeued']}; solving again)" if state.get("requeued") else ""))
+            return self._send(200, data, "application/octet-stream")
         if parts[2] == "log":
             path = job_dir / "log.txt"
             return self._send(200, path.read_bytes() if path.exists() else b"", "text/plain; charset=utf-8")

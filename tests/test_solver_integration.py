@@ -111,3 +111,25 @@ def test_service_down_without_fallback_fails_naming_the_url(stats_ready):
     url = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(SolverServiceError, match=f"could not reach the solver service at {url}"):
         solve(stats_ready, f"qpm.solver.url={url}", "qpm.solver.fallback_local=false", "qpm.solver.time_limit=34")
+
+
+def test_blocked_service_falls_back_after_the_total_wait(stats_ready, capsys):
+    from fake_solver_service import silent_service
+
+    with silent_service() as url:  # accepts connections, never answers
+        assert solve(stats_ready, f"qpm.solver.url={url}", "qpm.solver.wait_timeout=1",
+                     "qpm.solver.time_limit=35") == 0
+    err = capsys.readouterr().err
+    assert f"gave up on the solver service at {url} after the total wait of 1 s" in err
+    assert "solving in process with the open-source backends" in err
+    assert len(np.load(newest_solve(stats_ready) / "result.npz")["selected"]) == 6
+
+
+def test_blocked_service_without_fallback_stops_with_a_clear_error(stats_ready, capsys):
+    from fake_solver_service import silent_service
+
+    with silent_service() as url:
+        with pytest.raises(SolverServiceError, match=f"gave up on the solver service at {url} after the total wait"):
+            solve(stats_ready, f"qpm.solver.url={url}", "qpm.solver.wait_timeout=1", "qpm.solver.fallback_local=false",
+                  "qpm.solver.time_limit=36")
+    assert "set it to true to solve in process instead" in capsys.readouterr().err

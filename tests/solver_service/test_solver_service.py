@@ -159,3 +159,67 @@ def test_cli_solve_writes_a_plain_npz(tmp_path):
         assert {"selected", "assignment", "objective", "bound", "gap", "assignment_term", "penalty_term",
                 "bias_term", "backend", "log"} <= set(z.files)
     validate_result(p, Result.load(tmp_path / "result.npz"))
+
+
+def _solved_job(service) -> tuple[SolverClient, object, str, Path]:
+    client = SolverClient(service.url, token="s3cret", timeout=10)
+    p = random_problem(12, 5, 6, 2, seed=0)
+    client.solve(p, backend="fast", seed=1, poll_interval=0.05, wait_timeout=60)
+    job = client.submit(p, backend="fast", seed=1)["job_id"]
+    return client, p, job, service.workdir / "jobs" / job
+
+
+def test_damaged_cached_result_is_dropped_and_solved_again(service, caplog):
+    client, p, job, job_dir = _solved_job(service)
+    first = Result.load(job_dir / "result.npz")
+    data = bytearray((job_dir / "result.npz").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (job_dir / "result.npz").write_bytes(bytes(data))
+    again = client.solve(p, backend="fast", seed=1, poll_interval=0.05, wait_timeout=60)  # not served: re-solved
+    np.testing.assert_array_equal(again.selected, first.selected)
+    np.testing.assert_array_equal(again.assignment, first.assignment)
+    assert client.status(job)["solves"] == 2
+    assert "does not match its recorded digest" in caplog.text and job in caplog.text
+
+
+def test_done_job_whose_result_is_deleted_gets_an_answer_and_is_solved_again(service):
+    client, p, job, job_dir = _solved_job(service)
+    (job_dir / "result.npz").unlink()
+    request = urllib.request.Request(f"{service.url}/jobs/{job}/result", headers={"Authorization": "Bearer s3cret"})
+    with pytest.raises(urllib.error.HTTPError) as err:  # before: an empty reply (server traceback)
+        urllib.request.urlopen(request, timeout=10)
+    assert err.value.code == 409
+    assert "result missing or damaged; solving again" in json.loads(err.value.read())["error"]
+    result = client.solve(p, backend="fast", seed=1, poll_interval=0.05, wait_timeout=60)
+    validate_result(p, result)
+    assert client.status(job)["solves"] == 2
+
+
+def test_disconnecting_client_is_one_log_line_not_a_traceback(service, capfd, caplog):
+    import socket
+    import struct
+
+    caplog.set_level("INFO", logger="solver_service")
+    port = int(service.url.rsplit(":", 1)[1])
+    for _ in range(5):  # send a request, then reset the connection before the answer is read
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+    assert SolverClient(service.url, timeout=10).health()["status"] == "ok"  # still serving
+    time.sleep(0.2)
+    assert "Traceback" not in capfd.readouterr().err
+    lines = [r.getMessage() for r in caplog.records if "disconnected" in r.getMessage()]
+    assert lines and all("\n" not in line and "GET /health" in line for line in lines)
+
+
+def test_unexpected_server_error_is_a_json_500_not_an_empty_reply(service, monkeypatch):
+    def broken(job_id):
+        raise RuntimeError("state store exploded")
+
+    monkeypatch.setattr(service.jobs, "state", broken)
+    request = urllib.request.Request(f"{service.url}/jobs/{'0' * 32}-{'0' * 16}",
+                                     headers={"Authorization": "Bearer s3cret"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(request, timeout=10)
+    assert err.value.code == 500 and "state store exploded" in json.loads(err.value.read())["error"]
