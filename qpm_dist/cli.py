@@ -4,7 +4,7 @@ Exit codes: 0 success, 2 bad input (config, paths, files; reported before any tr
 output of a finished stage), 3 training diverged (NaN/inf loss, or a stage's weights/results are NaN/inf: nothing
 of it was saved or marked finished; rerunning the same command would diverge again), 75 stopped by
 SIGTERM/SIGUSR1 in any stage (rerun the same command: a training stage resumes from its checkpoint, any other
-stage restarts), 1 a bug or crash.
+stage restarts), 69 the solver service failed with qpm.solver.fallback_local=false, 1 a bug or crash.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from qpm_dist.launching import EXIT_BAD_INPUT, EXIT_NONFINITE
+from qpm_dist.launching import EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_UNAVAILABLE
 
 
 def _fail(message: str) -> int:
@@ -66,6 +66,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from qpm_dist.stages.artifacts import DamagedOutput
     from qpm_dist.stages.runner import RunContext, run_stages
     from qpm_dist.utils import log, setup_logging
+    from solver_service import SolverServiceError
 
     spec = methods.get(cfg.method)
     stages = spec.stages(cfg)
@@ -98,6 +99,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         except NonFiniteError as exc:
             print(f"qpm-dist: error: {exc}", file=sys.stderr, flush=True)
             return EXIT_NONFINITE
+        except SolverServiceError as exc:  # only with qpm.solver.fallback_local=false, else it solves in process
+            print(f"qpm-dist: error: the solver service failed: {exc}", file=sys.stderr, flush=True)
+            return EXIT_UNAVAILABLE
         for name, record in summaries.items():
             test = (record.get("summary") or {}).get("test")
             if test:

@@ -79,7 +79,8 @@ def bounded(default: Any, *, ge: float | None = None, gt: float | None = None, l
 class RunConfig:
     name: str = "run"
     out_dir: str = "runs"
-    seed: int = bounded(0, ge=0, le=2**32 - 1)  # numpy's seeds are 32-bit
+    # numpy takes 32-bit seeds, and QPM's solvers (solver_service.problem.OPTION_BOUNDS, Gurobi) at most 2e9.
+    seed: int = bounded(0, ge=0, le=2_000_000_000)
     # "auto": continue from the newest valid checkpoint of the stage if there is one; "never": start fresh
     # (refuses to overwrite an unfinished stage); or the path of a checkpoint directory to resume from.
     resume: str = "auto"

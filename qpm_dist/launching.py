@@ -27,7 +27,8 @@ Exit status of `--run` with torchrun. torchrun reports any failed worker as exit
 the engine's 75 ("stopped at a checkpoint, run again to resume") from srun and the sbatch script. So we run
 torchrun in this process (`torch.distributed.run.main`, the function behind the `torchrun` command) and
 return 0 when all workers succeeded; 75 when the workers stopped at a checkpoint; 2 when they all stopped on
-bad input; 3 when they all stopped on a non-finite loss (the run diverged); 128+N when torchrun was stopped by a signal N other than SIGTERM/SIGUSR1; 1 for any other
+bad input; 3 when they all stopped on a non-finite loss (the run diverged); 69 when the solver service failed
+without a fallback; 128+N when torchrun was stopped by a signal N other than SIGTERM/SIGUSR1; 1 for any other
 failure. Workers that torchrun itself killed (SIGTERM, or SIGKILL after --shutdown-timeout) while they were
 still exiting do not count: torchrun stops the whole group as soon as the first worker ends. So
 "stopped at a checkpoint" is:
@@ -53,6 +54,7 @@ from qpm_dist.engine.preemption import PREEMPTED_EXIT_CODE
 
 EXIT_BAD_INPUT = 2
 EXIT_NONFINITE = 3  # training diverged (NaN/inf): rerunning the same command would diverge again
+EXIT_UNAVAILABLE = 69  # sysexits' EX_UNAVAILABLE: the solver service failed and qpm.solver.fallback_local=false
 REPO = Path(__file__).resolve().parents[1]
 # torchrun's default set plus SIGUSR1 (SLURM's `--signal=USR1@...` and `scancel --signal=USR1`).
 SIGNALS_TO_HANDLE = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
@@ -239,7 +241,7 @@ def run_torchrun(args: list[str]) -> int:
         codes = {failure.exitcode for failure in exc.failures.values()}  # a negative code -N: killed by signal N
         print(f"qpm-dist launch: workers failed with exit codes {sorted(codes)}", file=sys.stderr, flush=True)
         own = codes - {-signal.SIGTERM, -signal.SIGKILL}  # without the workers torchrun stopped
-        if own in ({PREEMPTED_EXIT_CODE}, {EXIT_BAD_INPUT}, {EXIT_NONFINITE}):
+        if own in ({PREEMPTED_EXIT_CODE}, {EXIT_BAD_INPUT}, {EXIT_NONFINITE}, {EXIT_UNAVAILABLE}):
             return own.pop()
         return 1
     except SignalException as exc:

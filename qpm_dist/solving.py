@@ -24,9 +24,11 @@ class SolverConfig:
 
     # auto: exact HiGHS MILP for small problems, else the fast local search; gurobi needs a licence.
     backend: Literal["auto", "fast", "highs", "gurobi"] = "auto"
-    time_limit: float = bounded(600.0, gt=0)  # seconds per solve
+    # The upper bounds are solver_service.problem.OPTION_BOUNDS (the solver refuses more), checked here so that a
+    # bad value stops the run at load and not at the solve, after training.
+    time_limit: float = bounded(600.0, gt=0, le=7 * 86400.0)  # seconds per solve
     mip_gap: Optional[float] = bounded(None, ge=0, lt=1)  # relative gap (the service's own check: [0, 1))
-    threads: Optional[int] = bounded(None, ge=1)
+    threads: Optional[int] = bounded(None, ge=1, le=1024)
     # A running solver service (`python -m solver_service serve`): its URL (http://host:port), or the path of
     # a file holding it (slurm/solver_service.sbatch writes one; the token is read from FILE.token). None
     # solves in process on rank 0. A token can also come from the environment variable SOLVER_SERVICE_TOKEN.

@@ -157,6 +157,19 @@ def test_every_numeric_field_of_every_section_declares_its_range():
     assert not missing, f"numeric config fields without a declared range: {missing}"
 
 
+def test_solver_options_are_bounded_at_load_as_the_solver_bounds_them():
+    """A value the solver refuses must stop the run at load, not at the solve after hours of training."""
+    from solver_service.problem import OPTION_BOUNDS
+
+    from qpm_dist.config import config_class
+    fields = dict(_numeric_fields(config_class()))
+    for option, key in [("time_limit", "qpm.solver.time_limit"), ("threads", "qpm.solver.threads"),
+                        ("seed", "run.seed")]:
+        assert fields[key].metadata["range"].le == OPTION_BOUNDS[option][1], key
+    with pytest.raises(ConfigError, match="run.seed"):
+        load_config(None, ["run.seed=3000000000"])
+
+
 @pytest.mark.parametrize(
     "override, message",
     [

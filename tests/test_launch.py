@@ -163,6 +163,7 @@ def _torchrun_signalled(sig: signal.Signals) -> BaseException:
         (lambda: _workers_failed(2, 75), 1),
         (lambda: _workers_failed(3, -signal.SIGTERM), 3),  # the run diverged: not requeued, not a crash
         (lambda: _workers_failed(3, 2), 1),
+        (lambda: _workers_failed(69), 69),  # the solver service failed and there is no fallback (rank 0 solves)
         (lambda: _workers_failed(-signal.SIGTERM, -signal.SIGTERM), 1),
         (lambda: _torchrun_signalled(signal.SIGUSR1), 75),  # SLURM's warning, forwarded to the workers
         (lambda: _torchrun_signalled(signal.SIGTERM), 75),

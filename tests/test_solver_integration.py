@@ -7,6 +7,7 @@ this process (`cli.main`): one rank, which is the one that talks to the service.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -18,7 +19,6 @@ import yaml
 
 from helpers import REPO, clean_env, run_in_process, stage_dir, write_test_config
 from qpm_dist.cli import main
-from solver_service import SolverServiceError
 
 TINY_QPM = dict(qpm={"n_features": 6, "n_per_class": 2, "solver": {"time_limit": 30, "retries": 1}})
 
@@ -93,10 +93,11 @@ def test_solve_through_the_service_url_file_with_token_and_cache(stats_ready, se
     np.testing.assert_array_equal(first["selected"], second["selected"])
 
 
-def test_wrong_token_is_refused_with_a_clear_message(stats_ready, service):
+def test_wrong_token_is_refused_with_a_clear_message(stats_ready, service, capsys):
     url, _, _ = service
-    with pytest.raises(SolverServiceError, match="HTTP 40[13]"):
-        solve(stats_ready, f"qpm.solver.url={url}", "qpm.solver.fallback_local=false", "qpm.solver.time_limit=32")
+    assert solve(stats_ready, f"qpm.solver.url={url}", "qpm.solver.fallback_local=false",
+                 "qpm.solver.time_limit=32") == 69
+    assert re.search(r"qpm-dist: error: the solver service failed: .*HTTP 40[13]", capsys.readouterr().err)
 
 
 def test_service_down_retries_then_solves_in_process(stats_ready, capsys, caplog):
@@ -107,10 +108,12 @@ def test_service_down_retries_then_solves_in_process(stats_ready, capsys, caplog
     assert len(np.load(newest_solve(stats_ready) / "result.npz")["selected"]) == 6
 
 
-def test_service_down_without_fallback_fails_naming_the_url(stats_ready):
+def test_service_down_without_fallback_fails_naming_the_url(stats_ready, capsys):
     url = f"http://127.0.0.1:{free_port()}"
-    with pytest.raises(SolverServiceError, match=f"could not reach the solver service at {url}"):
-        solve(stats_ready, f"qpm.solver.url={url}", "qpm.solver.fallback_local=false", "qpm.solver.time_limit=34")
+    assert solve(stats_ready, f"qpm.solver.url={url}", "qpm.solver.fallback_local=false",
+                 "qpm.solver.time_limit=34") == 69  # EX_UNAVAILABLE, one line, no traceback
+    assert f"qpm-dist: error: the solver service failed: could not reach the solver service at {url}" in \
+        capsys.readouterr().err
 
 
 def test_blocked_service_falls_back_after_the_total_wait(stats_ready, capsys):
@@ -129,7 +132,9 @@ def test_blocked_service_without_fallback_stops_with_a_clear_error(stats_ready, 
     from fake_solver_service import silent_service
 
     with silent_service() as url:
-        with pytest.raises(SolverServiceError, match=f"gave up on the solver service at {url} after the total wait"):
-            solve(stats_ready, f"qpm.solver.url={url}", "qpm.solver.wait_timeout=1", "qpm.solver.fallback_local=false",
-                  "qpm.solver.time_limit=36")
-    assert "set it to true to solve in process instead" in capsys.readouterr().err
+        assert solve(stats_ready, f"qpm.solver.url={url}", "qpm.solver.wait_timeout=1",
+                     "qpm.solver.fallback_local=false", "qpm.solver.time_limit=36") == 69
+    err = capsys.readouterr().err
+    assert "set it to true to solve in process instead" in err
+    assert f"qpm-dist: error: the solver service failed: gave up on the solver service at {url} after the total " \
+           "wait" in err and "Traceback" not in err
