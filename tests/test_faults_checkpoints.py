@@ -21,12 +21,12 @@ from damage import damaged_copies, flip_byte, truncate
 from helpers import BASE_CONFIG, assert_same_weights, load_weights, run_in_process, run_qpm, stage_dir, write_test_config
 from qpm_dist.engine.checkpoint import MANIFEST, META, CheckpointManager
 
-# 3 epochs x 16 steps, a checkpoint every 4 steps, the newest 2 kept: step_000000044 and step_000000048 remain
-DDP_RUN = dict(dense={"epochs": 3, "batch_size": 8},
+# 1 epoch of 16 steps, a checkpoint every 4 steps, the newest 2 kept: step_000000016 (the epoch's end) and
+# step_000000012 (mid-epoch) remain
+DDP_RUN = dict(dense={"epochs": 1, "batch_size": 8},
                engine={**BASE_CONFIG["engine"], "checkpoint_every_steps": 4, "keep_checkpoints": 2})
-# DeepSpeed (2 processes; ZeRO-1 shards the optimizer): 1 epoch of 16 steps, step_000000012 and _016 remain
-DS_RUN = dict(dense={"epochs": 1, "batch_size": 8},
-              engine={**DDP_RUN["engine"], "strategy": "deepspeed"})
+# the same with DeepSpeed (2 processes; ZeRO-1 shards the optimizer: one optimizer file per rank)
+DS_RUN = dict(dense=DDP_RUN["dense"], engine={**DDP_RUN["engine"], "strategy": "deepspeed"})
 
 DDP_FILES = ["state.pt", META, MANIFEST]
 DS_FILES = ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
@@ -83,8 +83,8 @@ def ddp_run(tmp_path_factory, tiny_data) -> Path:
     tmp = tmp_path_factory.mktemp("ddp")
     _, ctx = run_in_process(write_test_config(tmp / "ddp.yaml", tiny_data, tmp / "runs", **DDP_RUN), stage="dense")
     stage = ctx.outputs["dense"]
-    assert [p.name for p in CheckpointManager(stage / "checkpoints", 2).complete()] == ["step_000000048",
-                                                                                        "step_000000044"]
+    assert [p.name for p in CheckpointManager(stage / "checkpoints", 2).complete()] == ["step_000000016",
+                                                                                        "step_000000012"]
     return stage
 
 
@@ -97,34 +97,34 @@ def test_ddp_resume_past_a_damaged_checkpoint_is_bitwise_identical(ddp_run, tiny
     shutil.copytree(ddp_run.parents[1], run)
     stage = stage_dir(run)
     _rerunnable(stage)
-    flip_byte(lambda size: size // 2).apply(stage / "checkpoints" / "step_000000048" / "state.pt")
+    flip_byte(lambda size: size // 2).apply(stage / "checkpoints" / "step_000000016" / "state.pt")
     with warnings_of_qpm.at_level(logging.INFO, logger="qpm_dist"):
         run_in_process(write_test_config(tmp_path / "ddp.yaml", tiny_data, run, **DDP_RUN), stage="dense")
     messages = [r.getMessage() for r in warnings_of_qpm.records]
-    assert any(m.startswith(f"resumed dense from {stage / 'checkpoints' / 'step_000000044'}") for m in messages)
+    assert any(m.startswith(f"resumed dense from {stage / 'checkpoints' / 'step_000000012'}") for m in messages)
     assert_same_weights(load_weights(ddp_run / "model.pt"), load_weights(stage / "model.pt"))
 
 
 def test_every_checkpoint_damaged_starts_fresh_saying_why(ddp_run, tmp_path, warnings_of_qpm):
     checkpoints = tmp_path / "checkpoints"
     shutil.copytree(ddp_run / "checkpoints", checkpoints)
-    truncate(0).apply(checkpoints / "step_000000048" / MANIFEST)
-    (checkpoints / "step_000000044" / "state.pt").unlink()
-    (checkpoints / "step_000000050.tmp").mkdir()
+    truncate(0).apply(checkpoints / "step_000000016" / MANIFEST)
+    (checkpoints / "step_000000012" / "state.pt").unlink()
+    (checkpoints / "step_000000020.tmp").mkdir()
     with warnings_of_qpm.at_level(logging.WARNING, logger="qpm_dist"):
         assert CheckpointManager(checkpoints, keep=2).find_resumable() is None
     (fresh,) = [r.getMessage() for r in warnings_of_qpm.records if "starting fresh" in r.getMessage()]
     assert fresh.startswith(f"starting fresh: every checkpoint in {checkpoints} is damaged (")
-    for reason in ("step_000000050.tmp: its save did not finish", f"step_000000048: {MANIFEST}: unreadable",
-                   "step_000000044: state.pt: missing"):
+    for reason in ("step_000000020.tmp: its save did not finish", f"step_000000016: {MANIFEST}: unreadable",
+                   "step_000000012: state.pt: missing"):
         assert reason in fresh, fresh
 
 
 def test_explicit_resume_of_a_damaged_checkpoint_names_the_file(ddp_run, tmp_path):
-    checkpoint = tmp_path / "step_000000048"
-    shutil.copytree(ddp_run / "checkpoints" / "step_000000048", checkpoint)
+    checkpoint = tmp_path / "step_000000016"
+    shutil.copytree(ddp_run / "checkpoints" / "step_000000016", checkpoint)
     truncate(lambda size: size - 1).apply(checkpoint / "state.pt")
-    with pytest.raises(ValueError, match=r"run.resume: checkpoint .*step_000000048 is damaged: state.pt: \d+ bytes"):
+    with pytest.raises(ValueError, match=r"run.resume: checkpoint .*step_000000016 is damaged: state.pt: \d+ bytes"):
         CheckpointManager(tmp_path, keep=2).require_intact(checkpoint)
 
 

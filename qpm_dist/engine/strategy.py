@@ -103,18 +103,18 @@ class DDPStrategy:
     # ---- checkpoints: DDP replicas are identical, so rank 0 writes one file
     def save(self, directory: Path, client_state: dict) -> list[Path]:
         """Write this rank's part of the checkpoint; return the files it wrote (the manager hashes them)."""
-        if not dist.is_main():
-            return []
-        state = {
-            "model": self.module.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "client": client_state,
-        }
-        with atomic_open(directory / "state.pt") as fh:
-            torch.save(state, fh)
-        return [directory / "state.pt"]
+        if dist.is_main():
+            state = {
+                "model": self.module.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "client": client_state,
+            }
+            with atomic_open(directory / "state.pt") as fh:
+                torch.save(state, fh)
+            return [directory / "state.pt"]
+        return []
 
     def load(self, directory: Path) -> dict:
         state = torch.load(directory / "state.pt", map_location=self.device, weights_only=True)
