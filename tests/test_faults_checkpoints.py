@@ -120,6 +120,20 @@ def test_every_checkpoint_damaged_starts_fresh_saying_why(ddp_run, tmp_path, war
         assert reason in fresh, fresh
 
 
+def test_ranks_share_the_hashing_and_together_find_every_changed_byte(ddp_run, tmp_path):
+    """damage_of(rank, world) hashes every world-th file: over all ranks each file once (the manager gathers
+    the ranks' findings, so every rank sees all of them)."""
+    from qpm_dist.engine.checkpoint import damage_of
+
+    for name in ("state.pt", META):
+        checkpoint = tmp_path / name / "step_000000016"
+        shutil.copytree(ddp_run / "checkpoints" / "step_000000016", checkpoint)
+        flip_byte(lambda size: size // 2).apply(checkpoint / name)
+        found = [damage_of(checkpoint, rank, 2) for rank in range(2)]
+        assert sorted(len(f) for f in found) == [0, 1] and f"{name}: sha256 differs" in sum(found, [])[0], found
+        assert len(damage_of(checkpoint)) == 1  # one process hashes everything
+
+
 def test_explicit_resume_of_a_damaged_checkpoint_names_the_file(ddp_run, tmp_path):
     checkpoint = tmp_path / "step_000000016"
     shutil.copytree(ddp_run / "checkpoints" / "step_000000016", checkpoint)
@@ -131,8 +145,10 @@ def test_explicit_resume_of_a_damaged_checkpoint_names_the_file(ddp_run, tmp_pat
 # ------------------------------------------------------------------------------------------------- DeepSpeed
 @pytest.mark.slow
 def test_deepspeed_damaged_shards_are_skipped_and_resume_is_bitwise_identical(tiny_data, tmp_path, warnings_of_qpm):
-    """Two 2-process runs (about 3 minutes on 2 busy cores): the saved reference, then one resume past a
-    truncated ZeRO shard of rank 1 (the failure of the issue: it used to be chosen, then fail on every rerun)."""
+    """Two 2-process runs (1-3 minutes on 2 busy cores): the saved reference, then one resume past a damaged
+    ZeRO shard of rank 1 (the issue: only the model states were checked, so it was chosen, then failed on every
+    rerun). The damage keeps the size, and the shard is one that rank 1 hashes (every 2nd file in name order):
+    rank 0 alone would find nothing, so this also shows that the ranks agree on the verdict."""
     config = write_test_config(tmp_path / "ds.yaml", tiny_data, tmp_path / "runs", **DS_RUN)
     proc = run_qpm(2, "run", str(config), "--stage", "dense")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -146,7 +162,7 @@ def test_deepspeed_damaged_shards_are_skipped_and_resume_is_bitwise_identical(ti
     _assert_every_damage_detected(pristine, DS_FILES, tmp_path / "copies", warnings_of_qpm)
 
     _rerunnable(stage)
-    truncate(lambda size: size // 2).apply(checkpoints / "step_000000016" / DS_FILES[2])
+    flip_byte(lambda size: size // 2).apply(checkpoints / "step_000000016" / DS_FILES[2])
     resumed = run_qpm(2, "run", str(config), "--stage", "dense")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"skipping damaged checkpoint {checkpoints / 'step_000000016'}: {DS_FILES[2]}: " in resumed.stderr
