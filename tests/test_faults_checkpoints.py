@@ -197,3 +197,16 @@ def test_deepspeed_checkpoint_files_are_read_without_unpickling_code(tmp_path):
     assert not marker.exists()
     torch.save({"module": {"w": torch.ones(2)}, "global_steps": 3}, planted)  # tensors and plain data load
     assert reader.load(str(planted), map_location="cpu")["global_steps"] == 3
+
+
+def test_a_file_that_cannot_be_read_is_reported_not_raised(ddp_run, tmp_path, monkeypatch):
+    """An I/O error while hashing (a bad sector) must become this rank's finding: raised, it would leave the
+    other ranks waiting for its verdict."""
+    from qpm_dist.engine import checkpoint
+
+    def bad_sector(path):
+        raise OSError(5, "Input/output error", str(path))
+
+    shutil.copytree(ddp_run / "checkpoints" / "step_000000016", tmp_path / "step_000000016")
+    monkeypatch.setattr(checkpoint, "file_digest", bad_sector)
+    assert checkpoint.damage_of(tmp_path / "step_000000016") == [f"{META}: unreadable (Input/output error)"]

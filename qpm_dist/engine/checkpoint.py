@@ -93,7 +93,7 @@ def read_manifest(directory: Path) -> dict[str, dict]:
         if body["format"] != _MANIFEST_FORMAT or not all(
                 isinstance(r["size"], int) and isinstance(r["sha256"], str) for r in files.values()):
             raise ValueError("unexpected content")
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"unreadable ({type(exc).__name__}: {exc})") from None
     if body.get("digest") != _files_digest(files):
         raise ValueError("its own digest does not match (edited or damaged)")
@@ -111,20 +111,23 @@ def damage_of(directory: Path, rank: int = 0, world_size: int = 1) -> list[str]:
     except ValueError as exc:
         return [f"{MANIFEST}: {exc}"]
     problems = []
-    present = {p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()} - {MANIFEST}
-    for rel in sorted(present - files.keys()):
-        problems.append(f"{rel}: not in {MANIFEST} (written after the save?)")
-    for rel, record in sorted(files.items()):
-        path = directory / rel
-        if not path.is_file():
-            problems.append(f"{rel}: missing")
-        elif path.stat().st_size != record["size"]:
-            problems.append(f"{rel}: {path.stat().st_size} bytes, {record['size']} recorded")
-    if problems:
-        return problems
-    for i, (rel, record) in enumerate(sorted(files.items())):
-        if i % world_size == rank and file_digest(directory / rel) != record["sha256"]:
-            problems.append(f"{rel}: sha256 differs from the recorded one (content changed)")
+    try:
+        present = {p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()} - {MANIFEST}
+        for rel in sorted(present - files.keys()):
+            problems.append(f"{rel}: not in {MANIFEST} (written after the save?)")
+        for rel, record in sorted(files.items()):
+            path = directory / rel
+            if not path.is_file():
+                problems.append(f"{rel}: missing")
+            elif path.stat().st_size != record["size"]:
+                problems.append(f"{rel}: {path.stat().st_size} bytes, {record['size']} recorded")
+        if problems:
+            return problems
+        for i, (rel, record) in enumerate(sorted(files.items())):
+            if i % world_size == rank and file_digest(directory / rel) != record["sha256"]:
+                problems.append(f"{rel}: sha256 differs from the recorded one (content changed)")
+    except OSError as exc:  # a bad sector, a vanished file: this rank must still report, or the others wait
+        problems.append(f"{Path(exc.filename or directory).name}: unreadable ({exc.strerror or exc})")
     return problems
 
 
