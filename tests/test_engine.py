@@ -116,10 +116,11 @@ def test_resume_auto_skips_corrupt_and_partial_checkpoints(write_config, referen
     newest = ckpts[-1]
     state = newest / "state.pt"
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # torn write / disk corruption
+    cut = state.stat().st_size
     (newest.parent / "step_999999999.tmp").mkdir()  # a save that never finished
     resumed = run_qpm(1, "run", str(config), "--stage", "dense")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"skipping unreadable checkpoint {newest}" in resumed.stderr
+    assert f"skipping damaged checkpoint {newest}: state.pt: {cut} bytes, " in resumed.stderr
     assert "skipping partial checkpoint" in resumed.stderr
     assert f"resumed dense from {ckpts[-2]}" in resumed.stderr
     assert_same_weights(load_weights(reference / "model.pt"), load_weights(stage_dir(out_dir(config)) / "model.pt"))

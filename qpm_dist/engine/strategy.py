@@ -107,7 +107,8 @@ class DDPStrategy:
         return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
 
     # ---- checkpoints: DDP replicas are identical, so rank 0 writes one file
-    def save(self, directory: Path, client_state: dict) -> None:
+    def save(self, directory: Path, client_state: dict) -> list[Path]:
+        """Write this rank's part of the checkpoint; return the files it wrote (the manager hashes them)."""
         if dist.is_main():
             state = {
                 "model": self.module.state_dict(),
@@ -118,14 +119,8 @@ class DDPStrategy:
             }
             with atomic_open(directory / "state.pt") as fh:
                 torch.save(state, fh)
-
-    @staticmethod
-    def verify(directory: Path) -> None:
-        """Raise if the checkpoint cannot be read back completely."""
-        state = torch.load(directory / "state.pt", map_location="cpu", weights_only=True)
-        missing = {"model", "optimizer", "scheduler", "scaler", "client"} - set(state)
-        if missing:
-            raise ValueError(f"missing entries {sorted(missing)}")
+            return [directory / "state.pt"]
+        return []
 
     def load(self, directory: Path) -> dict:
         state = torch.load(directory / "state.pt", map_location=self.device, weights_only=True)
@@ -144,6 +139,8 @@ class DeepSpeedStrategy:
                  config_path: str, micro_batch: int) -> None:
         import deepspeed  # heavy import, only when this strategy is chosen
 
+        from qpm_dist.engine.deepspeed_checkpoints import use_weights_only_checkpoints
+
         self.device = info.device
         self.precision = effective_precision(precision, info.device)
         self.memory_format = (
@@ -157,6 +154,7 @@ class DeepSpeedStrategy:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
         )
         self.module = self.engine.module
+        self.checkpoint_io = use_weights_only_checkpoints(self.engine)
         self.input_dtype = _DTYPES[self.precision]
 
     @staticmethod
@@ -235,16 +233,12 @@ class DeepSpeedStrategy:
                 for k, v in self.module.state_dict().items()}
 
     # ---- checkpoints: DeepSpeed's own sharded format, written by every rank
-    def save(self, directory: Path, client_state: dict) -> None:
+    def save(self, directory: Path, client_state: dict) -> list[Path]:
+        """Write this rank's shards; return the files it wrote (the manager hashes them)."""
+        self.checkpoint_io.written.clear()
         self.engine.save_checkpoint(str(directory.parent), tag=directory.name, client_state=client_state,
                                     save_latest=False)
-
-    @staticmethod
-    def verify(directory: Path) -> None:
-        files = list(directory.glob("mp_rank_*_model_states.pt"))
-        if not files:
-            raise FileNotFoundError("no mp_rank_*_model_states.pt")
-        torch.load(files[0], map_location="cpu", weights_only=False)
+        return list(self.checkpoint_io.written)
 
     def load(self, directory: Path) -> dict:
         path, client = self.engine.load_checkpoint(str(directory.parent), tag=directory.name)

@@ -120,13 +120,14 @@ class Trainer:
         if mode == "never":
             return
         if mode == "auto":
-            path = self.checkpoints.find_resumable(self.strategy.verify)
+            path = self.checkpoints.find_resumable()
             if path is None:
                 return
         else:
             path = Path(mode)
             if not path.is_dir():
                 raise FileNotFoundError(f"run.resume: checkpoint directory not found: {path}")
+            self.checkpoints.require_intact(path)
         client = self.strategy.load(path)
         self.progress = Progress(**client["progress"])
         self.run_id = client["run_id"]
