@@ -61,6 +61,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from qpm_dist import dist, methods
     from qpm_dist.data.integrity import DataIntegrityError, plain_message
     from qpm_dist.data.sources import build_datasets
+    from qpm_dist.engine.checkpoint import DamagedCheckpoint
     from qpm_dist.engine.preemption import PREEMPTED_EXIT_CODE, Preempted
     from qpm_dist.engine.trainer import NonFiniteError
     from qpm_dist.stages.artifacts import DamagedOutput
@@ -92,7 +93,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         except Preempted as exc:
             log.warning("%s", exc)
             return PREEMPTED_EXIT_CODE
-        except (FileNotFoundError, DamagedOutput) as exc:
+        except (FileNotFoundError, DamagedOutput, DamagedCheckpoint) as exc:
             return _fail(str(exc))
         except DataIntegrityError as exc:  # a damaged image or shard met during training (data.on_corrupt=error)
             return _fail(plain_message(exc))

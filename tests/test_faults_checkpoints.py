@@ -142,6 +142,19 @@ def test_explicit_resume_of_a_damaged_checkpoint_names_the_file(ddp_run, tmp_pat
         CheckpointManager(tmp_path, keep=2).require_intact(checkpoint)
 
 
+def test_run_with_a_damaged_resume_checkpoint_exits_2_naming_the_file(ddp_run, tiny_data, tmp_path, capsys):
+    from qpm_dist.cli import main
+
+    checkpoint = tmp_path / "step_000000016"
+    shutil.copytree(ddp_run / "checkpoints" / "step_000000016", checkpoint)
+    flip_byte(lambda size: size // 2).apply(checkpoint / "state.pt")
+    config = write_test_config(tmp_path / "ddp.yaml", tiny_data, tmp_path / "runs", **DDP_RUN)
+    assert main(["run", str(config), "--stage", "dense", f"run.resume={checkpoint}"]) == 2
+    err = capsys.readouterr().err
+    assert f"qpm-dist: error: run.resume: checkpoint {checkpoint} is damaged: state.pt: sha256 differs" in err
+    assert "Traceback" not in err
+
+
 # ------------------------------------------------------------------------------------------------- DeepSpeed
 @pytest.mark.slow
 def test_deepspeed_damaged_shards_are_skipped_and_resume_is_bitwise_identical(tiny_data, tmp_path, warnings_of_qpm):

@@ -131,6 +131,10 @@ def damage_of(directory: Path, rank: int = 0, world_size: int = 1) -> list[str]:
     return problems
 
 
+class DamagedCheckpoint(ValueError):
+    """The checkpoint the user named (run.resume=<dir>) does not match its manifest: bad input, exit 2."""
+
+
 class CheckpointManager:
     def __init__(self, root: Path, keep: int) -> None:
         self.root = Path(root)
@@ -202,7 +206,7 @@ class CheckpointManager:
         """Collective: raise, naming the damaged files, unless checkpoint `path` matches its manifest."""
         problems = self.damage(path)
         if problems:
-            raise ValueError(f"run.resume: checkpoint {path} is damaged: {'; '.join(problems)}")
+            raise DamagedCheckpoint(f"run.resume: checkpoint {path} is damaged: {'; '.join(problems)}")
 
 
 def read_meta(path: Path) -> dict:
