@@ -184,7 +184,7 @@ def test_solver_options_are_bounded_at_load_as_the_solver_bounds_them():
         ("dense.optim.lr=.inf", "dense.optim.lr: expected a finite number > 0, got inf"),
         ("qsenn.round_epochs=[3, 0]", "qsenn.round_epochs[1]: expected an integer >= 1, got 0"),
         ("glm.selection.lookbehind=0", "glm.selection.lookbehind: expected an integer >= 1, got 0"),
-        ("qpm.solver.threads=0", "qpm.solver.threads: expected an integer >= 1, got 0"),
+        ("qpm.solver.threads=0", "qpm.solver.threads: expected an integer in [1, 1024], got 0"),
         ("dense.grad_accum=0", "dense.grad_accum: expected an integer >= 1, got 0"),  # not a ZeroDivisionError
     ],
 )
