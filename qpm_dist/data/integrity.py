@@ -25,6 +25,11 @@ class DataIntegrityError(ValueError):
     (exit code 2), not a bug."""
 
 
+class CorruptImageError(DataIntegrityError):
+    """An image file or record that no decoder can read (or whose bytes differ from their recorded digest); the
+    message names it. Bad input data (exit code 2). Raised by qpm_dist.data.decode and .digests."""
+
+
 def repair_hint(folder: str | Path, fmt: str) -> str:
     return (f"the converted data is damaged or was changed after conversion: check it with `python -m data_prep "
             f"verify {folder}` and reconvert (`python -m data_prep to-{fmt} {folder} ... --force`)")
