@@ -103,3 +103,22 @@ def damaged_folder_copies(src: Path, name: str, dst_root: Path,
                 except OSError:  # another file system
                     shutil.copyfile(entry, dst / entry.name)
         yield damage, dst
+
+
+def damaged_tree_copies(src: Path, name: str, dst_root: Path,
+                        damages: list[Damage] | None = None) -> Iterator[tuple[Damage, Path]]:
+    """Like damaged_folder_copies for a folder with sub-folders (a source dataset): a copy of the tree per damage,
+    files hard-linked (copied across file systems), `name` (a path relative to `src`) copied and damaged."""
+    def link_or_copy(a: str, b: str) -> None:
+        try:
+            Path(b).hardlink_to(a)
+        except OSError:
+            shutil.copyfile(a, b)
+
+    for i, damage in enumerate(damages or standard_damages()):
+        dst = dst_root / f"{i}_{src.name}"
+        shutil.copytree(src, dst, copy_function=link_or_copy)
+        (dst / name).unlink()  # a hard link to the original: replace, do not write through it
+        shutil.copyfile(src / name, dst / name)
+        damage.apply(dst / name)
+        yield damage, dst
