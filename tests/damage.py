@@ -48,6 +48,20 @@ def flip_byte(offset: int | Callable[[int], int]) -> Damage:
     return Damage(f"flip_byte({offset if not callable(offset) else 'f'})", apply)
 
 
+def flip_bit(offset: int | Callable[[int], int], bit: int = 0) -> Damage:
+    """Invert one bit of the byte at `offset` (a single-bit error: in a text file the byte often stays a valid
+    character, e.g. a hex digit '0' <-> '1', so the file still parses)."""
+    def apply(path: Path) -> None:
+        size = path.stat().st_size
+        at = (offset(size) if callable(offset) else offset) % size
+        with open(path, "r+b") as f:
+            f.seek(at)
+            byte = f.read(1)
+            f.seek(at)
+            f.write(bytes([byte[0] ^ (1 << bit)]))
+    return Damage(f"flip_bit({offset if not callable(offset) else 'f'},{bit})", apply)
+
+
 def zero_block(offset: int | Callable[[int], int], length: int = 512) -> Damage:
     """Overwrite `length` bytes from `offset` with zeros, as a bad sector or a sparse hole does."""
     def apply(path: Path) -> None:

@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 
-from damage import damaged_folder_copies, damaged_tree_copies, flip_byte, standard_damages, zero_block
+from damage import damaged_folder_copies, damaged_tree_copies, flip_bit, flip_byte, standard_damages, zero_block
 from data_helpers import convert, data_prep, source_cfg
 from qpm_dist.data.decode import CorruptImageError
 from qpm_dist.data.digests import DIGEST_LIST, load_digest_list
@@ -194,6 +194,18 @@ def test_damaged_digest_list_is_refused_naming_it_or_reads_identically(tiny_data
     reference = build_datasets(source_cfg("folder", None, tiny_data), seed=0)
     for split in ("train_split", "test_split"):  # e.g. only the final newline was cut
         assert getattr(src, split).digests.values == getattr(reference, split).digests.values
+
+
+@pytest.mark.parametrize("where", ["digest", "path"])
+def test_digest_list_with_one_bit_changed_in_an_entry_is_refused_naming_it(tiny_data, tmp_path, where):
+    """The list still parses as JSON: its checksum finds the change, instead of blaming an intact image."""
+    text = (tiny_data / DIGEST_LIST).read_text()
+    entry = json.loads(text)["files"][IMAGE] if where == "digest" else IMAGE
+    at = text.index(f'"{entry}"') + 1 + len(entry) - 2  # a hex digit / the 'p' of '.jpg': stays valid JSON
+    folder = next(damaged_tree_copies(tiny_data, DIGEST_LIST, tmp_path, [flip_bit(at)]))[1]
+    json.loads((folder / DIGEST_LIST).read_text())
+    with pytest.raises(DataIntegrityError, match=rf"{folder / DIGEST_LIST}: its entries do not match its checksum"):
+        build_datasets(source_cfg("folder", None, folder), seed=0)
 
 
 def test_stale_or_missing_digest_list_is_refused_naming_it(tiny_data, tmp_path):
