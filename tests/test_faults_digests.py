@@ -75,9 +75,16 @@ def test_changed_byte_inside_a_shard_sample_is_named_or_skipped(wds_dir, wds_ref
 
 
 def test_sample_without_its_digest_is_named_when_the_manifest_promises_one(wds_dir, tiny_data, tmp_path):
-    folder = strip_digests(wds_dir, tmp_path / "wds", keep_manifest_option=True, only=SHARD)
-    with pytest.raises(CorruptImageError, match=rf"{folder / SHARD}:\d+ has no .sha digest member"):
+    """In every reading path: evaluation, exact and resampled training."""
+    folder = strip_digests(wds_dir, tmp_path / "wds", keep_manifest_option=True)
+    missing = rf"{folder}/(train|test)-\d+\.tar:\d+ has no .sha digest member"
+    with pytest.raises(CorruptImageError, match=missing):
         eval_images(build_datasets(source_cfg("wds", folder, tiny_data, augment="none"), seed=0))
+    for mode in ("exact", "resampled"):
+        loader = build_datasets(source_cfg("wds", folder, tiny_data, wds_mode=mode), seed=0).train_loader(8, 16, 0, 1)
+        loader.set_epoch(0)
+        with pytest.raises(CorruptImageError, match=missing):
+            next(iter(loader))
 
 
 def test_shards_converted_without_digests_still_load(wds_dir, wds_reference, tiny_data, tmp_path):
@@ -86,15 +93,13 @@ def test_shards_converted_without_digests_still_load(wds_dir, wds_reference, tin
     assert images.keys() == wds_reference.keys() and all(torch.equal(images[i], wds_reference[i]) for i in images)
 
 
-def strip_digests(src, dst, keep_manifest_option: bool, only: str | None = None):
-    """A copy of a to-wds folder as converted before digests: no `.sha` members (in `only`, or in every shard),
-    sizes and sha256 updated in dataset.json; `options.sample_digest` kept or removed."""
+def strip_digests(src, dst, keep_manifest_option: bool):
+    """A copy of a to-wds folder as converted before digests: no `.sha` members, sizes and sha256 updated in
+    dataset.json; `options.sample_digest` kept or removed."""
     shutil.copytree(src, dst)
     manifest = json.loads((dst / "dataset.json").read_text())
     for split in manifest["splits"].values():
         for shard in split["shards"]:
-            if only not in (None, shard["file"]):
-                continue
             path = dst / shard["file"]
             with tarfile.open(src / shard["file"]) as old, tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as new:
                 for m in old.getmembers():
