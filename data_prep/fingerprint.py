@@ -70,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
         print("fingerprint: interrupted; nothing was written", file=sys.stderr)
         return 130
     if not args.quiet:
-        print(f"{output}: digests of {len(files)} images (data.digests=auto uses it when it is in data.root)")
+        use = "data.digests=auto uses it" if args.output is None else f"train with data.digests={output}"
+        print(f"{output}: digests of {len(files)} images ({use})")
     return 0
 
 
