@@ -44,11 +44,15 @@ def image_digest(data) -> str:
     return hashlib.blake2b(memoryview(data), digest_size=8).hexdigest()
 
 
+def mismatch_error(source: str, fix: str) -> ImageDigestError:
+    return ImageDigestError(f"image {source} is damaged: its bytes do not match the digest recorded for them "
+                            f"({ALGORITHM}); {fix}")
+
+
 def check_digest(data, expected: str, source: str, fix: str) -> None:
     """Raise ImageDigestError naming `source` unless `data` hashes to `expected`."""
     if image_digest(data) != expected:
-        raise ImageDigestError(f"image {source} is damaged: its bytes do not match the digest recorded for them "
-                               f"({ALGORITHM}); {fix}")
+        raise mismatch_error(source, fix)
 
 
 # ------------------------------------------------------------------------------------------- digest lists

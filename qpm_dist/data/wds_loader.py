@@ -54,7 +54,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from qpm_dist.config import DataConfig
 from qpm_dist.data.datasets import sample_seed, seeded_cpu_rng
 from qpm_dist.data.decode import CorruptImageError, decode
-from qpm_dist.data.digests import ImageDigestError, check_digest
+from qpm_dist.data.digests import ImageDigestError, image_digest, mismatch_error
 from qpm_dist.data.integrity import DataIntegrityError, plain_message, raise_if_damaged, repair_hint, shard_problems
 from qpm_dist.data.loaders import collate
 from qpm_dist.data.manifest import ConvertedSource
@@ -188,13 +188,16 @@ class _SampleDecoder:
 
     def check_digest(self, sample: dict, key: str, where: str) -> None:
         """Before decoding: changed bytes may still decode, to other pixels."""
-        fix = repair_hint(Path(str(sample.get("__url__"))).parent, "wds")
         recorded = sample.get("sha")
-        if recorded is not None:
-            check_digest(sample[key], bytes(recorded).decode("ascii", "replace").strip(), where, fix)
-        elif self.require_digest:
+        if recorded is None and not self.require_digest:
+            return  # converted before digests were recorded: read unchecked
+        if recorded is not None and image_digest(sample[key]) == bytes(recorded).decode("ascii", "replace").strip():
+            return
+        fix = repair_hint(Path(str(sample.get("__url__"))).parent, "wds")
+        if recorded is None:
             raise ImageDigestError(f"image {where} has no .sha digest member, but dataset.json says every sample "
                                    f"has one; {fix}")
+        raise mismatch_error(where, fix)
 
     def __call__(self, samples: Iterator[dict]) -> Iterator[tuple]:
         last, pending = None, 0
