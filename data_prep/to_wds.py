@@ -157,9 +157,9 @@ def run(args: argparse.Namespace) -> int:
     from qpm_dist.data.digests import ALGORITHM
 
     # sample_digest: every sample has a `.sha` member (the loader then refuses a sample without one)
-    opts = {"sample_digest": ALGORITHM, "max_side": args.max_side, "jpeg_quality": args.jpeg_quality, "decoder": args.decoder,
-            "on_corrupt": args.on_corrupt, "seed": args.seed, "samples_per_shard": args.samples_per_shard,
-            "shard_size": args.shard_size}
+    opts = {"sample_digest": ALGORITHM, "max_side": args.max_side, "jpeg_quality": args.jpeg_quality,
+            "decoder": args.decoder, "on_corrupt": args.on_corrupt, "seed": args.seed,
+            "samples_per_shard": args.samples_per_shard, "shard_size": args.shard_size}
 
     def convert_splits(bundle) -> dict:
         workers = args.workers or convert.usable_cpus()
