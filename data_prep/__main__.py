@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from data_prep import synthetic, to_ffcv, to_wds, verify
+from data_prep import fingerprint, synthetic, to_ffcv, to_wds, verify
 
-COMMAND_MODULES = [synthetic, to_ffcv, to_wds, verify]
+COMMAND_MODULES = [synthetic, to_ffcv, to_wds, verify, fingerprint]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -57,6 +57,7 @@ OWNED_FILES = (
     "bounding_boxes.txt",
     "classes.txt",
     "class_parts.txt",
+    "qpm_dist_digests.json",  # qpm_dist.data.digests.DIGEST_LIST
 )
 OWNED_DIRS = ("images", "parts")
 
@@ -708,6 +709,7 @@ def generate(
     _write_atomic(out / "class_parts.txt", "".join(" ".join(map(str, row)) + "\n" for row in class_parts))
 
     counts = _render_all(out, p, class_parts, workers, state == "resume", progress)
+    _write_digest_list(out, p)
 
     meta = {
         **_identity(p),
@@ -725,6 +727,14 @@ def generate(
     _write_atomic(out / META_FILE, json.dumps(meta, indent=2) + "\n")  # last: marks completeness
     (out / PARTIAL_FILE).unlink(missing_ok=True)
     return out
+
+
+def _write_digest_list(out: Path, p: SyntheticParams) -> None:
+    """The digest of every image (qpm_dist.data.digests), so the folder backend checks each read against it."""
+    from qpm_dist.data.digests import DIGEST_LIST, image_digest, write_digest_list
+
+    rel = [f"images/{image_rel_path(i, p)}" for i in range(1, p.num_images + 1)]
+    write_digest_list(out / DIGEST_LIST, {r: image_digest((out / r).read_bytes()) for r in rel}, "synthetic")
 
 
 def _usable_cpus() -> int:

@@ -101,6 +101,11 @@ class DataConfig:
     # A file that cannot be decoded: stop with its path ("error") or warn with its path and use the next
     # readable sample instead ("skip"). A missing file always stops.
     on_corrupt: Literal["error", "skip"] = "error"
+    # folder backend: check each image's bytes against a digest list before decoding it (a mismatch is handled
+    # like an undecodable file, by on_corrupt). "auto": data.root's qpm_dist_digests.json if it exists (written by
+    # `python -m data_prep fingerprint` and make-synthetic); a path: that list (must exist); "off": no check
+    # (YAML reads an unquoted off as false: false means "off", true "auto").
+    digests: Union[str, bool] = "auto"
     # wds: "exact" reads every sample once per epoch (all but < one global batch, equal batches per rank);
     # "resampled" draws shards with replacement (WebDataset's resampled=True) for the same number of steps.
     wds_mode: Literal["exact", "resampled"] = "exact"
@@ -120,6 +125,8 @@ class DataConfig:
     def check(self, key: str) -> None:
         if len(self.mean) != 3 or len(self.std) != 3:
             raise ConfigError(f"{key}.mean and {key}.std: expected 3 values (RGB)")
+        if isinstance(self.digests, str) and not self.digests.strip():
+            raise ConfigError(f"{key}.digests: expected \"auto\", \"off\" or the path of a digest list")
         if self.backend != "folder" and not self.converted:
             raise ConfigError(f"{key}.converted: {key}.backend={self.backend} needs the folder written by "
                               f"`python -m data_prep to-{self.backend}`")

@@ -48,6 +48,20 @@ def flip_byte(offset: int | Callable[[int], int]) -> Damage:
     return Damage(f"flip_byte({offset if not callable(offset) else 'f'})", apply)
 
 
+def flip_bit(offset: int | Callable[[int], int], bit: int = 0) -> Damage:
+    """Invert one bit of the byte at `offset` (a single-bit error: in a text file the byte often stays a valid
+    character, e.g. a hex digit '0' <-> '1', so the file still parses)."""
+    def apply(path: Path) -> None:
+        size = path.stat().st_size
+        at = (offset(size) if callable(offset) else offset) % size
+        with open(path, "r+b") as f:
+            f.seek(at)
+            byte = f.read(1)
+            f.seek(at)
+            f.write(bytes([byte[0] ^ (1 << bit)]))
+    return Damage(f"flip_bit({offset if not callable(offset) else 'f'},{bit})", apply)
+
+
 def zero_block(offset: int | Callable[[int], int], length: int = 512) -> Damage:
     """Overwrite `length` bytes from `offset` with zeros, as a bad sector or a sparse hole does."""
     def apply(path: Path) -> None:
@@ -102,4 +116,23 @@ def damaged_folder_copies(src: Path, name: str, dst_root: Path,
                     (dst / entry.name).hardlink_to(entry)
                 except OSError:  # another file system
                     shutil.copyfile(entry, dst / entry.name)
+        yield damage, dst
+
+
+def damaged_tree_copies(src: Path, name: str, dst_root: Path,
+                        damages: list[Damage] | None = None) -> Iterator[tuple[Damage, Path]]:
+    """Like damaged_folder_copies for a folder with sub-folders (a source dataset): a copy of the tree per damage,
+    files hard-linked (copied across file systems), `name` (a path relative to `src`) copied and damaged."""
+    def link_or_copy(a: str, b: str) -> None:
+        try:
+            Path(b).hardlink_to(a)
+        except OSError:
+            shutil.copyfile(a, b)
+
+    for i, damage in enumerate(damages or standard_damages()):
+        dst = dst_root / f"{i}_{src.name}"
+        shutil.copytree(src, dst, copy_function=link_or_copy)
+        (dst / name).unlink()  # a hard link to the original: replace, do not write through it
+        shutil.copyfile(src / name, dst / name)
+        damage.apply(dst / name)
         yield damage, dst

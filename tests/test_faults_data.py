@@ -3,9 +3,10 @@ offsets (tests/damage.py); each damage is detected with a message naming the fil
 bitwise what they read without it. Also: missing images are found before training, a corrupt image stops a run
 with exit code 2 and one line naming it, and `verify` reports a cut .beton instead of crashing.
 
-Where the bytes of one image change and its file keeps its size and structure, the loaders cannot tell (no
-per-image checksum exists at read time): for converted data `verify` finds it (the sha256 dataset.json records);
-for a source JPEG nothing can (xfail, strict, so a change of behaviour is noticed)."""
+Where the bytes of one image change and its file keeps its size and structure, only a per-image digest tells: a
+source JPEG with a digest list (`data_prep fingerprint`, data.digests) is named when read; without one nothing can
+tell (xfail, strict, so a change of behaviour is noticed). For converted data `verify` finds it (the sha256
+dataset.json records); the wds loader's per-sample digests are tested in test_faults_digests.py."""
 
 import importlib.util
 import json
@@ -20,6 +21,7 @@ from damage import damaged_folder_copies, standard_damages, truncate
 from data_helpers import convert, data_prep, source_cfg
 from qpm_dist.data.datasets import ImageListDataset
 from qpm_dist.data.decode import CorruptImageError, read_image
+from qpm_dist.data.digests import DIGEST_LIST, image_digest, load_digest_list, split_digests, write_digest_list
 from qpm_dist.data.integrity import DataIntegrityError, plain_message
 from qpm_dist.data.sources import build_datasets
 
@@ -147,26 +149,35 @@ def test_damaged_manifest_is_refused_naming_it_or_reads_identically(wds_dir, tin
 
 
 # ------------------------------------------------------------------------------------------- source JPEG
-JPEG_DAMAGES = [d if not d.name.startswith(("flip_byte(f)", "zero_block"))
-                else pytest.param(d, marks=pytest.mark.xfail(strict=True, reason=f"{PAYLOAD}: not detectable"))
-                for d in standard_damages()]
+JPEG_DAMAGES = [pytest.param(d, True, id=f"{d}-digests") for d in standard_damages()] + [
+    pytest.param(d, False, id=repr(d), marks=[pytest.mark.xfail(strict=True, reason=f"{PAYLOAD}: not detectable")]
+                 if d.name.startswith(("flip_byte(f)", "zero_block")) else [])
+    for d in standard_damages()]
 
 
-@pytest.mark.parametrize("damage", JPEG_DAMAGES, ids=repr)
-def test_damaged_jpeg_stops_or_warns_naming_it_or_decodes_identically(tiny_data, tmp_path, damage):
+@pytest.mark.parametrize("damage,with_digests", JPEG_DAMAGES)
+def test_damaged_jpeg_stops_or_warns_naming_it_or_decodes_identically(tiny_data, tmp_path, damage, with_digests):
     name = "synth_1_0001.jpg"
     original = tiny_data / "images" / "001.synth_class_001" / name
     shutil.copyfile(original, tmp_path / name)
+    digests = lenient_digests = None
+    if with_digests:  # as `data_prep fingerprint` writes it before the damage
+        write_digest_list(tmp_path / DIGEST_LIST, {name: image_digest(original.read_bytes())})
+        files = load_digest_list(tmp_path / DIGEST_LIST, tmp_path)
+        digests = split_digests(tmp_path / DIGEST_LIST, files, tmp_path, [name], tmp_path, "folder")
+        lenient_digests = split_digests(tmp_path / DIGEST_LIST, files, tmp_path, [name, name], tmp_path, "folder")
     damage.apply(tmp_path / name)
-    strict = ImageListDataset(tmp_path, [name], np.zeros(1), lambda x: x, on_corrupt="error")
+    strict = ImageListDataset(tmp_path, [name], np.zeros(1), lambda x: x, on_corrupt="error", digests=digests)
     try:
         image = strict[0][0]
     except CorruptImageError as exc:
         assert str(tmp_path / name) in str(exc)
-        lenient = ImageListDataset(tmp_path, [name, name], np.zeros(2), lambda x: x, on_corrupt="skip")
+        lenient = ImageListDataset(tmp_path, [name, name], np.zeros(2), lambda x: x, on_corrupt="skip",
+                                   digests=lenient_digests)
         with pytest.warns(RuntimeWarning, match=str(tmp_path / name)), pytest.raises(CorruptImageError):
             lenient[0]  # nothing readable is left to take its place
         return
+    assert not with_digests, f"{damage}: the bytes changed, but the digest check did not say so"
     expected = read_image(original)
     assert image.shape == expected.shape and torch.equal(image, expected), f"{damage}: decodes to other pixels"
 
@@ -199,17 +210,21 @@ def test_missing_file_check_shards_folders_over_ranks(tiny_data, tmp_path):
     assert all(len(s) == 1 for s in shares) and missing_files(split, 0, 1) == sorted(shares[0] + shares[1])
 
 
-def test_corrupt_image_stops_the_run_with_exit_2_naming_it(tiny_data, tmp_path, write_config, capfd):
+@pytest.mark.parametrize("digests", ["off", "auto"])
+def test_corrupt_image_stops_the_run_with_exit_2_naming_it(tiny_data, tmp_path, write_config, capfd, digests):
+    """Without a digest list the decoder finds the garbage; with the generator's list the digest check does."""
     from qpm_dist.cli import main
 
     root = shutil.copytree(tiny_data, tmp_path / "data")
     bad = root / "images" / "002.synth_class_002" / "synth_2_0005.jpg"
     bad.write_bytes(b"garbage")
     capfd.readouterr()
-    code = main(["run", str(write_config()), f"data.root={root}", "data.num_workers=1", "--stage", "dense"])
+    code = main(["run", str(write_config()), f"data.root={root}", "data.num_workers=1", f"data.digests={digests}",
+                 "--stage", "dense"])
     err = capfd.readouterr().err
     assert code == 2, err[-2000:]
-    assert f"qpm-dist: error: cannot decode image {bad}" in err and "Traceback" not in err
+    expected = f"cannot decode image {bad}:" if digests == "off" else f"image {bad} is damaged: its bytes"
+    assert f"qpm-dist: error: {expected}" in err and "Traceback" not in err
     assert list((tmp_path / "runs-config").glob("*/dense-*")), "met at open, not while training"
 
 

@@ -21,7 +21,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from qpm_dist.config import DataConfig
-from qpm_dist.data.decode import CorruptImageError, crop_box, read_image
+from qpm_dist.data.decode import CorruptImageError, crop_box, decode, read_bytes
+from qpm_dist.data.digests import SplitDigests
 from qpm_dist.data.loaders import TrainLoader, eval_loader
 from qpm_dist.data.transforms import test_transform, train_transform
 
@@ -56,9 +57,10 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 class ImageListDataset(Dataset):
     """Images named by a list of paths, with integer labels and optional crop boxes (x, y, w, h).
 
-    A file that cannot be decoded stops the run (`on_corrupt="error"`) or is replaced, with a warning naming
-    it, by the next readable sample of the list (`"skip"`): batches stay full, so every rank still gets the
-    same number of batches.
+    A file that cannot be decoded, or whose bytes differ from their recorded digest (`digests`, see
+    qpm_dist.data.digests), stops the run (`on_corrupt="error"`) or is replaced, with a warning naming it, by
+    the next readable sample of the list (`"skip"`): batches stay full, so every rank still gets the same
+    number of batches.
     """
 
     def __init__(
@@ -72,6 +74,7 @@ class ImageListDataset(Dataset):
         decoder: str = "torchvision",
         on_corrupt: str = "error",
         return_index: bool = False,
+        digests: SplitDigests | None = None,
     ) -> None:
         if len(paths) != len(labels):
             raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
@@ -84,12 +87,17 @@ class ImageListDataset(Dataset):
         self.decoder = decoder
         self.on_corrupt = on_corrupt
         self.return_index = return_index  # also yield the index of the sample used (see data.batch)
+        self.digests = digests
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def load(self, index: int) -> torch.Tensor:
-        image = read_image(self.image_dir / self.paths[index], self.decoder)
+        path = self.image_dir / self.paths[index]
+        data = read_bytes(path)
+        if self.digests is not None:  # before decoding: changed bytes may still decode, to other pixels
+            self.digests.check(index, data, path)
+        image = decode(data, str(path), self.decoder)
         if self.boxes is not None:
             image = crop_box(image, self.boxes[index])
         return image
@@ -124,6 +132,7 @@ class Split:
     labels: np.ndarray
     boxes: np.ndarray | None = None
     image_ids: np.ndarray | None = None  # the dataset's own ids (CUB layout), to join per-image annotations
+    digests: SplitDigests | None = None  # recorded image digests (data.digests), checked on every read
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -155,7 +164,8 @@ class DatasetBundle:
         transform = train_transform(self.cfg) if augment else test_transform(self.cfg)
         boxes = s.boxes if self.cfg.crop_to_box else None
         return ImageListDataset(s.image_dir, s.paths, s.labels, transform, seed=self.seed, boxes=boxes,
-                                decoder=self.cfg.decoder, on_corrupt=self.cfg.on_corrupt, return_index=return_index)
+                                decoder=self.cfg.decoder, on_corrupt=self.cfg.on_corrupt, return_index=return_index,
+                                digests=s.digests)
 
     def train_loader(self, micro_batch: int, global_batch: int, rank: int, world_size: int,
                      pin_memory: bool = False, return_index: bool = False) -> TrainLoader:

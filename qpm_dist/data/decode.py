@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
-from qpm_dist.data.integrity import DataIntegrityError
+from qpm_dist.data.integrity import CorruptImageError  # noqa: F401 - defined there (torch-free), raised here
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -28,10 +28,6 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 # them on purpose (pinned torchvision, fastest decoder measured here); revisit when upgrading torchvision.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
                         category=DeprecationWarning)
-
-
-class CorruptImageError(DataIntegrityError):
-    """An image file or record that no decoder can read; the message names it. Bad input data (exit code 2)."""
 
 
 def read_bytes(path: str | Path) -> np.ndarray:

@@ -5,8 +5,9 @@ Why at open: a cut or overwritten .beton otherwise trains without a word (FFCV r
 allocation table points at, so the rows after the cut get wrong pixels), and a damaged tar shard fails hours
 later with a bare tarfile error. The open-time checks read file sizes, and for a .beton its header, field
 descriptors, metadata and allocation table: O(samples) numpy work, well under a second at ImageNet scale, no
-image bytes. Hashing whole files (`file_digest`, recorded in dataset.json at conversion) is `verify`'s job: it
-is the only check that sees a changed byte inside an image's data.
+image bytes. Hashing whole files (`file_digest`, recorded in dataset.json at conversion) is `verify`'s job. A
+changed byte inside one image is also found when that image is read, by its own digest where one was recorded
+(wds samples, folder images with a digest list: qpm_dist.data.digests); inside a .beton only `verify` finds it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ MAX_NAMED = 5
 class DataIntegrityError(ValueError):
     """Damaged or inconsistent input data; the message names the file and the fix. A ValueError: bad input
     (exit code 2), not a bug."""
+
+
+class CorruptImageError(DataIntegrityError):
+    """An image file or record that no decoder can read (or whose bytes differ from their recorded digest); the
+    message names it. Bad input data (exit code 2). Raised by qpm_dist.data.decode and .digests."""
 
 
 def repair_hint(folder: str | Path, fmt: str) -> str:

@@ -7,6 +7,7 @@ this module imports all of them, none of them imports it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from pathlib import Path
@@ -124,10 +125,29 @@ def check_files_exist(bundle: DatasetBundle) -> None:
                                 f"missing: {listed}")
 
 
+def attach_digests(bundle: DatasetBundle) -> DatasetBundle:
+    """The bundle with each split's recorded image digests (data.digests), which its datasets check on every
+    read; unchanged when there is no list. A damaged list, or one without some image of the dataset, is refused
+    here, naming it."""
+    from qpm_dist.data.digests import digest_list_path, load_digest_list, split_digests
+
+    cfg = bundle.cfg
+    path = digest_list_path(cfg.digests, cfg.root)
+    if path is None:
+        return bundle
+    files = load_digest_list(path, cfg.root)
+    for name in ("train_split", "test_split"):
+        split = getattr(bundle, name)
+        digests = split_digests(path, files, split.image_dir, split.paths, cfg.root, cfg.dataset)
+        setattr(bundle, name, dataclasses.replace(split, digests=digests))
+    return bundle
+
+
 def build_datasets(cfg: DataConfig, seed: int):
     """The run's DataSource for `data.backend`; reads annotations or the converted manifest and checks the data
     files cheaply (folder: every image exists; ffcv/wds: sizes and structure), so a missing or damaged dataset
-    fails before any training starts. Under a process group every rank must call it (the folder check gathers)."""
+    fails before any training starts. Under a process group every rank must call it (the folder check gathers).
+    The folder backend also loads the image digest list (data.digests), if any."""
     if cfg.backend == "ffcv":
         try:
             from qpm_dist.data.ffcv_loader import FFCVSource
@@ -141,4 +161,4 @@ def build_datasets(cfg: DataConfig, seed: int):
         return WebDatasetSource(cfg, seed)
     bundle = read_splits(cfg, seed)
     check_files_exist(bundle)
-    return bundle
+    return attach_digests(bundle)

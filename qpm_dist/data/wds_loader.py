@@ -30,7 +30,10 @@ Evaluation: rank r reads the contiguous range [r*N/W, (r+1)*N/W) of the split in
 padding, so all-reduced sums count every sample once.
 
 Damage: a missing shard or one whose size differs from dataset.json is refused at open; a tar error or too few
-samples met while reading raises DataIntegrityError naming the shard and the fix (qpm_dist.data.integrity).
+samples met while reading raises DataIntegrityError naming the shard and the fix (qpm_dist.data.integrity). A
+sample whose image bytes differ from its `.sha` digest (or lacks it, when dataset.json says every sample has one)
+is handled like an undecodable image, by `data.on_corrupt` (qpm_dist.data.digests); shards converted before
+digests were recorded are read unchecked.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from qpm_dist.config import DataConfig
 from qpm_dist.data.datasets import sample_seed, seeded_cpu_rng
 from qpm_dist.data.decode import CorruptImageError, decode
+from qpm_dist.data.digests import ImageDigestError, image_digest, mismatch_error
 from qpm_dist.data.integrity import DataIntegrityError, plain_message, raise_if_damaged, repair_hint, shard_problems
 from qpm_dist.data.loaders import collate
 from qpm_dist.data.manifest import ConvertedSource
@@ -153,15 +157,18 @@ def _take(n: int):
 
 
 class _SampleDecoder:
-    """Raw WebDataset sample -> (augmented tensor, label[, index]); corrupt images by `data.on_corrupt`.
+    """Raw WebDataset sample -> (augmented tensor, label[, index]); corrupt images (undecodable, or bytes that
+    differ from the sample's `.sha` digest) by `data.on_corrupt`.
 
     Under "skip" a corrupt sample is replaced by the previous readable one of this worker (or the next one
-    at the start), so batch counts stay equal on every rank; a warning names the shard and key."""
+    at the start), so batch counts stay equal on every rank; a warning names the shard and key.
+    `require_digest`: the manifest says every sample has a digest, so one without it is damaged."""
 
     def __init__(self, transform, seed: int, epoch: int, decoder: str, on_corrupt: str, return_index: bool,
-                 salt: int | None = None, first_position: int = 0) -> None:
+                 salt: int | None = None, first_position: int = 0, require_digest: bool = False) -> None:
         self.transform, self.seed, self.epoch = transform, seed, epoch
         self.decoder, self.on_corrupt, self.return_index = decoder, on_corrupt, return_index
+        self.require_digest = require_digest
         # resampled mode: seeds follow the position in the worker's stream (a sample may be drawn twice)
         self.salt, self.first_position = salt, first_position
 
@@ -171,12 +178,26 @@ class _SampleDecoder:
         if key is None:
             raise ValueError(f"{where}: no image entry (expected one of {IMAGE_KEYS})")
         index, label = int(sample["__key__"]), int(sample["cls"])  # the key is the source index
+        self.check_digest(sample, key, where)
         image = decode(np.frombuffer(sample[key], dtype=np.uint8), where, self.decoder)
         seed = (sample_seed(self.seed, self.epoch, index) if self.salt is None
                 else sample_seed(self.salt, self.epoch, position))
         with seeded_cpu_rng(seed):
             image = self.transform(image)
         return (image, label, index) if self.return_index else (image, label)
+
+    def check_digest(self, sample: dict, key: str, where: str) -> None:
+        """Before decoding: changed bytes may still decode, to other pixels."""
+        recorded = sample.get("sha")
+        if recorded is None and not self.require_digest:
+            return  # converted before digests were recorded: read unchecked
+        if recorded is not None and image_digest(sample[key]) == bytes(recorded).decode("ascii", "replace").strip():
+            return
+        fix = repair_hint(Path(str(sample.get("__url__"))).parent, "wds")
+        if recorded is None:
+            raise ImageDigestError(f"image {where} has no .sha digest member, but dataset.json says every sample "
+                                   f"has one; {fix}")
+        raise mismatch_error(where, fix)
 
     def __call__(self, samples: Iterator[dict]) -> Iterator[tuple]:
         last, pending = None, 0
@@ -206,7 +227,7 @@ class TrainStream(IterableDataset):
 
     def __init__(self, urls: list[str], counts: list[int], micro_batch: int, global_batch: int, rank: int,
                  world_size: int, num_workers: int, seed: int, transform, cfg: DataConfig,
-                 return_index: bool = False) -> None:
+                 return_index: bool = False, require_digest: bool = False) -> None:
         if global_batch % world_size:
             raise ValueError(f"global batch {global_batch} is not divisible by the world size {world_size}")
         total = sum(counts)
@@ -220,6 +241,7 @@ class TrainStream(IterableDataset):
         self.micro, self.rank, self.world = micro_batch, rank, world_size
         self.workers = max(1, num_workers)
         self.seed, self.transform, self.cfg, self.return_index = seed, transform, cfg, return_index
+        self.require_digest = require_digest
         self.batches = self.per_rank // micro_batch
         bounds = even_bounds(self.batches, self.workers)
         self.worker_batches = [bounds[k + 1] - bounds[k] for k in range(self.workers)]
@@ -273,7 +295,8 @@ class TrainStream(IterableDataset):
             source = [wds.ResampledShards(self.urls, seed=self.seed, deterministic=True, worker_seed=lambda: salt),
                       wds.tarfile_to_samples(handler=raise_tar_error)]
         decoder = _SampleDecoder(self.transform, self.seed, self.epoch, self.cfg.decoder, self.cfg.on_corrupt,
-                                 self.return_index, salt=salt, first_position=done * self.micro)
+                                 self.return_index, salt=salt, first_position=done * self.micro,
+                                 require_digest=self.require_digest)
         pipeline = wds.DataPipeline(
             *source,
             wds.shuffle(buffer, initial=buffer, rng=self._rng(self.epoch, stream_id, 2)),
@@ -289,12 +312,14 @@ class EvalStream(IterableDataset):
     """One rank's share of a split, in shard order, test transform, no padding."""
 
     def __init__(self, urls: list[str], counts: list[int], batch_size: int, rank: int, world_size: int,
-                 num_workers: int, transform, cfg: DataConfig, seed: int, return_index: bool = False) -> None:
+                 num_workers: int, transform, cfg: DataConfig, seed: int, return_index: bool = False,
+                 require_digest: bool = False) -> None:
         bounds = even_bounds(sum(counts), world_size)
         self.start, self.stop = bounds[rank], bounds[rank + 1]
         self.urls, self.counts, self.batch_size = urls, counts, batch_size
         self.workers = max(1, num_workers)
         self.transform, self.cfg, self.seed, self.return_index = transform, cfg, seed, return_index
+        self.require_digest = require_digest
 
     def __len__(self) -> int:
         """Batches over all workers (each worker ends with its own partial batch)."""
@@ -309,7 +334,7 @@ class EvalStream(IterableDataset):
                                self.start + bounds[k], self.start + bounds[k + 1])
         urls = [(self.urls[s], a, b) for s, a, b in pieces]
         decoder = _SampleDecoder(self.transform, self.seed, 0, self.cfg.decoder, self.cfg.on_corrupt,
-                                 self.return_index)
+                                 self.return_index, require_digest=self.require_digest)
         pipeline = wds.DataPipeline(lambda: read_pieces(urls), decoder,
                                     wds.batched(self.batch_size, collation_fn=collate, partial=True))
         return iter(pipeline)
@@ -349,6 +374,8 @@ class WebDatasetSource(ConvertedSource):
         for split in ("train", "test"):
             # one stat per shard: a cut or replaced shard is refused here, not hours later mid-epoch
             raise_if_damaged(shard_problems(self.root, self.manifest["splits"][split]["shards"]), self.root, "wds")
+        # converted with a `.sha` member per sample (older conversions have none and are read unchecked)
+        self.require_digest = self.manifest["options"].get("sample_digest") is not None
 
     def num_samples(self, split: str) -> int:
         return int(self.manifest["splits"][split]["num_samples"])
@@ -361,13 +388,13 @@ class WebDatasetSource(ConvertedSource):
                      pin_memory: bool = False, return_index: bool = False) -> WebDatasetTrainLoader:
         urls, counts = self.shards("train")
         stream = TrainStream(urls, counts, micro_batch, global_batch, rank, world_size, self.cfg.num_workers,
-                             self.seed, train_transform(self.cfg), self.cfg, return_index)
+                             self.seed, train_transform(self.cfg), self.cfg, return_index, self.require_digest)
         return WebDatasetTrainLoader(stream, self.cfg.num_workers, pin_memory)
 
     def eval_loader(self, split: str, batch_size: int, rank: int, world_size: int, pin_memory: bool = False,
                     return_index: bool = False) -> DataLoader:
         urls, counts = self.shards(split)
         stream = EvalStream(urls, counts, batch_size, rank, world_size, self.cfg.num_workers,
-                            test_transform(self.cfg), self.cfg, self.seed, return_index)
+                            test_transform(self.cfg), self.cfg, self.seed, return_index, self.require_digest)
         return DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers, pin_memory=pin_memory,
                           generator=torch.Generator())
