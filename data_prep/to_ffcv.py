@@ -58,7 +58,7 @@ def convert_split(out: Path, split: str, items: list, args, progress: bool) -> d
     from ffcv.writer import DatasetWriter
 
     from qpm_dist.data.ffcv_loader import beton_columns
-    from qpm_dist.data.integrity import file_digest
+    from qpm_dist.utils import file_sha256
 
     name = f"{split}.beton"
     sidecar = out / f"{name}.json"
@@ -98,7 +98,7 @@ def convert_split(out: Path, split: str, items: list, args, progress: bool) -> d
                          f"leave them out):\n  {listing}")
     # bytes: checked by the loader at open; sha256: by `verify` (the only check that sees a changed image byte)
     record = {"file": name, "num_samples": int(len(labels) - len(bad)), "rows": int(len(labels)),
-              "bytes": tmp.stat().st_size, "sha256": file_digest(tmp), "skipped": skipped}
+              "bytes": tmp.stat().st_size, "sha256": file_sha256(tmp), "skipped": skipped}
     convert.write_json(sidecar, record)
     os.replace(tmp, out / name)
     return record

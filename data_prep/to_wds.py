@@ -90,7 +90,7 @@ def write_shard(task: tuple) -> dict:
 
     from qpm_dist.data.decode import CorruptImageError
     from qpm_dist.data.digests import image_digest
-    from qpm_dist.data.integrity import file_digest
+    from qpm_dist.utils import file_sha256
 
     torch.set_num_threads(1)
     out, name, items, opts = task
@@ -110,7 +110,7 @@ def write_shard(task: tuple) -> dict:
                 sink.write({"__key__": f"{index:09d}", ext: data, "cls": str(label).encode(),
                             "sha": image_digest(data).encode()})
                 count += 1
-        record = {"file": name, "count": count, "bytes": tmp.stat().st_size, "sha256": file_digest(tmp),
+        record = {"file": name, "count": count, "bytes": tmp.stat().st_size, "sha256": file_sha256(tmp),
                   "skipped": skipped}
         convert.write_json(Path(out) / f"{name}.json", record)
         os.replace(tmp, final)

@@ -32,13 +32,13 @@ def check_wds_shard(task: tuple) -> dict:
     import webdataset as wds
 
     from qpm_dist.data.decode import CorruptImageError, decode
-    from qpm_dist.data.integrity import file_digest
+    from qpm_dist.utils import file_sha256
     from qpm_dist.data.wds_loader import IMAGE_KEYS
 
     torch.set_num_threads(1)
     path, decoder, digest = task
     indices, labels, errors = [], [], []
-    if digest is not None and file_digest(path) != digest:
+    if digest is not None and file_sha256(path) != digest:
         errors.append(f"{path}: sha256 differs from dataset.json (the file changed after conversion)")
     try:
         for sample in wds.tarfile_to_samples()(iter([{"url": path}])):
@@ -147,13 +147,14 @@ def verify_split(root: Path, manifest: dict, split: str, source: dict | None, po
         problems += [e for r in results for e in r["errors"]]
     else:
         from qpm_dist.data.ffcv_loader import beton_columns
-        from qpm_dist.data.integrity import beton_problems, file_digest
+        from qpm_dist.data.integrity import beton_problems
+        from qpm_dist.utils import file_sha256
 
         path = root / info["file"]
         damaged = beton_problems(path, info.get("bytes"), info.get("rows"))
         if damaged:  # its rows cannot be located: nothing more to check
             return damaged
-        if info.get("sha256") is not None and file_digest(path) != info["sha256"]:
+        if info.get("sha256") is not None and file_sha256(path) != info["sha256"]:
             problems.append(f"{path}: sha256 differs from dataset.json (the file changed after conversion)")
         columns = beton_columns(path)
         keep = columns["label"] >= 0  # label -1: placeholder of an image left out at conversion

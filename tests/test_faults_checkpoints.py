@@ -221,5 +221,5 @@ def test_a_file_that_cannot_be_read_is_reported_not_raised(ddp_run, tmp_path, mo
         raise OSError(5, "Input/output error", str(path))
 
     shutil.copytree(ddp_run / "checkpoints" / "step_000000016", tmp_path / "step_000000016")
-    monkeypatch.setattr(checkpoint, "file_digest", bad_sector)
+    monkeypatch.setattr(checkpoint, "file_sha256", bad_sector)
     assert checkpoint.damage_of(tmp_path / "step_000000016") == [f"{META}: unreadable (Input/output error)"]

@@ -17,7 +17,8 @@ from damage import damaged_folder_copies, damaged_tree_copies, flip_bit, flip_by
 from data_helpers import convert, data_prep, source_cfg
 from qpm_dist.data.decode import CorruptImageError
 from qpm_dist.data.digests import DIGEST_LIST, load_digest_list
-from qpm_dist.data.integrity import DataIntegrityError, file_digest
+from qpm_dist.data.integrity import DataIntegrityError
+from qpm_dist.utils import file_sha256
 from qpm_dist.data.sources import build_datasets
 
 
@@ -106,7 +107,7 @@ def strip_digests(src, dst, keep_manifest_option: bool):
                 for m in old.getmembers():
                     if not m.name.endswith(".sha"):
                         new.addfile(m, old.extractfile(m))
-            shard["bytes"], shard["sha256"] = path.stat().st_size, file_digest(path)
+            shard["bytes"], shard["sha256"] = path.stat().st_size, file_sha256(path)
     if not keep_manifest_option:
         del manifest["options"]["sample_digest"]
     (dst / "dataset.json").write_text(json.dumps(manifest))

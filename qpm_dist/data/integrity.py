@@ -5,14 +5,13 @@ Why at open: a cut or overwritten .beton otherwise trains without a word (FFCV r
 allocation table points at, so the rows after the cut get wrong pixels), and a damaged tar shard fails hours
 later with a bare tarfile error. The open-time checks read file sizes, and for a .beton its header, field
 descriptors, metadata and allocation table: O(samples) numpy work, well under a second at ImageNet scale, no
-image bytes. Hashing whole files (`file_digest`, recorded in dataset.json at conversion) is `verify`'s job. A
-changed byte inside one image is also found when that image is read, by its own digest where one was recorded
+image bytes. Hashing whole files (`qpm_dist.utils.file_sha256`, recorded in dataset.json at conversion) is
+`verify`'s job. A changed byte inside one image is also found when that image is read, by its own digest where one was recorded
 (wds samples, folder images with a digest list: qpm_dist.data.digests); inside a .beton only `verify` finds it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
 from pathlib import Path
 
@@ -43,12 +42,6 @@ def plain_message(exc: BaseException) -> str:
     if "Original Traceback" in text:
         text = re.sub(r"^[\w.]+: ", "", text.splitlines()[-1])
     return text
-
-
-def file_digest(path: str | Path) -> str:
-    """sha256 of a file's bytes (recorded by the converters, compared by `verify`)."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def size_problem(path: Path, expected_bytes: int | None) -> str | None:

@@ -21,7 +21,7 @@ qsenn_finetuneR round r: finetune.* with lr·lr_decay^r and qsenn.round_epochs[r
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 

@@ -23,7 +23,7 @@ from torch import nn
 from qpm_dist import dist
 from qpm_dist.models.io import load_classifier, save_classifier, state_digest
 from qpm_dist.models.net import Classifier
-from qpm_dist.utils import atomic_write_text
+from qpm_dist.utils import atomic_write_text, file_sha256
 
 MODEL = "model.pt"  # a classifier (models.io), written by every stage that produces a model
 RESULT = "result.json"  # a training phase's result (test accuracy, steps, ...)
@@ -89,14 +89,6 @@ def save_model(path: Path, model: nn.Module) -> list[str]:
 def load_model(ctx, stage: str) -> Classifier:
     """The classifier `stage` wrote (every rank reads the file itself)."""
     return load_classifier(ctx.outputs[stage] / MODEL, ctx.cfg.model)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def output_files(out_dir: Path) -> list[Path]:

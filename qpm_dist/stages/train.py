@@ -9,7 +9,6 @@ checkpoints, resume, logging).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,6 +22,7 @@ from qpm_dist.engine.trainer import Trainer, TrainerSetup
 from qpm_dist.models.net import Classifier, build_model
 from qpm_dist.stages.artifacts import MODEL, RESULT, load_model, save_model, write_json
 from qpm_dist.stages.runner import RunContext
+from qpm_dist.utils import file_sha256
 
 TaskFactory = Callable[[Config, PhaseConfig], TrainingTask]
 
@@ -33,15 +33,6 @@ def data_key(cfg: Config) -> dict[str, Any]:
     for name in ("root", "converted", "num_workers"):
         d.pop(name)
     return d
-
-
-def file_digest(path: str) -> str:
-    """sha256 of a file's content: a replaced weights file under the same name is a new input."""
-    h = hashlib.sha256()
-    with open(Path(path).expanduser(), "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def prepare_for_training(model: nn.Module, cfg: Config) -> nn.Module:
@@ -87,7 +78,7 @@ class TrainStage:
                  "seed": cfg.run.seed, "strategy": cfg.engine.strategy,
                  "precision": cfg.engine.precision, "task": self.task.__qualname__, "task_config": self.task_key(cfg)}
         if self.model_stage is None:
-            parts["weights_sha256"] = file_digest(cfg.model.weights) if cfg.model.weights else None
+            parts["weights_sha256"] = file_sha256(cfg.model.weights) if cfg.model.weights else None
         return parts
 
     def initial_model(self, ctx: RunContext) -> nn.Module:
