@@ -41,6 +41,7 @@ from qpm_dist.engine.optim import build_optimizer, build_scheduler
 from qpm_dist.engine.preemption import StopRequest, at_checkpoint, stop_requests
 from qpm_dist.engine.strategy import DDPStrategy, DeepSpeedStrategy
 from qpm_dist.engine.task import TrainingTask
+from qpm_dist.errors import MissingInput
 from qpm_dist.models.io import save_classifier
 from qpm_dist.utils import atomic_write_text, log
 
@@ -126,7 +127,7 @@ class Trainer:
         else:
             path = Path(mode)
             if not path.is_dir():
-                raise FileNotFoundError(f"run.resume: checkpoint directory not found: {path}")
+                raise MissingInput(f"run.resume: checkpoint directory not found: {path}")
         client = self.strategy.load(path)
         self.progress = Progress(**client["progress"])
         self.run_id = client["run_id"]
