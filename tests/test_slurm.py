@@ -175,11 +175,11 @@ def test_array_task_i_trains_run_line_i_of_the_sweep_file(slurm, tmp_path):
         assert srun["env"]["SLURM_ARRAY_TASK_ID"] == str(task)
         assert srun["argv"][0] == "--ntasks=1" and srun["env"]["SRUN_CPUS_PER_TASK"] == "32"
         tail = after(srun["argv"], ["configs/demo.yaml"])
-        assert tail == [f"run.name=lr_sweep-{task}", "dense.epochs=2", *overrides]
+        assert tail == ["run.name=lr_sweep", "dense.epochs=2", *overrides]  # one shared run folder
     torchrun = torchrun_command(runs[2]["argv"])
     assert torchrun[0] == "torchrun" and "--standalone" in torchrun  # one node: a private local rendezvous
     assert torchrun[torchrun.index("--nproc-per-node") + 1] == "4"  # #SBATCH --gpus-per-node=4
-    assert torchrun[-6:] == ["run", "configs/demo.yaml", "run.name=lr_sweep-2", "dense.epochs=2",
+    assert torchrun[-6:] == ["run", "configs/demo.yaml", "run.name=lr_sweep", "dense.epochs=2",
                              "run.seed=0", "dense.optim.lr=0.01"]
 
 
