@@ -134,6 +134,19 @@ def test_requeue_on_exit_75_only_and_at_most_max_requeues_times(slurm, step_stat
     assert requeues == ([["requeue", "1000"]] if requeued else [])
 
 
+def test_a_requeue_after_exit_75_does_not_promise_a_checkpoint(slurm):
+    """75 also ends a stage that saved nothing (statistics, evaluation, a report): the log says both cases."""
+    proc = slurm.sbatch("slurm/train_multinode.sbatch", "configs/demo.yaml", FAKE_SRUN="exit:75")
+    assert proc.returncode == 0, proc.stderr
+    assert "stopped at a checkpoint" not in proc.stderr
+    assert ("job step stopped by a stop signal (exit 75: a training stage saved a checkpoint, any other stage "
+            "restarts;") in proc.stderr
+    limit = slurm.sbatch("slurm/train_multinode.sbatch", "configs/demo.yaml", FAKE_SRUN="exit:75",
+                         SLURM_RESTART_COUNT="3", MAX_REQUEUES="3")
+    assert limit.returncode == 75 and "stopped at a checkpoint" not in limit.stderr
+    assert "stopped by a stop signal (exit 75), but this job was requeued 3 times already" in limit.stderr
+
+
 def test_sigusr1_to_the_batch_shell_reaches_the_job_step_and_requeues(slurm):
     """SLURM's `--signal=B:USR1@90` signals only the batch shell: it must forward the signal to srun, wait for
     the step to checkpoint and exit 75, then requeue."""
