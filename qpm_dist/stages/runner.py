@@ -34,7 +34,7 @@ from qpm_dist.engine.trainer import NonFiniteError
 from qpm_dist.stages.lock import StageLock, describe, poll_seconds
 from qpm_dist.stages.artifacts import (RECORD, from_main, nonfinite_outputs, on_main, output_digests, read_record,
                                        record_digest, write_json)
-from qpm_dist.utils import log
+from qpm_dist.utils import log, progress_enabled
 
 # Part of every stage key: raised when what a stage folder holds changes form (2: model files carry their head
 # type, stage names carry their method's prefix), so a folder written by older code is never reused.
@@ -96,7 +96,7 @@ def run_stages(stages: list[Stage], ctx: RunContext, target: str | None = None) 
         raise ValueError(f"stage names must be unique; repeated: {', '.join(duplicate)}")
     needed = _needed(stages, target)
     summaries: dict[str, dict] = {}
-    with stop_requests() as stop:
+    with stop_requests() as stop, progress_enabled(ctx.cfg.engine.progress):
         for stage in stages:
             missing = [d for d in stage.depends if d not in ctx.keys]
             if missing:
