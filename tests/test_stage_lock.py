@@ -76,7 +76,7 @@ def test_a_live_lock_on_another_host_is_not_broken(tmp_path):
 def test_a_run_waits_for_a_live_lock_then_runs_the_stage(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("QPM_DIST_LOCK_POLL_S", "0.05")
     ctx, stage = context(tmp_path), Recorder("a")
-    held = StageLock(tmp_path / f"a-{_key(stage, ctx)}.lock")
+    held = StageLock.of_stage(tmp_path / f"a-{_key(stage, ctx)}")
     assert held.try_acquire()
     released = []
     timer = threading.Timer(0.5, lambda: (released.append(time.time()), held.release()))
@@ -90,7 +90,7 @@ def test_a_run_waits_for_a_live_lock_then_runs_the_stage(tmp_path, monkeypatch, 
     assert stage.runs == 1 and released
     waited = [r.getMessage() for r in caplog.records if r.getMessage().startswith("waiting for stage a held by")]
     assert len(waited) == 1 and f"{socket.gethostname()}/pid {os.getpid()}/job" in waited[0]
-    assert not list(tmp_path.glob("a-*.lock*"))
+    assert len(list(tmp_path.glob("a-*"))) == 1 and not list((tmp_path / ".locks").iterdir())
 
 
 def test_a_run_reuses_what_the_run_it_waited_for_finished(tmp_path, monkeypatch):
@@ -101,7 +101,7 @@ def test_a_run_reuses_what_the_run_it_waited_for_finished(tmp_path, monkeypatch)
     ctx, first, second = context(tmp_path), Recorder("a"), Recorder("a")
     key = stage_key(first, ctx)
     out_dir = tmp_path / f"a-{key[:12]}"
-    held = StageLock(tmp_path / f"{out_dir.name}.lock")
+    held = StageLock.of_stage(out_dir)
     assert held.try_acquire()
 
     def the_other_run():  # runs the stage under its lock, as another process would
@@ -118,7 +118,8 @@ def test_a_run_reuses_what_the_run_it_waited_for_finished(tmp_path, monkeypatch)
 def test_a_stop_signal_while_waiting_ends_the_run(tmp_path, monkeypatch):
     monkeypatch.setenv("QPM_DIST_LOCK_POLL_S", "0.05")
     ctx, stage = context(tmp_path), Recorder("a")
-    path = tmp_path / f"a-{_key(stage, ctx)}.lock"
+    path = StageLock.of_stage(tmp_path / f"a-{_key(stage, ctx)}").path
+    path.parent.mkdir()
     _fake_owner(path, "elsewhere", 1, heartbeat=time.time() + 3600)  # live for the whole test
     timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGUSR1))
     timer.start()
@@ -138,7 +139,7 @@ def test_concurrent_runs_on_one_run_folder_train_the_dense_stage_once(write_conf
     """Three `qpm-dist run` processes with one run.name (a sweep's tasks of one seed): before the lock each
     trained the same model into the same folder and they broke each other's checkpoint temp folders
     (FileNotFoundError, reported as exit 2)."""
-    config = write_config()
+    config = write_config(dense={"epochs": 1})
     env = {**clean_env(), "QPM_DIST_LOCK_POLL_S": "0.2"}
     procs = [subprocess.Popen(qpm_command(1, "run", str(config), "--stage", "dense"), cwd=REPO, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
@@ -148,9 +149,9 @@ def test_concurrent_runs_on_one_run_folder_train_the_dense_stage_once(write_conf
     assert len(trained) == 1, f"{len(trained)} runs trained the dense stage"
     assert sum("finished by another run meanwhile" in log or "finished earlier" in log for log in logs) == 2
     folders = list((tmp_path / "runs-config" / "t").glob("dense-*"))
-    assert len(folders) == 1 and folders[0].is_dir()  # no lock left behind
+    assert len(folders) == 1 and not list((tmp_path / "runs-config" / "t" / ".locks").iterdir())  # none left
     steps = [json.loads(x) for x in (folders[0] / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    assert len([r for r in steps if r.get("event") == "step"]) == 16  # 2 epochs x 8 steps, logged once
+    assert len([r for r in steps if r.get("event") == "step"]) == 8  # 1 epoch x 8 steps, logged once
     accuracy = {line.split("test top-1")[1].split("%")[0] for log in logs for line in log.splitlines()
                 if "stage dense: test top-1" in line}
     assert len(accuracy) == 1  # every run reports the same dense model

@@ -5,8 +5,9 @@ seed) has the same key, hence the same folder. Whoever takes the folder's lock r
 and then reuse the finished stage. Without it, every run trained the same model into the same folder and they
 broke each other's checkpoint temp folders (issue 18).
 
-The lock is a directory `<stage folder>.lock` (mkdir is atomic on NFS and Lustre; flock() is not reliable on
-every NFS) holding `owner.json`: host, pid, SLURM job, a random token and a heartbeat timestamp that a
+The lock is a directory `<run folder>/.locks/<stage folder name>` (mkdir is atomic on NFS and Lustre; flock()
+is not reliable on every NFS; outside the run folder's `<stage>-<key>` names, so a lock left by a killed run
+never looks like a stage folder) holding `owner.json`: host, pid, SLURM job, a random token and a heartbeat timestamp that a
 background thread rewrites every `heartbeat_s`. A lock is stale, and is broken, when its process is dead on this
 host, or its heartbeat is older than `stale_s` (a process on another host that died, or a dead node). Across
 hosts this compares clocks, so keep `stale_s` well above the clock skew between nodes (NTP keeps it below a
@@ -79,6 +80,11 @@ def _pid_alive(pid: int) -> bool:
 class StageLock:
     """The lock of one stage folder. `try_acquire()` never blocks; `release()` removes the lock if it is ours."""
 
+    @classmethod
+    def of_stage(cls, out_dir: Path) -> "StageLock":
+        """The lock of the stage folder `out_dir`."""
+        return cls(Path(out_dir).parent / ".locks" / Path(out_dir).name)
+
     def __init__(self, path: Path, heartbeat_s: float | None = None, stale_s: float | None = None) -> None:
         self.path = Path(path)
         self.heartbeat_s = heartbeat_s or _env_seconds("QPM_DIST_LOCK_HEARTBEAT_S", 30.0)
@@ -116,6 +122,7 @@ class StageLock:
     # ------------------------------------------------------------------ taking and giving back
     def try_acquire(self) -> bool:
         """Take the lock if it is free or stale (breaking it, with a warning); False while someone else holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(2):  # a second try after breaking a stale lock
             try:
                 self.path.mkdir()

@@ -128,7 +128,7 @@ def _claim(stage: Stage, out_dir: Path, stop: StopRequest) -> StageLock | None:
     same stage). Rank 0 takes the lock and returns it, the other ranks follow its decision and return None.
     The ranks meet every poll interval (a small broadcast), far inside the process group's timeout however long
     the wait; a stop signal while waiting ends the run (`Preempted`, nothing of the stage started here)."""
-    lock = StageLock(out_dir.with_name(f"{out_dir.name}.lock")) if dist.is_main() else None
+    lock = StageLock.of_stage(out_dir) if dist.is_main() else None
     poll, said = poll_seconds(), None
     while True:
         holder = from_main(lambda: "" if lock.try_acquire() else describe(lock.owner()))
@@ -136,7 +136,7 @@ def _claim(stage: Stage, out_dir: Path, stop: StopRequest) -> StageLock | None:
             return lock
         if holder != said:
             log.info("waiting for stage %s held by %s (lock %s); it is reused once finished", stage.name, holder,
-                     lock.path if lock is not None else f"{out_dir}.lock")
+                     lock.path if lock is not None else out_dir.parent / ".locks" / out_dir.name)
             said = holder
         if dist.any_rank(stop.requested):
             raise Preempted(f"stopped by a stop signal while waiting for stage {stage.name} held by {holder}; "
