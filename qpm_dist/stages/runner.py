@@ -106,7 +106,9 @@ def run_stages(stages: list[Stage], ctx: RunContext, target: str | None = None) 
             ctx.keys[stage.name], ctx.outputs[stage.name] = key, out_dir
             if stage.name not in needed:
                 continue
-            if (out_dir / RECORD).is_file():
+            # Rank 0 decides for all: on a shared file system another run's record may appear at any moment, and
+            # ranks on different nodes may see it at different times.
+            if from_main(lambda: (out_dir / RECORD).is_file()):
                 summaries[stage.name] = read_record(out_dir)  # raises DamagedOutput, naming the file
                 log.info("stage %s: finished earlier, reusing %s", stage.name, out_dir)
                 continue
