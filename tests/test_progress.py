@@ -61,3 +61,16 @@ def test_progress_lines_are_occasional_and_a_terminal_gets_a_bar():
     with utils.progress_enabled(False):
         assert not isinstance(utils.progress(5, "stats: train", stream=terminal), (tqdm, utils.ProgressLines))
     assert isinstance(utils.progress(5, "x", stream=io.StringIO()), utils.ProgressLines)
+
+
+@pytest.mark.parametrize("fmt", ["wds", pytest.param("ffcv", marks=pytest.mark.slow)])  # ffcv: ~10 s
+def test_a_conversion_into_a_log_file_draws_no_bar(tiny_data, tmp_path, capfd, monkeypatch, fmt):
+    from data_helpers import data_prep
+
+    if fmt == "ffcv":
+        pytest.importorskip("ffcv")
+    monkeypatch.setattr(utils, "PROGRESS_EVERY_S", 0.0, raising=False)
+    assert data_prep(f"to-{fmt}", tmp_path / fmt, "--dataset", "synthetic", "--root", tiny_data, "--workers", "1") == 0
+    err = capfd.readouterr().err  # not --quiet, but stderr is not a terminal
+    assert "\r" not in err and "%|" not in err, err[-2000:]
+    assert f"to-{fmt} train: " in err
