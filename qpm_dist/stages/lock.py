@@ -68,6 +68,8 @@ def describe(owner: dict | None) -> str:
 
 
 def _pid_alive(pid: int) -> bool:
+    if pid <= 0:  # not a pid we can check (os.kill(-1, 0) would ask about every process)
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
