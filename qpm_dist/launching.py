@@ -58,8 +58,9 @@ EXIT_NONFINITE = 3  # training diverged (NaN/inf): rerunning the same command wo
 EXIT_UNAVAILABLE = 69  # sysexits' EX_UNAVAILABLE: the solver service failed and qpm.solver.fallback_local=false
 REPO = Path(__file__).resolve().parents[1]
 # What exit 75 means, for the log: a stop signal reached the workers; what they saved depends on the stage.
-STOPPED = ("stopped by a stop signal (exit 75): a training stage saved a checkpoint and resumes from it on rerun, "
-           "any other stage saved nothing and restarts; the workers' \"stopped ...\" lines above say which")
+STOPPED = ("stopped by a stop signal (exit 75): finished stages are kept; a training stage saved a checkpoint and "
+           "resumes from it on rerun, any other unfinished stage saved nothing and restarts; the workers' "
+           "\"stopped ...\" lines above say which")
 # torchrun's default set plus SIGUSR1 (SLURM's `--signal=USR1@...` and `scancel --signal=USR1`).
 SIGNALS_TO_HANDLE = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 # For runs that can restart (see the module docstring).

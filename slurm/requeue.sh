@@ -55,7 +55,7 @@ requeue_or_exit() {
     exit "$rc"
   fi
   echo "$(date +%T) batch script: job step stopped by a stop signal (exit 75: a training stage saved a" \
-       "checkpoint, any other stage restarts; its \"stopped ...\" lines above say which)" >&2
+       "checkpoint, any other unfinished stage restarts; its \"stopped ...\" lines above say which)" >&2
   echo "$(date +%T) batch script: requeueing job $SLURM_JOB_ID" \
        "($((count + 1)) of at most $MAX_REQUEUES)" >&2
   # For an array task SLURM_JOB_ID is the task's own job id: only this task is requeued.

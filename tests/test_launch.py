@@ -193,6 +193,6 @@ def test_a_stop_is_logged_with_what_was_saved(monkeypatch, capsys, outcome):
     monkeypatch.setattr(torch.distributed.run, "main", _raise(outcome()))
     assert run_torchrun(["--standalone", "train.py"]) == 75
     err = capsys.readouterr().err
-    assert ("stopped by a stop signal (exit 75): a training stage saved a checkpoint and resumes from it on rerun, "
-            "any other stage saved nothing and restarts") in err
+    assert ("stopped by a stop signal (exit 75): finished stages are kept; a training stage saved a checkpoint and "
+            "resumes from it on rerun, any other unfinished stage saved nothing and restarts") in err
     assert "stopped at a checkpoint" not in err

@@ -139,8 +139,8 @@ def test_a_requeue_after_exit_75_does_not_promise_a_checkpoint(slurm):
     proc = slurm.sbatch("slurm/train_multinode.sbatch", "configs/demo.yaml", FAKE_SRUN="exit:75")
     assert proc.returncode == 0, proc.stderr
     assert "stopped at a checkpoint" not in proc.stderr
-    assert ("job step stopped by a stop signal (exit 75: a training stage saved a checkpoint, any other stage "
-            "restarts;") in proc.stderr
+    assert ("job step stopped by a stop signal (exit 75: a training stage saved a checkpoint, any other "
+            "unfinished stage restarts;") in proc.stderr
     limit = slurm.sbatch("slurm/train_multinode.sbatch", "configs/demo.yaml", FAKE_SRUN="exit:75",
                          SLURM_RESTART_COUNT="3", MAX_REQUEUES="3")
     assert limit.returncode == 75 and "stopped at a checkpoint" not in limit.stderr
