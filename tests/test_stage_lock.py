@@ -60,9 +60,10 @@ def test_a_stale_lock_is_broken(tmp_path, owner):
         _fake_owner(path, socket.gethostname(), _dead_pid(), heartbeat=time.time())
     else:
         _fake_owner(path, "elsewhere", 1, heartbeat=time.time() - 3600)
-    lock = StageLock(path, stale_s=60)
+    lock, late = StageLock(path, stale_s=60), StageLock(path, stale_s=60)
     assert lock.try_acquire()
     assert lock.owner()["token"] == lock.token and not list(tmp_path.glob("s.lock.stale-*"))
+    assert not late.try_acquire()  # the lock taken after breaking is live: another waiter does not break it
     lock.release()
 
 
