@@ -67,6 +67,15 @@ def test_a_stale_lock_is_broken(tmp_path, owner):
     lock.release()
 
 
+def test_a_waiter_that_judged_an_older_lock_stale_gives_back_the_new_one(tmp_path):
+    # B looked at a stale lock (token "old"); meanwhile A broke it and took the lock afresh ("theirs"); B's rename
+    # now moves A's live lock: B must see the other token, put it back and not take the lock
+    path = tmp_path / "s.lock"
+    _fake_owner(path, "elsewhere", 1, heartbeat=time.time())
+    assert not StageLock(path)._break({"token": "old"}, "judged stale earlier")
+    assert json.loads((path / OWNER).read_text())["token"] == "theirs" and len(list(tmp_path.iterdir())) == 1
+
+
 def test_a_live_lock_on_another_host_is_not_broken(tmp_path):
     path = tmp_path / "s.lock"
     _fake_owner(path, "elsewhere", 1, heartbeat=time.time())
