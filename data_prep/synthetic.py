@@ -746,7 +746,7 @@ def _usable_cpus() -> int:
 
 def _render_all(out: Path, p: SyntheticParams, class_parts, workers, skip_existing, progress) -> dict[str, int]:
     """Render all images (in parallel) and stream their annotations to temp files in id order."""
-    from tqdm import tqdm
+    from qpm_dist.utils import progress as progress_bar, to_stderr
 
     workers = max(1, min(workers or _usable_cpus(), p.num_images))
     ids = range(1, p.num_images + 1)
@@ -763,13 +763,15 @@ def _render_all(out: Path, p: SyntheticParams, class_parts, workers, skip_existi
             pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, init_args)
             chunk = max(1, min(64, p.num_images // (workers * 8)))
             results = pool.imap(_process_image, ids, chunksize=chunk)
-        bar = tqdm(results, total=p.num_images, unit="img", desc="make-synthetic", disable=not progress, file=sys.stderr)
-        for lines, n_distractors, n_missing in bar:
+        bar = progress_bar(p.num_images, "make-synthetic", show=progress, unit="img", emit=to_stderr)
+        for lines, n_distractors, n_missing in results:
+            bar.update(1)
             for name, text in lines.items():
                 handles[name].write(text)
             counts["part_instances"] += lines["parts/part_boxes.txt"].count("\n")
             counts["distractors"] += n_distractors
             counts["missing_parts"] += n_missing
+        bar.close()
         if pool is not None:
             pool.close()
             pool.join()

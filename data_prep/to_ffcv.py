@@ -74,13 +74,18 @@ def convert_split(out: Path, split: str, items: list, args, progress: bool) -> d
         "index": IntField(),
     }
     writer = DatasetWriter(str(tmp), fields, num_workers=args.workers or convert.usable_cpus())
-    if not progress:  # FFCV's writer always draws its bar; silence stderr around it
+    # FFCV's writer always draws its bar: silence stderr around it unless a bar is wanted and stderr is a
+    # terminal (in a log file the bar's carriage returns garble the log: one line instead)
+    silence = not (progress and sys.stderr.isatty())
+    if progress and silence:
+        print(f"to-ffcv {split}: writing {len(items)} images into {tmp.name}", file=sys.stderr, flush=True)
+    if silence:
         devnull = open(os.devnull, "w")
         saved, sys.stderr = sys.stderr, devnull
     try:
         writer.from_indexed_dataset(SourceImages(items, args.decoder, args.seed), chunksize=args.chunk_size)
     finally:
-        if not progress:
+        if silence:
             sys.stderr = saved
             devnull.close()
     columns = beton_columns(tmp)

@@ -121,7 +121,7 @@ def write_shard(task: tuple) -> dict:
 
 def convert_split(out: Path, split: str, items: list, args, opts: dict, progress: bool, pool) -> dict:
     """Write the split's unfinished shards (through `pool` if given) and return its manifest entry."""
-    from tqdm import tqdm
+    from qpm_dist.utils import progress as progress_bar, to_stderr
 
     shards = plan_shards(items, args.seed, ["train", "test"].index(split), args.samples_per_shard, args.shard_size)
     names = [shard_name(split, i) for i in range(len(shards))]
@@ -133,8 +133,8 @@ def convert_split(out: Path, split: str, items: list, args, opts: dict, progress
             records[name] = json.loads(sidecar.read_text())
         else:
             todo.append((str(out), name, shard, opts))
-    bar = tqdm(total=len(items), initial=sum(len(s) for n, s in zip(names, shards) if n in records), unit="img",
-               desc=f"to-wds {split}", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    bar = progress_bar(len(items), f"to-wds {split}", show=progress, unit="img", emit=to_stderr,
+                       initial=sum(len(s) for n, s in zip(names, shards) if n in records))
     try:
         for record in pool.imap_unordered(write_shard, todo) if pool else map(write_shard, todo):
             records[record["file"]] = record

@@ -111,9 +111,9 @@ def _source_labels(manifest: dict) -> dict[str, np.ndarray] | None:
 
 
 def _run_tasks(fn, tasks: list, pool, desc: str, progress: bool, weight) -> list:
-    from tqdm import tqdm
+    from qpm_dist.utils import progress as progress_bar, to_stderr
 
-    bar = tqdm(total=sum(weight(t) for t in tasks), unit="img", desc=desc, disable=not progress, file=sys.stderr)
+    bar = progress_bar(sum(weight(t) for t in tasks), desc, show=progress, unit="img", emit=to_stderr)
     results = []
     try:
         for task, result in zip(tasks, pool.imap(fn, tasks) if pool else map(fn, tasks)):

@@ -1,7 +1,8 @@
 """`qpm-dist` command line: run | demo | compare | make-synthetic | print-config | launch.
 
 Exit codes: 0 success, 2 bad input (config, paths, files; reported before any training starts; a damaged
-output of a finished stage), 3 training diverged (NaN/inf loss, or a stage's weights/results are NaN/inf: nothing
+output of a finished stage; only errors naming such input: any other error inside a stage, a missing file
+included, is a crash), 3 training diverged (NaN/inf loss, or a stage's weights/results are NaN/inf: nothing
 of it was saved or marked finished; rerunning the same command would diverge again), 75 stopped by
 SIGTERM/SIGUSR1 in any stage (rerun the same command: a training stage resumes from its checkpoint, any other
 stage restarts), 69 the solver service failed with qpm.solver.fallback_local=false, 1 a bug or crash.
@@ -59,12 +60,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _fail(str(exc))
 
     from qpm_dist import dist, methods
-    from qpm_dist.data.integrity import DataIntegrityError, plain_message
+    from qpm_dist.data.integrity import plain_message
     from qpm_dist.data.sources import build_datasets
-    from qpm_dist.engine.checkpoint import DamagedCheckpoint
     from qpm_dist.engine.preemption import PREEMPTED_EXIT_CODE, Preempted
     from qpm_dist.engine.trainer import NonFiniteError
-    from qpm_dist.stages.artifacts import DamagedOutput
+    from qpm_dist.errors import BadInput
     from qpm_dist.stages.runner import RunContext, run_stages
     from qpm_dist.utils import log, setup_logging
     from solver_service import SolverServiceError
@@ -93,10 +93,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         except Preempted as exc:
             log.warning("%s", exc)
             return PREEMPTED_EXIT_CODE
-        except (FileNotFoundError, DamagedOutput, DamagedCheckpoint) as exc:
-            return _fail(str(exc))
-        except DataIntegrityError as exc:  # a damaged image or shard met during training (data.on_corrupt=error)
-            return _fail(plain_message(exc))
+        except BadInput as exc:  # not any FileNotFoundError: an unexpected one is a crash (exit 1)
+            return _fail(plain_message(exc))  # also a damaged image met in a loader worker
         except NonFiniteError as exc:
             print(f"qpm-dist: error: {exc}", file=sys.stderr, flush=True)
             return EXIT_NONFINITE

@@ -24,16 +24,17 @@ Every torchrun command also carries
                       the signal, before it sends SIGKILL.
 
 Exit status of `--run` with torchrun. torchrun reports any failed worker as exit status 1, which would hide
-the engine's 75 ("stopped at a checkpoint, run again to resume") from srun and the sbatch script. So we run
+the engine's 75 ("stopped by a stop signal, run again to continue") from srun and the sbatch script. So we run
 torchrun in this process (`torch.distributed.run.main`, the function behind the `torchrun` command) and
-return 0 when all workers succeeded; 75 when the workers stopped at a checkpoint; 2 when they all stopped on
+return 0 when all workers succeeded; 75 when the workers were stopped by a stop signal (a training stage at a
+checkpoint, any other stage with nothing saved: it restarts); 2 when they all stopped on
 bad input; 3 when they all stopped on a non-finite loss (the run diverged); 69 when the solver service failed
 without a fallback; 128+N when torchrun was stopped by a signal N other than SIGTERM/SIGUSR1; 1 for any other
 failure. Workers that torchrun itself killed (SIGTERM, or SIGKILL after --shutdown-timeout) while they were
 still exiting do not count: torchrun stops the whole group as soon as the first worker ends. So
-"stopped at a checkpoint" is:
-* a worker exited 75 and every other failed worker exited 75 or was killed by torchrun. The checkpoint is
-  complete by then: a rank leaves the checkpoint's final barrier, and can exit 75, only after rank 0
+"stopped by a stop signal" is:
+* a worker exited 75 and every other failed worker exited 75 or was killed by torchrun. A checkpoint (in
+  a training stage) is complete by then: a rank leaves the checkpoint's final barrier, and can exit 75, only after rank 0
   published the checkpoint;
 * or torchrun itself received SIGTERM/SIGUSR1: it forwarded the signal, on which every rank checkpoints and
   exits 75, and waited up to --shutdown-timeout (if a save could not finish in time, torchrun logs the
@@ -56,6 +57,10 @@ EXIT_BAD_INPUT = 2
 EXIT_NONFINITE = 3  # training diverged (NaN/inf): rerunning the same command would diverge again
 EXIT_UNAVAILABLE = 69  # sysexits' EX_UNAVAILABLE: the solver service failed and qpm.solver.fallback_local=false
 REPO = Path(__file__).resolve().parents[1]
+# What exit 75 means, for the log: a stop signal reached the workers; what they saved depends on the stage.
+STOPPED = ("stopped by a stop signal (exit 75): finished stages are kept; a training stage saved a checkpoint and "
+           "resumes from it on rerun, any other unfinished stage saved nothing and restarts; the workers' "
+           "\"stopped ...\" lines above say which")
 # torchrun's default set plus SIGUSR1 (SLURM's `--signal=USR1@...` and `scancel --signal=USR1`).
 SIGNALS_TO_HANDLE = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 # For runs that can restart (see the module docstring).
@@ -241,6 +246,8 @@ def run_torchrun(args: list[str]) -> int:
         codes = {failure.exitcode for failure in exc.failures.values()}  # a negative code -N: killed by signal N
         print(f"qpm-dist launch: workers failed with exit codes {sorted(codes)}", file=sys.stderr, flush=True)
         own = codes - {-signal.SIGTERM, -signal.SIGKILL}  # without the workers torchrun stopped
+        if own == {PREEMPTED_EXIT_CODE}:
+            print(f"qpm-dist launch: {STOPPED}", file=sys.stderr, flush=True)
         if own in ({PREEMPTED_EXIT_CODE}, {EXIT_BAD_INPUT}, {EXIT_NONFINITE}, {EXIT_UNAVAILABLE}):
             return own.pop()
         return 1
@@ -248,6 +255,7 @@ def run_torchrun(args: list[str]) -> int:
         sig = signal.Signals(exc.sigval)
         print(f"qpm-dist launch: torchrun stopped by {sig.name}", file=sys.stderr, flush=True)
         if sig in (signal.SIGTERM, signal.SIGUSR1):
+            print(f"qpm-dist launch: {STOPPED}", file=sys.stderr, flush=True)
             return PREEMPTED_EXIT_CODE
         return 128 + int(sig)
     return 0

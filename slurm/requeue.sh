@@ -1,5 +1,5 @@
 # Sourced by the training sbatch scripts: run the job step, pass SLURM's early-warning signal on to it, and
-# requeue the job when the step stopped at a checkpoint (exit status 75).
+# requeue the job when a stop signal ended the step (exit status 75).
 #
 # Timing. `#SBATCH --signal=B:USR1@90` makes SLURM send SIGUSR1 to this batch shell (B:) 90 s before the
 # time limit — and at preemption too if the cluster sets SlurmctldParameters=preempt_send_user_signal.
@@ -9,7 +9,8 @@
 # requeue, before SLURM's own SIGTERM (at the limit) and SIGKILL (KillWait later) arrive. So keep
 #     checkpoint write time  <  --shutdown-timeout  <  the @ seconds of --signal (minus a few for requeue).
 #
-# Requeue only on 75, the engine's "stopped at a checkpoint, run the same command again to resume" (0 is
+# Requeue only on 75, the engine's "stopped by a stop signal, run the same command again" (a training stage
+# saved a checkpoint and resumes from it, any other stage saved nothing and restarts; 0 is
 # finished, anything else is a failure that a rerun would repeat), and at most MAX_REQUEUES times:
 # SLURM_RESTART_COUNT counts how often this job was requeued, so a run that is stopped again and again
 # without finishing cannot loop forever.
@@ -48,11 +49,14 @@ requeue_or_exit() {
     exit "$rc"
   fi
   if (( count >= MAX_REQUEUES )); then
-    echo "$(date +%T) batch script: stopped at a checkpoint, but this job was requeued $count times already" \
-         "(MAX_REQUEUES=$MAX_REQUEUES): not requeueing; submit it again to continue from the checkpoint" >&2
+    echo "$(date +%T) batch script: stopped by a stop signal (exit 75), but this job was requeued $count times" \
+         "already (MAX_REQUEUES=$MAX_REQUEUES): not requeueing; submit it again to continue (see the step's" \
+         "\"stopped ...\" lines above for what was saved)" >&2
     exit "$rc"
   fi
-  echo "$(date +%T) batch script: stopped at a checkpoint; requeueing job $SLURM_JOB_ID" \
+  echo "$(date +%T) batch script: job step stopped by a stop signal (exit 75: a training stage saved a" \
+       "checkpoint, any other unfinished stage restarts; its \"stopped ...\" lines above say which)" >&2
+  echo "$(date +%T) batch script: requeueing job $SLURM_JOB_ID" \
        "($((count + 1)) of at most $MAX_REQUEUES)" >&2
   # For an array task SLURM_JOB_ID is the task's own job id: only this task is requeued.
   if scontrol requeue "$SLURM_JOB_ID"; then

@@ -111,3 +111,21 @@ def test_the_demo_pins_threads_and_kernels_unless_the_user_chose(monkeypatch):
                    "ONEDNN_MAX_CPU_ISA": "AVX2"}
     monkeypatch.setattr(platform, "machine", lambda: "aarch64")
     assert "ATEN_CPU_CAPABILITY" not in demo_environment({})
+
+
+def test_a_missing_resume_checkpoint_is_bad_input(write_config, capsys):
+    assert main(["run", str(write_config()), "run.resume=/nonexistent/step_1", "--stage", "dense"]) == 2
+    err = capsys.readouterr().err
+    assert "run.resume: checkpoint directory not found: /nonexistent/step_1" in err and "Traceback" not in err
+
+
+def test_an_unexpected_missing_file_inside_a_stage_is_a_crash_not_bad_input(write_config, monkeypatch):
+    # e.g. the checkpoint temp folder of a run sharing the stage folder (issue 18): exit 2 "bad input" hid it
+    from qpm_dist.engine.checkpoint import CheckpointManager
+
+    def vanished(self, *args, **kwargs):
+        raise FileNotFoundError(2, "No such file or directory", str(self.root / "step_000000008.tmp"))
+
+    monkeypatch.setattr(CheckpointManager, "save", vanished)
+    with pytest.raises(FileNotFoundError, match="step_000000008.tmp"):
+        main(["run", str(write_config()), "--stage", "dense"])

@@ -179,3 +179,20 @@ def test_launcher_exit_status_keeps_the_engines_75(monkeypatch, outcome, status)
 
     monkeypatch.setattr(torch.distributed.run, "main", _raise(outcome()) if outcome else lambda args: None)
     assert run_torchrun(["--standalone", "train.py"]) == status
+
+
+@pytest.mark.parametrize("outcome", [lambda: _workers_failed(75, -signal.SIGTERM),
+                                     lambda: _torchrun_signalled(signal.SIGUSR1)])
+def test_a_stop_is_logged_with_what_was_saved(monkeypatch, capsys, outcome):
+    """Exit 75 also ends a stage that saves no checkpoint (statistics, evaluation, a report): the launcher must
+    not promise a checkpoint (issue 18)."""
+    import torch.distributed.run
+
+    from qpm_dist.launching import run_torchrun
+
+    monkeypatch.setattr(torch.distributed.run, "main", _raise(outcome()))
+    assert run_torchrun(["--standalone", "train.py"]) == 75
+    err = capsys.readouterr().err
+    assert ("stopped by a stop signal (exit 75): finished stages are kept; a training stage saved a checkpoint and "
+            "resumes from it on rerun, any other unfinished stage saved nothing and restarts") in err
+    assert "stopped at a checkpoint" not in err

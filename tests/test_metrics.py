@@ -21,6 +21,16 @@ def test_diversity_by_hand_counts_only_classes_with_k_weights():
     np.testing.assert_allclose(counts.numpy(), [2, 1])
 
 
+def test_diversity_at_k_above_the_number_of_features_counts_no_image():
+    # qpm.n_features=4 still reports diversity@1..@5 (ks = 1..max(5, k)): @5 must count nothing, not crash
+    maps = torch.rand(3, 4, 2, 2)
+    logits = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    weights = torch.tensor([[1.0, 1.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+    sums, counts = M.diversity_terms(maps, logits, weights, range(1, 6), sum_n_max=True)
+    np.testing.assert_allclose(counts.numpy(), [3, 3, 3, 1, 0])
+    assert sums[4] == 0
+
+
 def test_class_independence_by_hand():
     X = np.array([[0.0, 1.0], [2.0, 1.0], [4.0, 3.0]])
     y = np.array([0, 1, 1])

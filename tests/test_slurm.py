@@ -134,6 +134,19 @@ def test_requeue_on_exit_75_only_and_at_most_max_requeues_times(slurm, step_stat
     assert requeues == ([["requeue", "1000"]] if requeued else [])
 
 
+def test_a_requeue_after_exit_75_does_not_promise_a_checkpoint(slurm):
+    """75 also ends a stage that saved nothing (statistics, evaluation, a report): the log says both cases."""
+    proc = slurm.sbatch("slurm/train_multinode.sbatch", "configs/demo.yaml", FAKE_SRUN="exit:75")
+    assert proc.returncode == 0, proc.stderr
+    assert "stopped at a checkpoint" not in proc.stderr
+    assert ("job step stopped by a stop signal (exit 75: a training stage saved a checkpoint, any other "
+            "unfinished stage restarts;") in proc.stderr
+    limit = slurm.sbatch("slurm/train_multinode.sbatch", "configs/demo.yaml", FAKE_SRUN="exit:75",
+                         SLURM_RESTART_COUNT="3", MAX_REQUEUES="3")
+    assert limit.returncode == 75 and "stopped at a checkpoint" not in limit.stderr
+    assert "stopped by a stop signal (exit 75), but this job was requeued 3 times already" in limit.stderr
+
+
 def test_sigusr1_to_the_batch_shell_reaches_the_job_step_and_requeues(slurm):
     """SLURM's `--signal=B:USR1@90` signals only the batch shell: it must forward the signal to srun, wait for
     the step to checkpoint and exit 75, then requeue."""
@@ -175,11 +188,11 @@ def test_array_task_i_trains_run_line_i_of_the_sweep_file(slurm, tmp_path):
         assert srun["env"]["SLURM_ARRAY_TASK_ID"] == str(task)
         assert srun["argv"][0] == "--ntasks=1" and srun["env"]["SRUN_CPUS_PER_TASK"] == "32"
         tail = after(srun["argv"], ["configs/demo.yaml"])
-        assert tail == [f"run.name=lr_sweep-{task}", "dense.epochs=2", *overrides]
+        assert tail == ["run.name=lr_sweep", "dense.epochs=2", *overrides]  # one shared run folder
     torchrun = torchrun_command(runs[2]["argv"])
     assert torchrun[0] == "torchrun" and "--standalone" in torchrun  # one node: a private local rendezvous
     assert torchrun[torchrun.index("--nproc-per-node") + 1] == "4"  # #SBATCH --gpus-per-node=4
-    assert torchrun[-6:] == ["run", "configs/demo.yaml", "run.name=lr_sweep-2", "dense.epochs=2",
+    assert torchrun[-6:] == ["run", "configs/demo.yaml", "run.name=lr_sweep", "dense.epochs=2",
                              "run.seed=0", "dense.optim.lr=0.01"]
 
 

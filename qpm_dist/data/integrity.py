@@ -17,10 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
+from qpm_dist.errors import BadInput
+
 MAX_NAMED = 5
 
 
-class DataIntegrityError(ValueError):
+class DataIntegrityError(BadInput, ValueError):
     """Damaged or inconsistent input data; the message names the file and the fix. A ValueError: bad input
     (exit code 2), not a bug."""
 

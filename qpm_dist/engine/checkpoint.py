@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from qpm_dist import dist
+from qpm_dist.errors import BadInput
 from qpm_dist.utils import atomic_write_text, file_sha256, log
 
 _PREFIX = "step_"
@@ -123,7 +124,7 @@ def damage_of(directory: Path, rank: int = 0, world_size: int = 1) -> list[str]:
     return problems
 
 
-class DamagedCheckpoint(ValueError):
+class DamagedCheckpoint(BadInput, ValueError):
     """The checkpoint the user named (run.resume=<dir>) does not match its manifest: bad input, exit 2."""
 
 

@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from qpm_dist import dist
 from qpm_dist.dist import DistInfo
 from qpm_dist.engine.evaluate import autocast_for
+from qpm_dist.errors import MissingInput
 from qpm_dist.utils import atomic_open, log
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -163,7 +164,7 @@ class DeepSpeedStrategy:
         """Load the ZeRO JSON and fill in the fields our config owns (they must not disagree)."""
         file = Path(path)
         if not file.is_file():
-            raise FileNotFoundError(f"engine.deepspeed_config: file not found: {file}")
+            raise MissingInput(f"engine.deepspeed_config: file not found: {file}")
         cfg = json.loads(file.read_text())
         stage = cfg.get("zero_optimization", {}).get("stage", 0)
         if stage not in (0, 1, 2):

@@ -2,7 +2,8 @@
 
 Evaluation, QPM's feature statistics, the feature shards of the glm-based methods, the interpretability metrics and the
 report's example search all need the same thing: the model in eval mode, no gradients, each batch moved to the
-device and run under the run's autocast, a progress bar on rank 0. What each of them does with an output is
+device and run under the run's autocast, progress on rank 0 (`utils.progress`: a bar on a terminal, log lines
+in a log file, nothing with engine.progress=false). What each of them does with an output is
 its own business (an accumulator, a sum, a shard writer); the loop is written once, here.
 """
 
@@ -13,10 +14,10 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from qpm_dist.dist import DistInfo
 from qpm_dist.engine.preemption import stop_point
+from qpm_dist.utils import progress
 
 Autocast = Callable[[], contextlib.AbstractContextManager]
 
@@ -33,15 +34,15 @@ def model_outputs(model: nn.Module, loader: Iterable, info: DistInfo, autocast: 
     model.eval()
     prepare = prepare or (lambda images: images.to(info.device, non_blocking=True))
     total = len(loader) if hasattr(loader, "__len__") else None
+    bar = progress(total, desc, show=info.is_main and bool(desc))
     try:
-        with tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True,
-                  disable=not (info.is_main and desc)) as bar:
-            for images, labels, *rest in loader:
-                stop_point()
-                images, labels = prepare(images), labels.to(info.device, non_blocking=True)
-                with autocast():
-                    output = model(images)
-                yield (output, labels, *rest)
-                bar.update(1)
+        for images, labels, *rest in loader:
+            stop_point()
+            images, labels = prepare(images), labels.to(info.device, non_blocking=True)
+            with autocast():
+                output = model(images)
+            yield (output, labels, *rest)
+            bar.update(1)
     finally:
+        bar.close()
         model.train(was_training)

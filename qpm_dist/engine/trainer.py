@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from qpm_dist import dist
 from qpm_dist.config import EngineConfig, PhaseConfig, WandbConfig
@@ -41,8 +40,9 @@ from qpm_dist.engine.optim import build_optimizer, build_scheduler
 from qpm_dist.engine.preemption import StopRequest, at_checkpoint, stop_requests
 from qpm_dist.engine.strategy import DDPStrategy, DeepSpeedStrategy
 from qpm_dist.engine.task import TrainingTask
+from qpm_dist.errors import MissingInput
 from qpm_dist.models.io import save_classifier
-from qpm_dist.utils import atomic_write_text, log
+from qpm_dist.utils import atomic_write_text, log, progress
 
 
 @dataclass
@@ -126,7 +126,7 @@ class Trainer:
         else:
             path = Path(mode)
             if not path.is_dir():
-                raise FileNotFoundError(f"run.resume: checkpoint directory not found: {path}")
+                raise MissingInput(f"run.resume: checkpoint directory not found: {path}")
             self.checkpoints.require_intact(path)
         client = self.strategy.load(path)
         self.progress = Progress(**client["progress"])
@@ -208,9 +208,9 @@ class Trainer:
         device = self.info.device
         # step: the micro-batches of the optimizer step in progress; window: kept steps since the last log line
         epoch_sums, window, step = MetricWindow(device), MetricWindow(device), MetricWindow(device)
-        bar = tqdm(total=self.steps_per_epoch, initial=self.progress.step_in_epoch, leave=False, dynamic_ncols=True,
-                   desc=f"{self.setup.phase} epoch {self.progress.epoch + 1}/{self.cfg.epochs}",
-                   disable=not (self.info.is_main and self.setup.engine.progress))
+        bar = progress(self.steps_per_epoch, f"{self.setup.phase} epoch {self.progress.epoch + 1}/{self.cfg.epochs}",
+                       show=self.info.is_main and self.setup.engine.progress, initial=self.progress.step_in_epoch,
+                       unit="steps")
         every = self.setup.engine.log_every_steps
         may_skip = self.setup.engine.skip_nonfinite_steps
         tick, micro = time.perf_counter(), 0

@@ -26,7 +26,8 @@ def diversity_terms(feature_maps: torch.Tensor, logits: torch.Tensor, weights: t
 
     D_k(b) = (1/k) Σ_p max_{j ∈ top-k(V[ĉ_b])} P_j(p); an image counts for k only if its predicted class has
     at least k nonzero weights. With `sum_n_max`, each map is divided by its mean absolute value (clamped at
-    1e-5) before the spatial softmax (the SID variant).
+    1e-5) before the spatial softmax (the SID variant). A k above the model's number of features counts no image
+    (no class can have k weights), so a model with fewer than 5 features still gets @1..@n and no @5.
     """
     maps = feature_maps.float()
     b, f, h, w = maps.shape
@@ -38,7 +39,7 @@ def diversity_terms(feature_maps: torch.Tensor, logits: torch.Tensor, weights: t
     nonzero = (rows != 0).sum(dim=1)
     sums, counts = [], []
     for k in ks:
-        top = rows.topk(k, dim=1).indices  # largest signed weights
+        top = rows.topk(min(k, f), dim=1).indices  # largest signed weights; k > f counts no image below
         chosen = prob.gather(1, top[:, :, None].expand(-1, -1, h * w))
         d = chosen.max(dim=1).values.sum(dim=1) / k
         counted = nonzero >= k

@@ -17,6 +17,7 @@ from torchvision.models import resnet
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from qpm_dist.config import ConfigError, ModelConfig
+from qpm_dist.errors import MissingInput
 
 NormFactory = Callable[[int], nn.Module]
 
@@ -128,7 +129,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Load a state dict from a local file (plain, or under 'state_dict'/'model'; 'module.' stripped)."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingInput(
             f"model.weights: file not found: {path} (weights are never downloaded; download e.g. torchvision's "
             f"resnet50 checkpoint yourself and name the local file)"
         )

@@ -21,6 +21,7 @@ import numpy as np
 from torch import nn
 
 from qpm_dist import dist
+from qpm_dist.errors import BadInput
 from qpm_dist.models.io import load_classifier, save_classifier, state_digest
 from qpm_dist.models.net import Classifier
 from qpm_dist.utils import atomic_write_text, file_sha256
@@ -37,7 +38,7 @@ MUST_BE_FINITE = (MODEL, RESULT)
 NOT_OUTPUTS = ("checkpoints", "wandb", "metrics.jsonl", RECORD)
 
 
-class DamagedOutput(ValueError):
+class DamagedOutput(BadInput, ValueError):
     """A finished stage's file is missing or differs from what the stage wrote; the message names it."""
 
 T = TypeVar("T")

@@ -6,6 +6,10 @@ of the stages it consumes. A finished stage (its `stage.json` exists) is skipped
 input gives a new key and thus a new folder, so a stale result is never reused, and an unfinished one is
 resumed from its checkpoints.
 
+Runs may share a run folder (a sweep's tasks with one `run.name`): a stage they both need has the same folder,
+and a lock per stage folder (`stages.lock`, taken by rank 0) lets one run do it while the others wait and then
+reuse it, so a sweep trains its dense model once per seed.
+
 A stage is marked finished only if its weights and results are finite (`artifacts.MUST_BE_FINITE`); its record
 holds the sha256 of every output file (and of itself), checked whenever the stage is reused, so a damaged
 file is reported by name instead of being read by the next stage. Every stage runs under the run's stop
@@ -27,9 +31,10 @@ from qpm_dist.engine.evaluate import autocast_for
 from qpm_dist import dist
 from qpm_dist.engine.preemption import Preempted, StopRequest, stop_requests
 from qpm_dist.engine.trainer import NonFiniteError
+from qpm_dist.stages.lock import StageLock, describe, poll_seconds
 from qpm_dist.stages.artifacts import (RECORD, from_main, nonfinite_outputs, on_main, output_digests, read_record,
                                        record_digest, write_json)
-from qpm_dist.utils import log
+from qpm_dist.utils import log, progress_enabled
 
 # Part of every stage key: raised when what a stage folder holds changes form (2: model files carry their head
 # type, stage names carry their method's prefix), so a folder written by older code is never reused.
@@ -91,7 +96,7 @@ def run_stages(stages: list[Stage], ctx: RunContext, target: str | None = None) 
         raise ValueError(f"stage names must be unique; repeated: {', '.join(duplicate)}")
     needed = _needed(stages, target)
     summaries: dict[str, dict] = {}
-    with stop_requests() as stop:
+    with stop_requests() as stop, progress_enabled(ctx.cfg.engine.progress):
         for stage in stages:
             missing = [d for d in stage.depends if d not in ctx.keys]
             if missing:
@@ -101,12 +106,44 @@ def run_stages(stages: list[Stage], ctx: RunContext, target: str | None = None) 
             ctx.keys[stage.name], ctx.outputs[stage.name] = key, out_dir
             if stage.name not in needed:
                 continue
-            if (out_dir / RECORD).is_file():
+            # Rank 0 decides for all: on a shared file system another run's record may appear at any moment, and
+            # ranks on different nodes may see it at different times.
+            if from_main(lambda: (out_dir / RECORD).is_file()):
                 summaries[stage.name] = read_record(out_dir)  # raises DamagedOutput, naming the file
                 log.info("stage %s: finished earlier, reusing %s", stage.name, out_dir)
                 continue
-            summaries[stage.name] = _run_stage(stage, ctx, key, out_dir, stop)
+            lock = _claim(stage, out_dir, stop)
+            try:
+                if from_main(lambda: (out_dir / RECORD).is_file()):  # finished by the run we waited for
+                    summaries[stage.name] = read_record(out_dir)
+                    log.info("stage %s: finished by another run meanwhile, reusing %s", stage.name, out_dir)
+                    continue
+                summaries[stage.name] = _run_stage(stage, ctx, key, out_dir, stop)
+            finally:
+                if lock is not None:
+                    lock.release()
     return summaries
+
+
+def _claim(stage: Stage, out_dir: Path, stop: StopRequest) -> StageLock | None:
+    """Wait until this run holds the lock of `out_dir` (another run sharing the run folder may be running the
+    same stage). Rank 0 takes the lock and returns it, the other ranks follow its decision and return None.
+    The ranks meet every poll interval (a small broadcast), far inside the process group's timeout however long
+    the wait; a stop signal while waiting ends the run (`Preempted`, nothing of the stage started here)."""
+    lock = StageLock.of_stage(out_dir) if dist.is_main() else None
+    poll, said = poll_seconds(), None
+    while True:
+        holder = from_main(lambda: "" if lock.try_acquire() else describe(lock.owner()))
+        if not holder:
+            return lock
+        if holder != said:
+            log.info("waiting for stage %s held by %s (lock %s); it is reused once finished", stage.name, holder,
+                     lock.path if lock is not None else out_dir.parent / ".locks" / out_dir.name)
+            said = holder
+        if dist.any_rank(stop.requested):
+            raise Preempted(f"stopped by a stop signal while waiting for stage {stage.name} held by {holder}; "
+                            f"nothing of it was started by this run, rerun the same command to continue")
+        time.sleep(poll)
 
 
 def _run_stage(stage: Stage, ctx: RunContext, key: str, out_dir: Path, stop: StopRequest) -> dict:
