@@ -52,10 +52,17 @@ requeue_or_exit() {
          "(MAX_REQUEUES=$MAX_REQUEUES): not requeueing; submit it again to continue from the checkpoint" >&2
     exit "$rc"
   fi
-  echo "$(date +%T) batch script: stopped at a checkpoint; requeueing job $SLURM_JOB_ID" \
+  # An array task is requeued as ARRAYID_TASKID. Its own SLURM_JOB_ID is not enough: one task of every array
+  # keeps the array's job id, and `scontrol requeue <that id>` requeues the whole array (running tasks are
+  # killed "DUE TO JOB REQUEUE", finished ones rerun).
+  local target=$SLURM_JOB_ID what="job $SLURM_JOB_ID"
+  if [[ -n ${SLURM_ARRAY_JOB_ID:-} && -n ${SLURM_ARRAY_TASK_ID:-} ]]; then
+    target=${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}
+    what="array task $target (job $SLURM_JOB_ID)"
+  fi
+  echo "$(date +%T) batch script: stopped at a checkpoint; requeueing $what" \
        "($((count + 1)) of at most $MAX_REQUEUES)" >&2
-  # For an array task SLURM_JOB_ID is the task's own job id: only this task is requeued.
-  if scontrol requeue "$SLURM_JOB_ID"; then
+  if scontrol requeue "$target"; then
     exit 0
   fi
   echo "$(date +%T) batch script: scontrol requeue failed (was the job submitted with --requeue?)" >&2
