@@ -106,11 +106,29 @@ def test_multinode_runs_one_torchrun_per_node_with_a_rendezvous_on_the_first_nod
     assert torchrun[0] == "torchrun"
     option = lambda name: torchrun[torchrun.index(name) + 1]  # noqa: E731
     assert option("--nnodes") == "3" and option("--nproc-per-node") == "8"  # #SBATCH --gpus-per-node=8
-    assert option("--rdzv-backend") == "c10d" and option("--rdzv-endpoint") == "gpu07:29400"
+    assert option("--rdzv-backend") == "c10d" and option("--rdzv-endpoint") == "gpu07:15150"  # from the job id
     assert option("--rdzv-id") == "5150" and option("--shutdown-timeout") == "60"
     assert "SIGUSR1" in option("--signals-to-handle")
     assert torchrun[-5:] == ["run", "configs/demo.yaml", "--stage", "dense", "dense.epochs=3"]
     assert not slurm.calls("scontrol") or all(c["argv"][0] == "show" for c in slurm.calls("scontrol"))
+
+
+def rendezvous_endpoint(slurm: FakeSlurm, **env: str) -> str:
+    proc = slurm.sbatch("--nodes=2", "slurm/train_multinode.sbatch", "configs/demo.yaml", FAKE_NODELIST="gpu[01-02]",
+                        **env)
+    assert proc.returncode == 0, proc.stderr
+    argv = slurm.calls("srun")[-1]["argv"]
+    return argv[argv.index("--rdzv-endpoint") + 1]
+
+
+def test_rendezvous_port_comes_from_the_job_id_unless_the_user_sets_one(slurm):
+    """Two multi-node jobs whose first node is the same must not meet in one rendezvous: with a fixed port the
+    second job's torchrun joined the first job's and failed when that one ended."""
+    first = rendezvous_endpoint(slurm, FAKE_JOB_ID="4711")
+    second = rendezvous_endpoint(slurm, FAKE_JOB_ID="4712")
+    assert first == "gpu01:14711" and second == "gpu01:14712"
+    assert rendezvous_endpoint(slurm, FAKE_JOB_ID="123456") == "gpu01:13456"  # 10000 + job id % 10000
+    assert rendezvous_endpoint(slurm, FAKE_JOB_ID="4711", RDZV_PORT="29555") == "gpu01:29555"  # the user's wins
 
 
 @pytest.mark.parametrize(
