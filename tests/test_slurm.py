@@ -203,7 +203,7 @@ def test_array_task_i_trains_run_line_i_of_the_sweep_file(slurm, tmp_path):
 
 def test_array_task_requeues_itself_only(slurm, tmp_path):
     """`scontrol requeue <id>` with the id of the task that kept the array's own job id (real SLURM gives it
-    to one task; the fake to the first) means the whole array: running tasks are killed and finished ones
+    to the last task to start; the fake to the last of the list) means the whole array: running tasks are killed and finished ones
     rerun. Every task must requeue ARRAYID_TASKID, i.e. itself only."""
     sweep = tmp_path / "s.txt"
     sweep.write_text(SWEEP)
@@ -211,10 +211,10 @@ def test_array_task_requeues_itself_only(slurm, tmp_path):
                         FAKE_JOB_ID="700", FAKE_SRUN="exit:75")
     assert proc.returncode == 0, proc.stderr
     job_ids = [c["env"]["SLURM_JOB_ID"] for c in slurm.calls("srun")]
-    assert job_ids == ["700", "702", "703"]  # task 0 has the array's id
+    assert job_ids == ["701", "702", "700"]  # task 2 has the array's id
     requeues = [c["argv"] for c in slurm.calls("scontrol") if c["argv"][0] == "requeue"]
     assert requeues == [["requeue", "700_0"], ["requeue", "700_1"], ["requeue", "700_2"]]
-    assert "requeueing array task 700_0 (job 700)" in proc.stderr
+    assert "requeueing array task 700_2 (job 700)" in proc.stderr
 
 
 def test_sweep_errors_name_the_file_and_the_number_of_runs(slurm, tmp_path):
