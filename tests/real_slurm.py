@@ -8,8 +8,9 @@ What the fakes in tests/fake_slurm cannot show needs the real thing: which job i
 
 The two nodes are two slurmd processes (`slurmd -N NAME`) with their own ports on localhost. Their names
 must resolve on this machine, because the sbatch scripts use the first node's name as rendezvous host:
-this host's name and `localhost`. Each has 2 CPUs (CR_CPU: two 1-CPU jobs share a node) and one stand-in
-GPU (a GRES whose device file is /dev/null), so `--gpus-per-node=1` works. Short timeouts keep the tests quick: a
+this host's name and `localhost`. Each has 2 CPUs (CR_CPU: two 1-CPU jobs share a node) and two stand-in
+GPUs (a GRES whose device files are /dev/null and /dev/zero), so that `--gpus-per-node=1` works and two
+such jobs fit on a node. Short timeouts keep the tests quick: a
 requeued job waits `cred_expire` seconds before it may start again (SLURM's default is 120 s; here
 REQUEUE_HOLD_S), and the scheduler runs every second.
 """
@@ -147,7 +148,7 @@ def write_config(root: Path, nodes: list[str], munge_socket: Path, requeue_hold_
     cred_expire = "" if requeue_hold_s is None else f",cred_expire={requeue_hold_s}"
     node_lines = "\n".join(
         f"NodeName={name} NodeHostname={name} NodeAddr=127.0.0.1 Port={port} CPUs=2 RealMemory=2000 "
-        f"Gres=gpu:1 State=UNKNOWN" for name, port in zip(nodes, node_ports))
+        f"Gres=gpu:2 State=UNKNOWN" for name, port in zip(nodes, node_ports))
     conf = root / "slurm.conf"
     conf.write_text(f"""\
 ClusterName=qpmtest
@@ -186,8 +187,8 @@ MessageTimeout=20
 {node_lines}
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """)
-    # A stand-in GPU: SLURM counts a gpu GRES only with a device file; nothing opens it (no task/cgroup).
-    (root / "gres.conf").write_text("".join(f"NodeName={name} Name=gpu File=/dev/null\n" for name in nodes))
+    # Stand-in GPUs: SLURM counts gpu GRES by their device files; nothing opens them (no task/cgroup plugin).
+    (root / "gres.conf").write_text("".join(f"NodeName={name} Name=gpu File=/dev/null,/dev/zero\n" for name in nodes))
     return conf
 
 
