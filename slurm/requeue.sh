@@ -9,6 +9,9 @@
 # requeue, before SLURM's own SIGTERM (at the limit) and SIGKILL (KillWait later) arrive. So keep
 #     checkpoint write time  <  --shutdown-timeout  <  the @ seconds of --signal (minus a few for requeue).
 #
+# A requeued job is held about 2 minutes before it may start again (SLURM keeps it pending for the job
+# credential's lifetime, AuthInfo cred_expire, default 120 s; measured on 22.05: 121 s).
+#
 # Requeue only on 75, the engine's "stopped at a checkpoint, run the same command again to resume" (0 is
 # finished, anything else is a failure that a rerun would repeat), and at most MAX_REQUEUES times:
 # SLURM_RESTART_COUNT counts how often this job was requeued, so a run that is stopped again and again
