@@ -9,6 +9,9 @@
 # requeue, before SLURM's own SIGTERM (at the limit) and SIGKILL (KillWait later) arrive. So keep
 #     checkpoint write time  <  --shutdown-timeout  <  the @ seconds of --signal (minus a few for requeue).
 #
+# A requeued job is held about 2 minutes before it may start again (SLURM keeps it pending for the job
+# credential's lifetime, AuthInfo cred_expire, default 120 s; measured on 22.05: 121 s).
+#
 # Requeue only on 75, the engine's "stopped by a stop signal, run the same command again" (a training stage
 # saved a checkpoint and resumes from it, any other stage saved nothing and restarts; 0 is
 # finished, anything else is a failure that a rerun would repeat), and at most MAX_REQUEUES times:
@@ -56,10 +59,17 @@ requeue_or_exit() {
   fi
   echo "$(date +%T) batch script: job step stopped by a stop signal (exit 75: a training stage saved a" \
        "checkpoint, any other unfinished stage restarts; its \"stopped ...\" lines above say which)" >&2
-  echo "$(date +%T) batch script: requeueing job $SLURM_JOB_ID" \
+  # An array task is requeued as ARRAYID_TASKID. Its own SLURM_JOB_ID is not enough: one task of every array
+  # keeps the array's job id, and `scontrol requeue <that id>` requeues the whole array (running tasks are
+  # killed "DUE TO JOB REQUEUE", finished ones rerun).
+  local target=$SLURM_JOB_ID what="job $SLURM_JOB_ID"
+  if [[ -n ${SLURM_ARRAY_JOB_ID:-} && -n ${SLURM_ARRAY_TASK_ID:-} ]]; then
+    target=${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}
+    what="array task $target (job $SLURM_JOB_ID)"
+  fi
+  echo "$(date +%T) batch script: requeueing $what" \
        "($((count + 1)) of at most $MAX_REQUEUES)" >&2
-  # For an array task SLURM_JOB_ID is the task's own job id: only this task is requeued.
-  if scontrol requeue "$SLURM_JOB_ID"; then
+  if scontrol requeue "$target"; then
     exit 0
   fi
   echo "$(date +%T) batch script: scontrol requeue failed (was the job submitted with --requeue?)" >&2

@@ -106,11 +106,29 @@ def test_multinode_runs_one_torchrun_per_node_with_a_rendezvous_on_the_first_nod
     assert torchrun[0] == "torchrun"
     option = lambda name: torchrun[torchrun.index(name) + 1]  # noqa: E731
     assert option("--nnodes") == "3" and option("--nproc-per-node") == "8"  # #SBATCH --gpus-per-node=8
-    assert option("--rdzv-backend") == "c10d" and option("--rdzv-endpoint") == "gpu07:29400"
+    assert option("--rdzv-backend") == "c10d" and option("--rdzv-endpoint") == "gpu07:15150"  # from the job id
     assert option("--rdzv-id") == "5150" and option("--shutdown-timeout") == "60"
     assert "SIGUSR1" in option("--signals-to-handle")
     assert torchrun[-5:] == ["run", "configs/demo.yaml", "--stage", "dense", "dense.epochs=3"]
     assert not slurm.calls("scontrol") or all(c["argv"][0] == "show" for c in slurm.calls("scontrol"))
+
+
+def rendezvous_endpoint(slurm: FakeSlurm, **env: str) -> str:
+    proc = slurm.sbatch("--nodes=2", "slurm/train_multinode.sbatch", "configs/demo.yaml", FAKE_NODELIST="gpu[01-02]",
+                        **env)
+    assert proc.returncode == 0, proc.stderr
+    argv = slurm.calls("srun")[-1]["argv"]
+    return argv[argv.index("--rdzv-endpoint") + 1]
+
+
+def test_rendezvous_port_comes_from_the_job_id_unless_the_user_sets_one(slurm):
+    """Two multi-node jobs whose first node is the same must not meet in one rendezvous: with a fixed port the
+    second job's torchrun joined the first job's and failed when that one ended."""
+    first = rendezvous_endpoint(slurm, FAKE_JOB_ID="4711")
+    second = rendezvous_endpoint(slurm, FAKE_JOB_ID="4712")
+    assert first == "gpu01:14711" and second == "gpu01:14712"
+    assert rendezvous_endpoint(slurm, FAKE_JOB_ID="123456") == "gpu01:13456"  # 10000 + job id % 10000
+    assert rendezvous_endpoint(slurm, FAKE_JOB_ID="4711", RDZV_PORT="29555") == "gpu01:29555"  # the user's wins
 
 
 @pytest.mark.parametrize(
@@ -197,13 +215,19 @@ def test_array_task_i_trains_run_line_i_of_the_sweep_file(slurm, tmp_path):
 
 
 def test_array_task_requeues_itself_only(slurm, tmp_path):
+    """`scontrol requeue <id>` with the id of the task that kept the array's own job id (real SLURM gives it
+    to the last task to start; the fake to the last of the list) means the whole array: running tasks are killed and finished ones
+    rerun. Every task must requeue ARRAYID_TASKID, i.e. itself only."""
     sweep = tmp_path / "s.txt"
     sweep.write_text(SWEEP)
-    proc = slurm.sbatch("--array=1", "slurm/sweep_array.sbatch", str(sweep), "configs/demo.yaml", FAKE_JOB_ID="700",
-                        FAKE_SRUN="exit:75")
+    proc = slurm.sbatch("--array=0-2", "slurm/sweep_array.sbatch", str(sweep), "configs/demo.yaml",
+                        FAKE_JOB_ID="700", FAKE_SRUN="exit:75")
     assert proc.returncode == 0, proc.stderr
-    # array task 1 of job 700 has its own job id (702 here): requeueing it leaves the other tasks alone
-    assert [c["argv"] for c in slurm.calls("scontrol") if c["argv"][0] == "requeue"] == [["requeue", "702"]]
+    job_ids = [c["env"]["SLURM_JOB_ID"] for c in slurm.calls("srun")]
+    assert job_ids == ["701", "702", "700"]  # task 2 has the array's id
+    requeues = [c["argv"] for c in slurm.calls("scontrol") if c["argv"][0] == "requeue"]
+    assert requeues == [["requeue", "700_0"], ["requeue", "700_1"], ["requeue", "700_2"]]
+    assert "requeueing array task 700_2 (job 700)" in proc.stderr
 
 
 def test_sweep_errors_name_the_file_and_the_number_of_runs(slurm, tmp_path):
