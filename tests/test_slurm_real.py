@@ -199,10 +199,9 @@ def test_preempting_one_array_task_requeues_that_task_only(sweep):
     assert f"requeueing array task {array}_2 (job {array})" in logs[2], logs[2][-4000:]
 
 
-@pytest.mark.xfail(strict=False, reason="needs the stage lock of branch i18-lock (issue 18 item 3): the sweep "
-                                        "script's shared run.name and one task training the dense stage while the "
-                                        "others wait and reuse it")
 def test_array_tasks_share_one_dense_stage(sweep):
+    """The sweep script's shared run.name and the stage lock: one task trains the dense stage while the others
+    wait, then reuse it (before: every task trained an identical dense model of its own)."""
     dense = sorted(sweep["out_dir"].glob("*/dense-*"))
     assert len(dense) == 1, f"each task trained its own dense model: {dense}"
     lines = (dense[0] / "metrics.jsonl").read_text().splitlines()
