@@ -34,8 +34,8 @@ failure. Workers that torchrun itself killed (SIGTERM, or SIGKILL after --shutdo
 still exiting do not count: torchrun stops the whole group as soon as the first worker ends. So
 "stopped by a stop signal" is:
 * a worker exited 75 and every other failed worker exited 75 or was killed by torchrun. A checkpoint (in
-  a training stage) is complete by then: a rank leaves the checkpoint's final barrier, and can exit 75, only after rank 0
-  published the checkpoint;
+  a training stage) is complete by then: a rank leaves the checkpoint's final barrier, and can exit 75, only
+  after rank 0 published the checkpoint;
 * or torchrun itself received SIGTERM/SIGUSR1: it forwarded the signal, on which every rank checkpoints and
   exits 75, and waited up to --shutdown-timeout (if a save could not finish in time, torchrun logs the
   SIGKILL and the resume uses the previous checkpoint).

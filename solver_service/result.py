@@ -136,5 +136,5 @@ def check_selection(selected, assignment, n_all_features: int, n_classes: int, n
     counts = W.sum(axis=1)
     bad = np.flatnonzero(counts != k)
     if bad.size:
-        raise ResultError(f"assignment: expected exactly k = {k} features per class; class {bad[0]} has {counts[bad[0]]} "
-                          f"({bad.size} classes wrong)")
+        raise ResultError(f"assignment: expected exactly k = {k} features per class; class {bad[0]} has "
+                          f"{counts[bad[0]]} ({bad.size} classes wrong)")

@@ -6,8 +6,9 @@ allocation table points at, so the rows after the cut get wrong pixels), and a d
 later with a bare tarfile error. The open-time checks read file sizes, and for a .beton its header, field
 descriptors, metadata and allocation table: O(samples) numpy work, well under a second at ImageNet scale, no
 image bytes. Hashing whole files (`qpm_dist.utils.file_sha256`, recorded in dataset.json at conversion) is
-`verify`'s job. A changed byte inside one image is also found when that image is read, by its own digest where one was recorded
-(wds samples, folder images with a digest list: qpm_dist.data.digests); inside a .beton only `verify` finds it.
+`verify`'s job. A changed byte inside one image is also found when that image is read, by its own digest where
+one was recorded (wds samples, folder images with a digest list: qpm_dist.data.digests); inside a .beton only
+`verify` finds it.
 """
 
 from __future__ import annotations

@@ -256,7 +256,8 @@ class Trainer:
                                 self.progress.step_in_epoch)
                     raise at_checkpoint(self.setup.stage, str(path), self.progress.global_step, stop.signum)
                 n_ckpt = self.setup.engine.checkpoint_every_steps
-                if n_ckpt and self.progress.global_step % n_ckpt == 0 and self.progress.step_in_epoch < self.steps_per_epoch:
+                if (n_ckpt and self.progress.global_step % n_ckpt == 0
+                        and self.progress.step_in_epoch < self.steps_per_epoch):
                     self._check_finite(window.all_reduced(), "training")
                     self.save_checkpoint()
         finally:

@@ -7,8 +7,8 @@ broke each other's checkpoint temp folders (issue 18).
 
 The lock is a directory `<run folder>/.locks/<stage folder name>` (mkdir is atomic on NFS and Lustre; flock()
 is not reliable on every NFS; outside the run folder's `<stage>-<key>` names, so a lock left by a killed run
-never looks like a stage folder) holding `owner.json`: host, pid, SLURM job, a random token and a heartbeat timestamp that a
-background thread rewrites every `heartbeat_s`. A lock is stale, and is broken, when its process is dead on this
+never looks like a stage folder) holding `owner.json`: host, pid, SLURM job, a random token and a heartbeat
+timestamp that a background thread rewrites every `heartbeat_s`. A lock is stale, and is broken, when its process is dead on this
 host, or its heartbeat is older than `stale_s` (a process on another host that died, or a dead node). Across
 hosts this compares clocks, so keep `stale_s` well above the clock skew between nodes (NTP keeps it below a
 second). A stale lock is broken by renaming it to a unique name (one waiter wins the rename) and checking the
