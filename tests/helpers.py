@@ -127,3 +127,18 @@ def run_in_process(config: Path, *overrides: str, stage: str | None = None, thre
         return run_stages(spec.stages(cfg), ctx, stage), ctx
     finally:
         torch.set_num_threads(previous)
+
+
+def newest_logged_step(out_dir: Path, stage: str = "dense") -> int:
+    """The newest optimizer step in the metrics of `stage` under run.out_dir (0 before the first one); a line
+    being written meanwhile is skipped."""
+    newest = 0
+    for metrics in Path(out_dir).glob(f"*/{stage}-*/metrics.jsonl"):
+        for line in metrics.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("event") == "step":
+                newest = max(newest, record["global_step"])
+    return newest

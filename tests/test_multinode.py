@@ -12,7 +12,6 @@ runs it once per node. Every run here has world size 2 and trains the same confi
 
 from __future__ import annotations
 
-import json
 import signal
 import socket
 import subprocess
@@ -24,7 +23,8 @@ import psutil
 import pytest
 import yaml
 
-from helpers import LONG, REPO, assert_same_weights, clean_env, load_weights, stage_dir, write_test_config
+from helpers import (LONG, REPO, assert_same_weights, clean_env, load_weights, newest_logged_step, stage_dir,
+                     write_test_config)
 
 ENTRY = REPO / "tests" / "rank_weights_entry.py"
 
@@ -97,17 +97,7 @@ def _signal(process: psutil.Process, sig: signal.Signals) -> None:
 
 
 def logged_step(config: Path) -> int:
-    """The newest optimizer step in the run's metrics (0 before the first one)."""
-    newest = 0
-    for metrics in out_dir(config).glob("*/dense-*/metrics.jsonl"):
-        for line in metrics.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line being written
-                continue
-            if record.get("event") == "step":
-                newest = max(newest, record["global_step"])
-    return newest
+    return newest_logged_step(out_dir(config))
 
 
 def published_checkpoints(config: Path) -> list[Path]:

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import LONG, REPO, assert_same_weights, clean_env, load_weights, stage_dir, write_test_config
-from real_slurm import REQUEUE_HOLD_S, Cluster, Unavailable, start_cluster
+from helpers import (LONG, REPO, assert_same_weights, clean_env, load_weights, newest_logged_step, stage_dir,
+                     write_test_config)
+from real_slurm import Cluster, Unavailable, start_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -86,19 +87,6 @@ def read(path: Path) -> str:
     return path.read_text(errors="replace") if path.exists() else f"({path} does not exist)"
 
 
-def logged_step(out_dir: Path, stage: str = "dense") -> int:
-    newest = 0
-    for metrics in out_dir.glob(f"*/{stage}-*/metrics.jsonl"):
-        for line in metrics.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line being written
-                continue
-            if record.get("event") == "step":
-                newest = max(newest, record["global_step"])
-    return newest
-
-
 def dense_config(tmp_path: Path, name: str, data: Path, dense: dict = LONG["dense"]) -> tuple[Path, Path]:
     """A config whose dense stage runs `dense` (2 ranks here: one per node); returns (config, out_dir)."""
     out_dir = tmp_path / f"runs-{name}"
@@ -132,7 +120,7 @@ def test_usr1_stops_requeues_and_resumes_bitwise_equal(cluster, tmp_path, tiny_d
     log = tmp_path / "job.out"
     job = sbatch(cluster, "--nodes=2", f"--output={log}", "slurm/train_multinode.sbatch", str(config),
                  "--stage", "dense")
-    wait_for(lambda: logged_step(out_dir) >= 10 or cluster.job(job)["JobState"] in FINISHED, "step 10")
+    wait_for(lambda: newest_logged_step(out_dir) >= 10 or cluster.job(job)["JobState"] in FINISHED, "step 10")
     cluster.run("scancel", "--signal=USR1", "--batch", job)  # what preemption / the time limit sends (B:USR1)
     record = wait_finished(cluster, job, log)
     text = read(log)
@@ -176,7 +164,7 @@ def sweep(cluster, tmp_path_factory, tiny_data) -> dict:
     def task2_fine_tuning() -> bool:
         """Task 2 is the one fine-tuning beyond step 16 (an epoch: the others stop there)."""
         task2 = {r.get("ArrayTaskId"): r for r in cluster.jobs(array)}.get("2", {})
-        return task2.get("JobState") in FINISHED or logged_step(out_dir, "qpm_finetune") >= 20
+        return task2.get("JobState") in FINISHED or newest_logged_step(out_dir, "qpm_finetune") >= 20
 
     wait_for(task2_fine_tuning, "array task 2 fine-tuning", timeout=600)
     record = {r["ArrayTaskId"]: r for r in cluster.jobs(array)}["2"]
