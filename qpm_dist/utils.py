@@ -13,6 +13,20 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (/proc/self/status); elsewhere set and
+    restored at once (os.umask has no read-only form)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_open(path: Path, mode: str = "wb") -> Iterator[BinaryIO]:
     """Open a temp file next to `path`; on success fsync and rename it over `path`.
@@ -24,6 +38,7 @@ def atomic_open(path: Path, mode: str = "wb") -> Iterator[BinaryIO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600: outputs must be readable as open() makes them
         with os.fdopen(fd, mode) as fh:
             yield fh
             fh.flush()
