@@ -24,6 +24,8 @@ from solver_service.problem import normalise_options
 from solver_service.service import SolverService
 from solver_service.synthetic import random_problem, realistic_problem
 
+from job_waits import process_dies, wait_for_state
+
 ROOT = Path(__file__).resolve().parents[2]
 ENV = dict(os.environ, PYTHONPATH=str(ROOT))
 TOKEN = "s3cret"
@@ -41,28 +43,6 @@ def post(url: str, body: bytes) -> tuple[int, str]:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
-
-
-def wait_for(client, job_id, states, timeout=60.0) -> dict:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        state = client.status(job_id)
-        if state["state"] in states:
-            return state
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} still {state['state']} after {timeout}s")
-
-
-def dead(pid: int, timeout: float = 5.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            if Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z"):
-                return True
-        except FileNotFoundError:
-            return True
-        time.sleep(0.05)
-    return False
 
 
 # ------------------------------------------------------------------------------------------ item 8: uploads
@@ -128,7 +108,7 @@ def test_job_without_time_limit_ends_within_the_default(tmp_path):
         submitted = client.submit(p, backend="fast", effort=1e4)
         assert submitted["options"]["time_limit"] == 1.0
         started = time.monotonic()
-        state = wait_for(client, submitted["job_id"], ("done", "failed"), timeout=60)
+        state = wait_for_state(client, submitted["job_id"], ("done", "failed"), timeout=60)
         assert state["state"] == "done", state
         assert time.monotonic() - started < 30
         result = client.result(submitted["job_id"])
@@ -143,7 +123,7 @@ def test_cancel_stops_a_running_solve_and_the_queue_is_bounded(tmp_path):
         client = SolverClient(svc.url, token=TOKEN, timeout=10)
         p = realistic_problem(200, 60, 20, 3, seed=2)
         job = client.submit(p, backend="fast", effort=1e4, time_limit=600.0)["job_id"]
-        state = wait_for(client, job, ("running",))
+        state = wait_for_state(client, job, ("running",))
         while "worker_pid" not in state or "tabu" not in client.log(job):
             time.sleep(0.05)
             state = client.status(job)
@@ -156,7 +136,7 @@ def test_cancel_stops_a_running_solve_and_the_queue_is_bounded(tmp_path):
         token_file = tmp_path / "token"
         token_file.write_text(TOKEN + "\n")
         assert cli_main(["-q", "cancel", "--url", svc.url, "--token-file", str(token_file), job]) == 0
-        assert dead(state["worker_pid"]), "the worker must stop"
+        assert process_dies(state["worker_pid"], timeout=5.0), "the worker must stop"
         time.sleep(0.2)  # the worker thread has seen the exit: the state stays cancelled
         assert client.status(job)["state"] == "cancelled"
         with pytest.raises(SolverServiceError, match="HTTP 409"):

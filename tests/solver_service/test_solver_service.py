@@ -15,6 +15,8 @@ from solver_service import Result, SolverClient, SolverServiceError, solve, vali
 from solver_service.service import SolverService
 from solver_service.synthetic import random_problem, realistic_problem
 
+from job_waits import process_dies, wait_for_state
+
 ROOT = Path(__file__).resolve().parents[2]
 ENV = dict(os.environ, PYTHONPATH=str(ROOT))
 
@@ -92,28 +94,6 @@ def _start_server(workdir: Path) -> tuple[subprocess.Popen, str]:
     return proc, line.split()[-1]
 
 
-def _wait(client, job_id, states, timeout=60.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        state = client.status(job_id)
-        if state["state"] in states:
-            return state
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} still {state['state']}")
-
-
-def _dies(pid: int, timeout: float = 1.5) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            if Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z"):
-                return True  # a zombie waiting for init: dead
-        except FileNotFoundError:
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_killed_service_finishes_the_job_after_restart(tmp_path):
     workdir = tmp_path / "work"
     proc, url = _start_server(workdir)
@@ -122,14 +102,14 @@ def test_killed_service_finishes_the_job_after_restart(tmp_path):
         # fast with a huge budget and an 8 s cap: the worker is surely running when we kill the server
         p = realistic_problem(200, 60, 20, 3, seed=1)
         job = client.submit(p, backend="fast", effort=1000.0, time_limit=8.0)["job_id"]
-        state = _wait(client, job, ("running",))
+        state = wait_for_state(client, job, ("running",), poll=0.1)
         while "worker_pid" not in state or "tabu" not in client.log(job):  # the worker is solving
             time.sleep(0.1)
             state = client.status(job)
         assert state["solves"] == 1
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
-        assert _dies(state["worker_pid"]), "the worker must die with the server"
+        assert process_dies(state["worker_pid"], timeout=1.5), "the worker must die with the server"
         assert not (workdir / "jobs" / job / "result.npz").exists()
         assert not (workdir / "jobs" / job / "result.npz").exists()
         assert json.loads((workdir / "jobs" / job / "state.json").read_text())["state"] == "running"
@@ -138,7 +118,7 @@ def test_killed_service_finishes_the_job_after_restart(tmp_path):
     proc, url = _start_server(workdir)  # same workdir: the job is re-queued and solved
     try:
         client = SolverClient(url, timeout=10)
-        state = _wait(client, job, ("done", "failed"), timeout=90)
+        state = wait_for_state(client, job, ("done", "failed"), timeout=90, poll=0.1)
         assert state["state"] == "done" and state["solves"] == 2 and state.get("recovered") is True
         result = client.result(job)
         validate_result(p, result)
