@@ -30,6 +30,7 @@ from typing import Sequence
 import numpy as np
 
 from qpm_dist.data.integrity import MAX_NAMED, CorruptImageError, DataIntegrityError  # torch-free (make-synthetic)
+from qpm_dist.utils import atomic_write_text
 
 ALGORITHM = "blake2b-64"  # = `b2sum -l 64`
 DIGEST_LIST = "qpm_dist_digests.json"
@@ -75,9 +76,7 @@ def write_digest_list(path: str | Path, files: dict[str, str], dataset: str | No
     path = Path(path)
     content = {"format": LIST_FORMAT, "version": LIST_VERSION, "algorithm": ALGORITHM, "dataset": dataset,
                "count": len(files), "checksum": _entries_checksum(files), "files": dict(sorted(files.items()))}
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(content, indent=0) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(content, indent=0) + "\n")
 
 
 def load_digest_list(path: str | Path, root: str | Path) -> dict[str, str]:
