@@ -233,3 +233,16 @@ def test_build_model_require_head(tmp_path):
     model = build_model(dataclasses.replace(cfg, weights=str(tiny_weights(tmp_path / "w10.pt", 10))), 10,
                         require_head=True)
     assert torch.equal(model.head.linear.weight, torch.load(tmp_path / "w10.pt")["fc.weight"])
+
+
+def test_report_names_classes_by_the_devkits_words(fake_imagenet, tmp_path):
+    """A QPM run on the fake ImageNet (tiny backbone, in process, ~15 s): the report says "tench", not n01440764."""
+    from helpers import run_in_process, stage_dir
+
+    config = write_test_config(tmp_path / "c.yaml", fake_imagenet, tmp_path / "runs",
+                               data={"dataset": "imagenet", "img_size": 32},
+                               finetune={"epochs": 1, "batch_size": 16, "eval_batch_size": 32})
+    run_in_process(config)
+    html = (stage_dir(tmp_path / "runs", "qpm_report") / "report.html").read_text()
+    assert "tench, Tinca tinca" in html and "goldfish, Carassius auratus" in html
+    assert not any(wnid in html for wnid in WNIDS)
