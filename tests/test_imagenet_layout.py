@@ -310,3 +310,12 @@ def test_object_pointing_skips_images_without_a_box(tmp_path):
     result = object_pointing(PeakModel(2), data, dist.init("cpu"), contextlib.nullcontext, batch_size=2)
     assert result == {"object_pointing": 0.5, "object_pointing_chance": pytest.approx(100 / 1600),
                       "object_pointing_images": 2, "object_pointing_unannotated": 1}
+
+
+def test_val_classes_enters_stage_keys_through_the_dataset_only():
+    """data.val_classes changes the val file list (the dataset fingerprint); as a key of its own it would restart
+    every existing run's stages after this option was added."""
+    from qpm_dist.stages.train import data_key
+
+    default, subset = load_config(None, []), load_config(None, ["data.val_classes=train"])
+    assert "val_classes" not in data_key(default) and data_key(default) == data_key(subset)

@@ -32,6 +32,7 @@ def data_key(cfg: Config) -> dict[str, Any]:
     d = to_dict(cfg.data)
     for name in ("root", "converted", "num_workers"):
         d.pop(name)
+    d.pop("val_classes")  # changes the val file list, which the dataset fingerprint covers; no key change for others
     return d
 
 
