@@ -19,6 +19,7 @@ from torch import nn
 
 from qpm_dist.config import ModelConfig
 from qpm_dist.errors import BadInput
+from qpm_dist.utils import log
 from qpm_dist.models.backbones import build_backbone, load_backbone_weights, read_state_dict
 
 
@@ -110,4 +111,7 @@ def build_model(cfg: ModelConfig, num_classes: int, require_head: bool = False) 
                 f"model.weights: {cfg.weights} has {found}, but dense.epochs=0 uses the file as the dense model, which "
                 f"needs a classifier for the dataset's {num_classes} classes {tuple(head.linear.weight.shape)}; train "
                 f"the dense model (dense.epochs > 0) or give weights with that head")
+        elif fc_w is not None:
+            log.info("model.weights: its fc.weight %s does not fit the dataset's %d classes: the head starts random "
+                     "and is trained", tuple(fc_w.shape), num_classes)
     return Classifier(backbone, head)
