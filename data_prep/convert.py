@@ -66,10 +66,8 @@ def add_source_arguments(ap: argparse.ArgumentParser) -> None:
 
 def read_source(args):
     """The source dataset's splits through the same readers training uses (DatasetBundle)."""
-    from qpm_dist.config import DataConfig
+    from qpm_dist.config import CROP_TO_BOX_DATASETS, DataConfig
     from qpm_dist.data.sources import read_splits
-
-    from qpm_dist.config import CROP_TO_BOX_DATASETS
 
     if args.crop_to_box and args.dataset not in CROP_TO_BOX_DATASETS:  # the rule of data.crop_to_box
         raise ValueError(f"--crop-to-box: needs one bounding box per image, which --dataset {args.dataset} does not "

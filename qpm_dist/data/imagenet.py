@@ -58,7 +58,7 @@ KAGGLE_BOXES = "ILSVRC/Annotations/CLS-LOC"
 KAGGLE_VAL = "LOC_val_solution.csv"
 KAGGLE_SYNSETS = "LOC_synset_mapping.txt"
 _VAL_NAME = re.compile(r"ILSVRC2012_val_(\d{8})\.", re.IGNORECASE)
-VAL_CLASSES_HINT = "set data.val_classes=train to evaluate on the train classes only"
+VAL_CLASSES_HINT = "set data.val_classes=train (converters: --val-classes train) to evaluate on the train classes only"
 
 
 @dataclass(frozen=True)
