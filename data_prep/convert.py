@@ -27,14 +27,31 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def split_name(name: str) -> str:
+    """`val` is the test split's name in ImageNet and class-folder trees: accept it for `test`."""
+    return "test" if name == "val" else name
+
+
+class _UniqueSplits(argparse.Action):
+    """`--splits test val` names one split once."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, list(dict.fromkeys(values)))
+
+
 def add_source_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("out_dir", type=Path, help="output folder (give it to training as data.converted)")
     ap.add_argument("--dataset", required=True, choices=DATASETS, help="source layout, as data.dataset")
     ap.add_argument("--root", required=True, type=Path, help="source dataset folder, as data.root")
-    ap.add_argument("--splits", nargs="+", default=["train", "test"], choices=["train", "test"],
-                    help="splits to convert (default: both; training needs both)")
+    ap.add_argument("--splits", nargs="+", default=["train", "test"], choices=["train", "test"], type=split_name,
+                    action=_UniqueSplits,
+                    help="splits to convert: train, test (or val, its name in ImageNet and folder trees); "
+                         "default: both, which training needs")
     ap.add_argument("--crop-to-box", action="store_true",
                     help="store images cropped to their bounding box (CUB, Cars); train with data.crop_to_box=true")
+    ap.add_argument("--val-classes", choices=["all", "train"], default="all",
+                    help="imagenet: as data.val_classes; train = leave out validation images of classes without "
+                         "a train folder (a class subset)")
     ap.add_argument("--max-side", type=int, default=None,
                     help="shrink images whose longer side exceeds this many pixels (default: keep the size)")
     ap.add_argument("--jpeg-quality", type=int, default=90, help="quality of re-encoded JPEGs (default %(default)s)")
@@ -49,10 +66,14 @@ def add_source_arguments(ap: argparse.ArgumentParser) -> None:
 
 def read_source(args):
     """The source dataset's splits through the same readers training uses (DatasetBundle)."""
-    from qpm_dist.config import DataConfig
+    from qpm_dist.config import CROP_TO_BOX_DATASETS, DataConfig
     from qpm_dist.data.sources import read_splits
 
-    cfg = DataConfig(dataset=args.dataset, root=str(args.root), crop_to_box=args.crop_to_box)
+    if args.crop_to_box and args.dataset not in CROP_TO_BOX_DATASETS:  # the rule of data.crop_to_box
+        raise ValueError(f"--crop-to-box: needs one bounding box per image, which --dataset {args.dataset} does not "
+                         f"have (only {', '.join(CROP_TO_BOX_DATASETS)} do)")
+    cfg = DataConfig(dataset=args.dataset, root=str(args.root), crop_to_box=args.crop_to_box,
+                     val_classes=args.val_classes)
     return read_splits(cfg)
 
 
@@ -122,12 +143,15 @@ def fingerprint(ident: dict) -> str:
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
 
 
-def finish(out: Path, ident: dict, bundle, splits: dict) -> dict:
+def finish(out: Path, ident: dict, bundle, splits: dict, val_classes: str = "all") -> dict:
     """Write dataset.json (last: it marks the conversion finished) and drop the plan file."""
     from qpm_dist.data.manifest import MANIFEST, VERSION
 
     manifest = {**ident, "version": VERSION, "num_classes": bundle.num_classes,
-                "class_names": list(bundle.class_names), "fingerprint": fingerprint(ident), "splits": splits}
+                "class_names": list(bundle.class_names),
+                "display_names": list(bundle.display_names), "fingerprint": fingerprint(ident), "splits": splits}
+    if val_classes != "all":  # for verify, which reads the source again
+        manifest["val_classes"] = val_classes
     if getattr(bundle, "class_parts", None) is not None:  # synthetic ground truth, for the part metrics
         manifest["class_parts"] = bundle.class_parts.astype(int).tolist()
     write_json(out / MANIFEST, manifest)
@@ -149,7 +173,7 @@ def run_conversion(fmt: str, args, options: dict, convert_splits, describe) -> i
         if prepare_output(args.out_dir, ident, args.force) == "complete":
             print(f"{args.out_dir}: already converted with these options (dataset.json)")
             return 0
-        manifest = finish(args.out_dir, ident, bundle, convert_splits(bundle))
+        manifest = finish(args.out_dir, ident, bundle, convert_splits(bundle), args.val_classes)
     except (FileNotFoundError, FileExistsError, ValueError, CorruptImageError) as exc:
         print(f"{name}: error: {exc}", file=sys.stderr)
         print(f"{name}: finished files are kept; rerun the same command to resume", file=sys.stderr)

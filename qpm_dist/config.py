@@ -86,6 +86,10 @@ class RunConfig:
     resume: str = "auto"
 
 
+# Datasets with one object box per image: the only ones data.crop_to_box and `--crop-to-box` accept.
+CROP_TO_BOX_DATASETS = ("synthetic", "cub", "cars")
+
+
 @dataclass
 class DataConfig:
     # synthetic/cub: CUB-200-2011 layout; folder: root/{train,val}/<class>/*; imagenet: train class folders,
@@ -115,8 +119,12 @@ class DataConfig:
     img_size: int = bounded(64, ge=8)
     # Train-time augmentation recipe, see qpm_dist.data.transforms.
     augment: Literal["none", "light", "cub", "imagenet"] = "light"
-    # Crop every image to its object bounding box (CUB-style datasets only).
+    # Crop every image to its object bounding box. Needs one box per image: cub, cars, synthetic (not imagenet,
+    # whose box XMLs cover only some train images, nor folder).
     crop_to_box: bool = False
+    # imagenet: validation images of classes without a train folder (a class subset) stop the run naming this
+    # option ("all"), or are left out ("train": evaluate on the train classes only).
+    val_classes: Literal["all", "train"] = "all"
     num_workers: int = bounded(2, ge=0)
     # Per-channel normalisation of images scaled to [0, 1].
     mean: list[float] = bounded([0.485, 0.456, 0.406], ge=0, le=1)
@@ -127,6 +135,9 @@ class DataConfig:
             raise ConfigError(f"{key}.mean and {key}.std: expected 3 values (RGB)")
         if isinstance(self.digests, str) and not self.digests.strip():
             raise ConfigError(f"{key}.digests: expected \"auto\", \"off\" or the path of a digest list")
+        if self.crop_to_box and self.dataset not in CROP_TO_BOX_DATASETS:
+            raise ConfigError(f"{key}.crop_to_box: needs one bounding box per image, which {key}.dataset="
+                              f"{self.dataset} does not have (only {', '.join(CROP_TO_BOX_DATASETS)} do)")
         if self.backend != "folder" and not self.converted:
             raise ConfigError(f"{key}.converted: {key}.backend={self.backend} needs the folder written by "
                               f"`python -m data_prep to-{self.backend}`")

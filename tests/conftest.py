@@ -25,6 +25,22 @@ def tiny_data(tmp_path_factory) -> Path:
     return generate(tmp_path_factory.mktemp("data") / "synthetic", workers=1, **TINY_DATA)
 
 
+@pytest.fixture(scope="session")
+def fake_imagenet(tmp_path_factory) -> Path:
+    """ImageNet's official layout (tests/fake_imagenet.py), written once per session: treat as read-only."""
+    from fake_imagenet import make_fake_imagenet
+
+    return make_fake_imagenet(tmp_path_factory.mktemp("imagenet") / "official")
+
+
+@pytest.fixture(scope="session")
+def fake_imagenet_kaggle(tmp_path_factory) -> Path:
+    """The same images in Kaggle's layout (LOC_val_solution.csv, LOC_synset_mapping.txt), read-only."""
+    from fake_imagenet import make_fake_imagenet
+
+    return make_fake_imagenet(tmp_path_factory.mktemp("imagenet") / "kaggle", layout="kaggle")
+
+
 @pytest.fixture
 def write_config(tmp_path, tiny_data):
     """Write BASE_CONFIG (+ nested updates) with this test's data root and out_dir; return the path."""

@@ -38,8 +38,9 @@ def test_zero_dense_epochs_use_the_named_weights_and_evaluate_them(write_config,
 
     torch.manual_seed(3)
     backbone = build_backbone("tiny_resnet", ModelConfig().reduced_strides, "batch", 8)  # BASE_CONFIG's model
+    head = torch.nn.Linear(backbone.num_features, 4)  # torchvision's `fc`, for the data's 4 classes
     weights = tmp_path / "backbone.pt"
-    torch.save(backbone.state_dict(), weights)
+    torch.save({**backbone.state_dict(), "fc.weight": head.weight.detach(), "fc.bias": head.bias.detach()}, weights)
     config = write_config("pretrained.yaml", model={"weights": str(weights)}, dense={"epochs": 0})
     run_in_process(config, stage="dense")
     out = stage_dir(tmp_path / "runs-pretrained")
@@ -48,3 +49,4 @@ def test_zero_dense_epochs_use_the_named_weights_and_evaluate_them(write_config,
     saved = load_weights(out / "model.pt")
     for key, value in backbone.state_dict().items():
         assert torch.equal(saved[f"backbone.{key}"], value), key
+    assert torch.equal(saved["head.linear.weight"], head.weight.detach())

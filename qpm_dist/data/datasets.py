@@ -155,6 +155,13 @@ class DatasetBundle:
     fingerprint: str  # identifies the annotation files: a changed dataset never reuses cached results
     seed: int = 0
     class_parts: np.ndarray | None = None  # ground-truth class x part matrix (synthetic data only)
+    # what reports call the classes (ImageNet: the devkit's words); None: class_names. class_names stay the
+    # classes' identity (folder names, wnids), which conversions and checks compare.
+    display_names: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.display_names is None:
+            self.display_names = list(self.class_names)
 
     def num_samples(self, split: str) -> int:
         return len({"train": self.train_split, "test": self.test_split}[split])

@@ -44,6 +44,7 @@ class DataSource(Protocol):
 
     num_classes: int
     class_names: list[str]
+    display_names: list[str]  # what reports call the classes (ImageNet: the devkit's words, not the wnids)
     fingerprint: str
     class_parts: "np.ndarray | None"  # ground-truth class x part matrix where known (synthetic data)
 

@@ -5,7 +5,8 @@ sample counts without opening any data file — exact epochs and equal batch cou
 these counts alone. It is written last and atomically, so its presence marks a finished conversion.
 
     {"format": "ffcv" | "wds", "version": 1, "dataset": "imagenet", "source_root": ..., "crop_to_box": false,
-     "num_classes": C, "class_names": [...], "source_fingerprint": ..., "fingerprint": ..., "options": {...},
+     "num_classes": C, "class_names": [...], "display_names": [...] (names reports use; ImageNet's words),
+     "source_fingerprint": ..., "fingerprint": ..., "options": {...},
      "class_parts": [[0, 1, ...], ...]                                     (synthetic data only)
      "splits": {"train": {"num_samples": N, "skipped": [{"index": i, "path": ..., "error": ...}],
                           "file": "train.beton", "rows": r, "bytes": b, "sha256": h      (ffcv)
@@ -87,5 +88,6 @@ class ConvertedSource:
         check_matches_config(self.manifest, cfg, self.root)
         self.num_classes = int(self.manifest["num_classes"])
         self.class_names = list(self.manifest["class_names"])
+        self.display_names = list(self.manifest.get("display_names") or self.class_names)  # older manifests: none
         self.fingerprint = self.manifest["fingerprint"]
         self.class_parts = class_parts(self.manifest)

@@ -72,6 +72,15 @@ def _from_reader(cfg: DataConfig, seed: int, read) -> DatasetBundle:
     return DatasetBundle(cfg, train, test, len(class_names), list(class_names), fingerprint, seed)
 
 
+def _imagenet(cfg: DataConfig, seed: int) -> DatasetBundle:
+    """ImageNet: wnids are the classes' identity (folders, labels, conversions), the devkit's words their names."""
+    from qpm_dist.data.imagenet import read_imagenet
+
+    found = read_imagenet(Path(cfg.root), cfg.val_classes)
+    return DatasetBundle(cfg, found.train, found.val, len(found.wnids), found.wnids, found.fingerprint, seed,
+                         display_names=found.words)
+
+
 def read_splits(cfg: DataConfig, seed: int = 0) -> DatasetBundle:
     """The image files and labels of `cfg.dataset` under `cfg.root` (what the converters read too)."""
     root = Path(cfg.root)
@@ -83,9 +92,7 @@ def read_splits(cfg: DataConfig, seed: int = 0) -> DatasetBundle:
     if cfg.dataset == "folder":
         return _class_folders(cfg, seed)
     if cfg.dataset == "imagenet":
-        from qpm_dist.data.imagenet import read_imagenet
-
-        return _from_reader(cfg, seed, read_imagenet)
+        return _imagenet(cfg, seed)
     if cfg.dataset == "cars":
         from qpm_dist.data.cars import read_stanford_cars
 

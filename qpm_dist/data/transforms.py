@@ -69,6 +69,23 @@ def test_transform(cfg: DataConfig) -> v2.Compose:
     return v2.Compose(geometry + _finish(cfg))
 
 
+def test_point_to_source(cfg: DataConfig, width: int, height: int, x: float, y: float) -> tuple[float, float]:
+    """The point of the original width x height image that the test transform moves to (x, y) of its output
+    (continuous pixel coordinates), for metrics that compare map positions with boxes drawn on the original."""
+    s = cfg.img_size
+    if eval_squashes(cfg):
+        return x * width / s, y * height / s
+    # v2.Resize(int): the shorter side becomes r, the longer int(r * long / short); v2.CenterCrop(s) then cuts
+    # int(round((side - s) / 2)) from the top and the left
+    r = round(s / eval_crop_ratio(cfg))
+    if width <= height:
+        new_w, new_h = r, int(r * height / width)
+    else:
+        new_w, new_h = int(r * width / height), r
+    left, top = int(round((new_w - s) / 2.0)), int(round((new_h - s) / 2.0))
+    return (x + left) * width / new_w, (y + top) * height / new_h
+
+
 def train_transform(cfg: DataConfig) -> v2.Compose:
     s = cfg.img_size
     if cfg.augment == "none":

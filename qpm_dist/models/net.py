@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from qpm_dist.config import ModelConfig
+from qpm_dist.errors import BadInput
+from qpm_dist.utils import log
 from qpm_dist.models.backbones import build_backbone, load_backbone_weights, read_state_dict
 
 
@@ -83,11 +85,17 @@ class Classifier(nn.Module):
         return self.head(self.backbone(images))
 
 
-def build_model(cfg: ModelConfig, num_classes: int) -> Classifier:
+class WeightsHeadMismatch(BadInput, ValueError):
+    """model.weights has no classifier for the dataset's classes, but the run needs one (dense.epochs=0)."""
+
+
+def build_model(cfg: ModelConfig, num_classes: int, require_head: bool = False) -> Classifier:
     """Build backbone + dense head; load `cfg.weights` (a local file) if given.
 
     A torchvision checkpoint's `fc.*` initialises the head only when the class count matches (1000 for
-    ImageNet weights), as the reference does; otherwise the head keeps its random initialisation.
+    ImageNet weights), as the reference does; otherwise the head keeps its random initialisation, which is
+    right before training and wrong without it: `require_head` (dense.epochs=0, the dense model is the file as
+    given) then raises WeightsHeadMismatch, e.g. for a subset of ImageNet's classes, whose accuracy would be chance.
     """
     backbone = build_backbone(cfg.arch, cfg.reduced_strides, cfg.norm, cfg.tiny_width)
     head = DenseHead(backbone.num_features, num_classes, cfg.dropout)
@@ -97,4 +105,13 @@ def build_model(cfg: ModelConfig, num_classes: int) -> Classifier:
         fc_w, fc_b = state.get("fc.weight"), state.get("fc.bias")
         if fc_w is not None and fc_b is not None and tuple(fc_w.shape) == tuple(head.linear.weight.shape):
             head.linear.load_state_dict({"weight": fc_w, "bias": fc_b})
+        elif require_head:
+            found = "no fc.weight/fc.bias" if fc_w is None or fc_b is None else f"fc.weight {tuple(fc_w.shape)}"
+            raise WeightsHeadMismatch(
+                f"model.weights: {cfg.weights} has {found}, but dense.epochs=0 uses the file as the dense model, which "
+                f"needs a classifier for the dataset's {num_classes} classes {tuple(head.linear.weight.shape)}; train "
+                f"the dense model (dense.epochs > 0) or give weights with that head")
+        elif fc_w is not None:
+            log.info("model.weights: its fc.weight %s does not fit the dataset's %d classes: the head starts random "
+                     "and is trained", tuple(fc_w.shape), num_classes)
     return Classifier(backbone, head)

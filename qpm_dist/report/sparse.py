@@ -82,7 +82,7 @@ def sparse_head_sections(inputs: ReportInputs) -> list[tuple[str, str]]:
     cfg, data, device = ctx.cfg, ctx.data, ctx.info.device
     weights = model.head.class_weights().detach().cpu().numpy()
     selected = model.head.selection.cpu().numpy()
-    names = [n.split(".", 1)[-1] for n in data.class_names]
+    names = [n.split(".", 1)[-1] for n in data.display_names]  # CUB's "001.Black_footed_Albatross"; ImageNet's words
     # name features by the part they localise (where part boxes exist), else by the class-set matching
     own = inputs.metrics[inputs.method]
     matching = own.get("feature_part_localisation") or own.get("feature_part_matching") or {}

@@ -26,10 +26,13 @@ METRIC_ROWS = [
     ("part_localisation_chance", "... for a peak at a random position"),
     ("parts_covered", "Distinct parts the features localise"),
     ("part_links_by_localisation", "Class-part links recovered (features matched by localisation)"),
+    ("object_pointing", "Class evidence peaks inside the object box (pointing game; test images with a box)"),
+    ("object_pointing_chance", "... for a peak at a random position"),
 ]
 
 # metric -> the value it must beat: what the same score gives by chance
-BASELINES = {"part_recovery": "part_recovery_random", "part_localisation": "part_localisation_chance"}
+BASELINES = {"part_recovery": "part_recovery_random", "part_localisation": "part_localisation_chance",
+             "object_pointing": "object_pointing_chance"}
 
 # short names for figure axes
 SHORT_LABELS = {
@@ -38,7 +41,7 @@ SHORT_LABELS = {
     "correlation": "correlation (lower is better)", "dependence": "dependence (lower is better)",
     "structural_grounding": "structural grounding", "part_recovery": "class-part links recovered",
     "part_precision": "link precision", "part_coverage": "parts covered (share)",
-    "part_localisation": "peaks inside the part's box",
+    "part_localisation": "peaks inside the part's box", "object_pointing": "peaks inside the object box",
 }
 
 

@@ -32,6 +32,7 @@ def data_key(cfg: Config) -> dict[str, Any]:
     d = to_dict(cfg.data)
     for name in ("root", "converted", "num_workers"):
         d.pop(name)
+    d.pop("val_classes")  # changes the val file list, which the dataset fingerprint covers; no key change for others
     return d
 
 
@@ -45,7 +46,7 @@ def prepare_for_training(model: nn.Module, cfg: Config) -> nn.Module:
 def build_dense_model(cfg: Config, num_classes: int) -> Classifier:
     """Same initial weights on every rank (seeded); the caller then seeds per-rank streams for dropout."""
     torch.manual_seed(cfg.run.seed)
-    return prepare_for_training(build_model(cfg.model, num_classes), cfg)
+    return prepare_for_training(build_model(cfg.model, num_classes, require_head=cfg.dense.epochs == 0), cfg)
 
 
 def seed_rank_streams(seed: int, rank: int) -> None:
