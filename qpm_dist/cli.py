@@ -34,8 +34,10 @@ def _preflight(cfg) -> None:
     elif not Path(cfg.data.root).exists():
         hint = " (create it with `qpm-dist make-synthetic`)" if cfg.data.dataset == "synthetic" else ""
         raise FileNotFoundError(f"data.root: dataset folder not found: {cfg.data.root}{hint}")
-    if cfg.model.weights and not Path(cfg.model.weights).expanduser().is_file():
-        raise FileNotFoundError(f"model.weights: file not found: {cfg.model.weights}")
+    if cfg.model.weights:  # readable, and fits model.arch: not a traceback from every rank once a stage starts
+        from qpm_dist.models.backbones import check_weights_file
+
+        check_weights_file(cfg.model)
     if cfg.engine.strategy == "deepspeed" and not Path(cfg.engine.deepspeed_config).is_file():
         raise FileNotFoundError(f"engine.deepspeed_config: file not found: {cfg.engine.deepspeed_config}")
 
@@ -52,11 +54,12 @@ def _load_config(args: argparse.Namespace, path, overrides):
 def cmd_run(args: argparse.Namespace) -> int:
     # Config and paths are checked before any data is read or any process group is formed.
     from qpm_dist.config import ConfigError, save_config
+    from qpm_dist.errors import BadInput
 
     try:
         cfg = _load_config(args, args.config, args.overrides)
         _preflight(cfg)
-    except (ConfigError, FileNotFoundError, ImportError) as exc:
+    except (ConfigError, BadInput, FileNotFoundError, ImportError) as exc:
         return _fail(str(exc))
 
     from qpm_dist import dist, methods
@@ -64,7 +67,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     from qpm_dist.data.sources import build_datasets
     from qpm_dist.engine.preemption import PREEMPTED_EXIT_CODE, Preempted
     from qpm_dist.engine.trainer import NonFiniteError
-    from qpm_dist.errors import BadInput
     from qpm_dist.stages.runner import RunContext, run_stages
     from qpm_dist.utils import log, setup_logging
     from solver_service import SolverServiceError

@@ -150,6 +150,9 @@ class ModelConfig:
     reduced_strides: bool = True
     # Local file with backbone weights (torchvision layout). Nothing is ever downloaded.
     weights: Optional[str] = None
+    # Which state dict of model.weights to take: auto = the file itself if it is a state dict, else the first
+    # found under 'model', 'state_dict', 'model_ema', 'state_dict_ema' (README, "Real data": the formats read).
+    weights_key: Literal["auto", "model", "state_dict", "model_ema", "state_dict_ema"] = "auto"
     norm: Literal["batch", "sync_batch", "group"] = "batch"
     dropout: float = bounded(0.2, ge=0, lt=1)
     tiny_width: int = bounded(16, ge=1)

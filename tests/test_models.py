@@ -48,5 +48,6 @@ def test_weight_errors_name_the_file(tmp_path):
         build_model(ModelConfig(arch="resnet18", weights=str(garbage)), num_classes=3)
     wrong = tmp_path / "resnet50.pth"
     torch.save(build_model(ModelConfig(arch="resnet50"), 3).backbone.state_dict(), wrong)
-    with pytest.raises(ValueError, match=r"does not match the backbone: .*different shape"):
+    with pytest.raises(ValueError, match=r"does not match the backbone of model\.arch=resnet18: .*different shape"
+                                         r".*; the file fits model\.arch=resnet50$"):
         build_model(ModelConfig(arch="resnet18", weights=str(wrong)), num_classes=3)

@@ -17,7 +17,8 @@ from torchvision.models import resnet
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from qpm_dist.config import ConfigError, ModelConfig
-from qpm_dist.errors import MissingInput
+from qpm_dist.models.weight_files import BadWeightsFile, load_checkpoint, select_state_dict
+from qpm_dist.utils import log
 
 NormFactory = Callable[[int], nn.Module]
 
@@ -125,45 +126,72 @@ def build_backbone(arch: str, reduced_strides: bool, norm: str = "batch", tiny_w
     return ResNetBackbone(arch, reduced_strides=reduced_strides, norm=norm)
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Load a state dict from a local file (plain, or under 'state_dict'/'model'; 'module.' stripped)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise MissingInput(
-            f"model.weights: file not found: {path} (weights are never downloaded; download e.g. torchvision's "
-            f"resnet50 checkpoint yourself and name the local file)"
-        )
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling error means the same thing to the user
-        raise ValueError(f"model.weights: {path} is not a readable PyTorch checkpoint ({exc})") from exc
-    for key in ("state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"model.weights: {path} does not contain a state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+def read_state_dict(path: str | Path, key: str = "auto") -> dict[str, torch.Tensor]:
+    """The state dict of a local weights file (see `weight_files`: the formats read, how they are read safely,
+    and which state dict `key` selects; "module." prefixes stripped)."""
+    state, where = select_state_dict(load_checkpoint(path), key, path)
+    log.info("model.weights: %s: %d tensors from %s", path, len(state), where)
+    return state
 
 
-def load_backbone_weights(backbone: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load the backbone part of `state` strictly: every backbone tensor must be present with its shape.
+def _body(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The backbone's part of a torchvision state dict: without the classifier (`fc.*`)."""
+    return {k: v for k, v in state.items() if not k.startswith("fc.")}
 
-    Keys of the classifier (torchvision's `fc.*`) are ignored here; a mismatch lists what is wrong.
-    """
-    own = backbone.state_dict()
-    body = {k: v for k, v in state.items() if not k.startswith("fc.")}
+
+def _mismatch(own: dict[str, tuple], body: dict[str, torch.Tensor]) -> list[str]:
+    """What differs between the backbone's tensor shapes `own` and the file's `body`, as phrases (none: a match)."""
     missing = sorted(set(own) - set(body))
     unexpected = sorted(set(body) - set(own))
-    bad_shape = sorted(k for k in set(own) & set(body) if own[k].shape != body[k].shape)
-    if missing or unexpected or bad_shape:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
-        if bad_shape:
-            k = bad_shape[0]
-            parts.append(f"{len(bad_shape)} with a different shape (e.g. {k}: file {tuple(body[k].shape)} "
-                         f"vs model {tuple(own[k].shape)})")
-        raise ValueError(f"model.weights: {source} does not match the backbone: " + "; ".join(parts))
-    backbone.load_state_dict(body, strict=True)
+    bad_shape = sorted(k for k in set(own) & set(body) if tuple(own[k]) != tuple(body[k].shape))
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+    if bad_shape:
+        k = bad_shape[0]
+        parts.append(f"{len(bad_shape)} with a different shape (e.g. {k}: file {tuple(body[k].shape)} "
+                     f"vs model {tuple(own[k])})")
+    return parts
+
+
+def _shapes(backbone: nn.Module) -> dict[str, tuple]:
+    return {k: tuple(v.shape) for k, v in backbone.state_dict().items()}
+
+
+def _matching_arch(body: dict[str, torch.Tensor]) -> str | None:
+    """The torchvision ResNet whose backbone `body` fits (built on the meta device: no memory, no init)."""
+    for arch in ("resnet18", "resnet34", "resnet50"):
+        with torch.device("meta"):
+            if not _mismatch(_shapes(ResNetBackbone(arch, reduced_strides=False)), body):
+                return arch
+    return None
+
+
+def check_backbone_weights(backbone: nn.Module, state: dict[str, torch.Tensor], source: str, arch: str) -> None:
+    """Every backbone tensor must be in `state` with its shape, and nothing else (the classifier's `fc.*` aside),
+    or BadWeightsFile in one line: what is missing, unexpected or shaped differently, and which model.arch the
+    file would fit (a ResNet-18 file given to model.arch=resnet50)."""
+    body = _body(state)
+    parts = _mismatch(_shapes(backbone), body)
+    if parts:
+        fits = _matching_arch(body)
+        hint = f"; the file fits model.arch={fits}" if fits and fits != arch else ""
+        raise BadWeightsFile(f"model.weights: {source} does not match the backbone of model.arch={arch}: "
+                             + "; ".join(parts) + hint)
+
+
+def check_weights_file(cfg: ModelConfig) -> None:
+    """Before any work: `cfg.weights` is readable and fits the backbone of `cfg.arch`. The backbone is built on
+    the meta device and zip files are memory-mapped, so this reads the file's pickle but no tensor data."""
+    state = read_state_dict(cfg.weights, cfg.weights_key)
+    with torch.device("meta"):
+        backbone = build_backbone(cfg.arch, cfg.reduced_strides, cfg.norm, cfg.tiny_width)
+    check_backbone_weights(backbone, state, cfg.weights, cfg.arch)
+
+
+def load_backbone_weights(backbone: nn.Module, state: dict[str, torch.Tensor], source: str, arch: str) -> None:
+    """Load the backbone part of `state` strictly (`check_backbone_weights`); torchvision's `fc.*` is ignored."""
+    check_backbone_weights(backbone, state, source, arch)
+    backbone.load_state_dict(_body(state), strict=True)

@@ -100,8 +100,8 @@ def build_model(cfg: ModelConfig, num_classes: int, require_head: bool = False) 
     backbone = build_backbone(cfg.arch, cfg.reduced_strides, cfg.norm, cfg.tiny_width)
     head = DenseHead(backbone.num_features, num_classes, cfg.dropout)
     if cfg.weights:
-        state = read_state_dict(cfg.weights)
-        load_backbone_weights(backbone, state, cfg.weights)
+        state = read_state_dict(cfg.weights, cfg.weights_key)
+        load_backbone_weights(backbone, state, cfg.weights, cfg.arch)
         fc_w, fc_b = state.get("fc.weight"), state.get("fc.bias")
         if fc_w is not None and fc_b is not None and tuple(fc_w.shape) == tuple(head.linear.weight.shape):
             head.linear.load_state_dict({"weight": fc_w, "bias": fc_b})
