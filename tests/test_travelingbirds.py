@@ -171,3 +171,32 @@ def test_converted_crops_need_the_same_crop_root_setting(cropped, tiny_data, tmp
         build_datasets(source_cfg("wds", out, tiny_data), seed=0)
     data = build_datasets(source_cfg("wds", out, tiny_data, crop_root=str(cropped)), seed=0)
     assert data.num_samples("test") == len(read_splits(DataConfig(root=str(tiny_data))).test_split)
+
+
+def test_structural_grounding_reads_cubs_attributes_from_the_cub_root(birds, tmp_path):
+    from qpm_dist.metrics.collect import attributes_root, ground_truth_class_similarity
+
+    cub = tmp_path / "CUB_200_2011"
+    (cub / "attributes").mkdir(parents=True)
+    np.savetxt(cub / "attributes" / "class_attribute_labels_continuous.txt", [[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    root = attributes_root(DataConfig(dataset="travelingbirds", root=str(birds), cub_root=str(cub)))
+    similarity = ground_truth_class_similarity(root, None)  # the TravelingBirds tree itself has no attributes
+    assert similarity is not None and similarity.shape == (3, 3)
+    assert attributes_root(DataConfig(dataset="cub", root=str(cub))) == cub
+
+
+@pytest.mark.parametrize("method", ["qpm", "sldd", "qsenn"])
+def test_shipped_configs_are_cubs_with_travelingbirds_data(method):
+    from pathlib import Path
+
+    from qpm_dist.config import to_dict
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    weights = ["model.weights=/somewhere/resnet50.pth"]
+    tb, cub = (to_dict(load_config(configs / f"{d}_{method}.yaml", weights)) for d in ("travelingbirds", "cub"))
+    assert tb["data"]["dataset"] == "travelingbirds" and tb["data"]["cub_root"]
+    assert tb["data"]["mean"] == [0.4584, 0.4369, 0.3957] and tb["data"]["std"] == [0.2610, 0.2569, 0.2722]
+    for name in ("dataset", "root", "cub_root", "mean", "std"):
+        tb["data"].pop(name), cub["data"].pop(name)
+    tb["run"].pop("name"), cub["run"].pop("name")
+    assert tb == cub  # the spec's hyperparameters: the CUB recipe
