@@ -94,8 +94,8 @@ class DataConfig:
     # CUB_black/, CUB_random/ folders, each with train/ and test/), split and boxes from data.cub_root.
     dataset: Literal["synthetic", "cub", "folder", "imagenet", "cars", "travelingbirds"] = "synthetic"
     root: str = "data/synthetic"
-    # travelingbirds only (required there): the CUB-200-2011 folder whose images.txt, labels, split and boxes
-    # describe the TravelingBirds images.
+    # travelingbirds only (required there, on every backend): the CUB-200-2011 folder whose images.txt, labels,
+    # split and boxes describe the TravelingBirds images, and whose attributes give structural grounding.
     cub_root: Optional[str] = None
     # cub / travelingbirds / synthetic: read the images from pre-cropped copies instead (the reference's
     # crop_root, ProtoTree's preprocessing): train from <crop_root>/train_cropped/, test from

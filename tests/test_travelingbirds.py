@@ -200,3 +200,13 @@ def test_shipped_configs_are_cubs_with_travelingbirds_data(method):
         tb["data"].pop(name), cub["data"].pop(name)
     tb["run"].pop("name"), cub["run"].pop("name")
     assert tb == cub  # the spec's hyperparameters: the CUB recipe
+
+
+def test_fingerprint_records_the_travelingbirds_images_for_the_folder_backend(birds, tiny_data, tmp_path):
+    root = shutil.copytree(birds, tmp_path / "TravelingBirds")
+    assert data_prep("fingerprint", root, "--dataset", "travelingbirds", "--cub-root", tiny_data,
+                     "--workers", "1", "--quiet") == 0
+    keys = json.loads((root / "qpm_dist_digests.json").read_text())
+    assert any(k.startswith("CUB_fixed/test/") for k in keys["files"])
+    data = build_datasets(birds_cfg(root, tiny_data), seed=0)
+    assert data.train_split.digests is not None and data.test_split.digests is not None
