@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 PLAN_FILE = ".convert.json"
-DATASETS = ("imagenet", "cub", "cars", "folder", "synthetic")
+DATASETS = ("imagenet", "cub", "cars", "folder", "synthetic", "travelingbirds")
 
 
 def usable_cpus() -> int:
@@ -43,6 +43,10 @@ def add_source_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("out_dir", type=Path, help="output folder (give it to training as data.converted)")
     ap.add_argument("--dataset", required=True, choices=DATASETS, help="source layout, as data.dataset")
     ap.add_argument("--root", required=True, type=Path, help="source dataset folder, as data.root")
+    ap.add_argument("--cub-root", type=Path, default=None,
+                    help="travelingbirds: the CUB-200-2011 folder with its split and boxes, as data.cub_root")
+    ap.add_argument("--crop-root", type=Path, default=None,
+                    help="read pre-cropped images from this folder, as data.crop_root (train with the same)")
     ap.add_argument("--splits", nargs="+", default=["train", "test"], choices=["train", "test"], type=split_name,
                     action=_UniqueSplits,
                     help="splits to convert: train, test (or val, its name in ImageNet and folder trees); "
@@ -73,8 +77,15 @@ def read_source(args):
         raise ValueError(f"--crop-to-box: needs one bounding box per image, which --dataset {args.dataset} does not "
                          f"have (only {', '.join(CROP_TO_BOX_DATASETS)} do)")
     cfg = DataConfig(dataset=args.dataset, root=str(args.root), crop_to_box=args.crop_to_box,
-                     val_classes=args.val_classes)
+                     val_classes=getattr(args, "val_classes", "all"),
+                     cub_root=_path_or_none(getattr(args, "cub_root", None)),
+                     crop_root=_path_or_none(getattr(args, "crop_root", None)))
+    cfg.check("data")  # e.g. travelingbirds without --cub-root, --crop-root with --crop-to-box
     return read_splits(cfg)
+
+
+def _path_or_none(path) -> str | None:
+    return None if path is None else str(Path(path).resolve())
 
 
 def split_items(bundle, split: str, crop_to_box: bool) -> list[tuple[int, str, int, list[float] | None]]:
@@ -90,6 +101,7 @@ def identity(fmt: str, args, bundle, options: dict) -> dict:
     """Everything that determines the output bytes (workers and progress bars do not)."""
     return {"format": fmt, "dataset": args.dataset, "source_root": str(Path(args.root).resolve()),
             "source_fingerprint": bundle.fingerprint, "crop_to_box": bool(args.crop_to_box),
+            "cub_root": _path_or_none(args.cub_root), "crop_root": _path_or_none(args.crop_root),
             "split_names": sorted(args.splits), "options": options}
 
 

@@ -37,7 +37,8 @@ def dataset_files(args) -> list[tuple[str, Path]]:
     """(digest-list key, absolute path) of every image of both splits, each file once."""
     from qpm_dist.data.digests import image_keys
 
-    bundle = convert.read_source(argparse.Namespace(dataset=args.dataset, root=args.root, crop_to_box=False))
+    bundle = convert.read_source(argparse.Namespace(dataset=args.dataset, root=args.root, crop_to_box=False,
+                                                    cub_root=args.cub_root))
     files: dict[str, Path] = {}
     for split in (bundle.train_split, bundle.test_split):
         for key, path in zip(image_keys(split.image_dir, split.paths, args.root), split.paths):
@@ -80,6 +81,8 @@ def register(subparsers) -> None:
                                description=__doc__.split("\n\n")[0])
     ap.add_argument("root", type=Path, help="source dataset folder, as data.root")
     ap.add_argument("--dataset", required=True, choices=convert.DATASETS, help="source layout, as data.dataset")
+    ap.add_argument("--cub-root", type=Path, default=None,
+                    help="travelingbirds: the CUB-200-2011 folder with its split and boxes, as data.cub_root")
     ap.add_argument("--output", type=Path, default=None,
                     help="where to write the list (default: ROOT/qpm_dist_digests.json; elsewhere: data.digests=PATH)")
     ap.add_argument("--workers", type=int, default=None, help="worker processes (default: usable CPUs)")

@@ -103,7 +103,8 @@ def _source_labels(manifest: dict) -> dict[str, np.ndarray] | None:
 
     try:
         bundle = read_splits(DataConfig(dataset=manifest["dataset"], root=manifest["source_root"],
-                                        crop_to_box=manifest["crop_to_box"],
+                                        crop_to_box=manifest["crop_to_box"], cub_root=manifest.get("cub_root"),
+                                        crop_root=manifest.get("crop_root"),
                                         val_classes=manifest.get("val_classes", "all")))
     except (FileNotFoundError, ValueError) as exc:
         print(f"note: source dataset not readable ({exc}); labels are not compared with it")

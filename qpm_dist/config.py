@@ -87,15 +87,24 @@ class RunConfig:
 
 
 # Datasets with one object box per image: the only ones data.crop_to_box and `--crop-to-box` accept.
-CROP_TO_BOX_DATASETS = ("synthetic", "cub", "cars")
+CROP_TO_BOX_DATASETS = ("synthetic", "cub", "travelingbirds", "cars")
 
 
 @dataclass
 class DataConfig:
     # synthetic/cub: CUB-200-2011 layout; folder: root/{train,val}/<class>/*; imagenet: train class folders,
-    # val as class folders or flat with the devkit's labels; cars: Stanford Cars with its devkit .mat files.
-    dataset: Literal["synthetic", "cub", "folder", "imagenet", "cars"] = "synthetic"
+    # val as class folders or flat with the devkit's labels; cars: Stanford Cars with its devkit .mat files;
+    # travelingbirds: CUB's images with swapped backgrounds (root: TravelingBirds/ or one of its CUB_fixed/,
+    # CUB_black/, CUB_random/ folders, each with train/ and test/), split and boxes from data.cub_root.
+    dataset: Literal["synthetic", "cub", "folder", "imagenet", "cars", "travelingbirds"] = "synthetic"
     root: str = "data/synthetic"
+    # travelingbirds only (required there, on every backend): the CUB-200-2011 folder whose images.txt, labels,
+    # split and boxes describe the TravelingBirds images, and whose attributes give structural grounding.
+    cub_root: Optional[str] = None
+    # cub / travelingbirds / synthetic: read the images from pre-cropped copies instead (the reference's
+    # crop_root, ProtoTree's preprocessing): train from <crop_root>/train_cropped/, test from
+    # <crop_root>/test_cropped/, each with images.txt's relative paths. Excludes crop_to_box.
+    crop_root: Optional[str] = None
     # folder: decode the image files (no conversion needed); ffcv / wds: read what
     # `python -m data_prep to-ffcv|to-wds` wrote into `converted` (root is then not read).
     backend: Literal["folder", "ffcv", "wds"] = "folder"
@@ -138,6 +147,16 @@ class DataConfig:
         if self.crop_to_box and self.dataset not in CROP_TO_BOX_DATASETS:
             raise ConfigError(f"{key}.crop_to_box: needs one bounding box per image, which {key}.dataset="
                               f"{self.dataset} does not have (only {', '.join(CROP_TO_BOX_DATASETS)} do)")
+        if self.dataset == "travelingbirds" and not self.cub_root:
+            raise ConfigError(f"{key}.cub_root: {key}.dataset=travelingbirds needs the CUB-200-2011 folder "
+                              f"(its split file and boxes describe the TravelingBirds images)")
+        if self.crop_root is not None:
+            if self.dataset not in ("cub", "travelingbirds", "synthetic"):
+                raise ConfigError(f"{key}.crop_root: pre-cropped images are read for the CUB layouts "
+                                  f"(cub, travelingbirds, synthetic), not for {key}.dataset={self.dataset}")
+            if self.crop_to_box:
+                raise ConfigError(f"{key}.crop_root and {key}.crop_to_box: choose one (the images in crop_root "
+                                  f"are already cropped; the boxes describe the originals)")
         if self.backend != "folder" and not self.converted:
             raise ConfigError(f"{key}.converted: {key}.backend={self.backend} needs the folder written by "
                               f"`python -m data_prep to-{self.backend}`")

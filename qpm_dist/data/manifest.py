@@ -5,6 +5,7 @@ sample counts without opening any data file — exact epochs and equal batch cou
 these counts alone. It is written last and atomically, so its presence marks a finished conversion.
 
     {"format": "ffcv" | "wds", "version": 1, "dataset": "imagenet", "source_root": ..., "crop_to_box": false,
+     "cub_root": null | path (travelingbirds), "crop_root": null | path (pre-cropped images were read),
      "num_classes": C, "class_names": [...], "display_names": [...] (names reports use; ImageNet's words),
      "source_fingerprint": ..., "fingerprint": ..., "options": {...},
      "class_parts": [[0, 1, ...], ...]                                     (synthetic data only)
@@ -73,6 +74,10 @@ def check_matches_config(manifest: dict, cfg: DataConfig, folder: str | Path) ->
     if bool(manifest["crop_to_box"]) != cfg.crop_to_box:
         raise ValueError(f"{where}: converted with crop_to_box={manifest['crop_to_box']}, but "
                          f"data.crop_to_box={cfg.crop_to_box} (rerun the conversion with or without --crop-to-box)")
+    if (manifest.get("crop_root") is not None) != (cfg.crop_root is not None):
+        raise ValueError(f"{where}: converted with crop_root={manifest.get('crop_root')}, but "
+                         f"data.crop_root={cfg.crop_root} (pre-cropped images are squashed, the originals are not: "
+                         f"set data.crop_root as in the conversion, or convert again with or without --crop-root)")
 
 
 class ConvertedSource:

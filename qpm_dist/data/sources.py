@@ -17,6 +17,7 @@ import numpy as np
 from qpm_dist.config import DataConfig
 from qpm_dist.data.datasets import DatasetBundle, Split
 from qpm_dist.data.integrity import MAX_NAMED
+from qpm_dist.errors import MissingInput
 
 
 def _digest(*parts: bytes) -> str:
@@ -27,19 +28,49 @@ def _digest(*parts: bytes) -> str:
 
 
 def _cub_like(cfg: DataConfig, seed: int) -> DatasetBundle:
+    """The CUB layout (cub, synthetic) and TravelingBirds (images under data.root, CUB's annotations from
+    data.cub_root); with data.crop_root, the pre-cropped copies of the same images instead."""
     from qpm_dist.data.cub import load_cub_metadata
 
-    meta = load_cub_metadata(Path(cfg.root))
+    birds = cfg.dataset == "travelingbirds"
+    if birds and not (cfg.cub_root and Path(cfg.cub_root).is_dir()):
+        raise MissingInput(f"data.cub_root: CUB-200-2011 folder not found: {cfg.cub_root} (travelingbirds takes "
+                           f"its images.txt, split and boxes from there)")
+    meta = load_cub_metadata(Path(cfg.cub_root if birds else cfg.root))
     files = ("images.txt", "image_class_labels.txt", "train_test_split.txt", "bounding_boxes.txt")
-    fingerprint = _digest(*((meta.root / f).read_bytes() for f in files if (meta.root / f).is_file()))
+    identity = [(meta.root / f).read_bytes() for f in files if (meta.root / f).is_file()]
+    image_dirs = {True: meta.root / "images", False: meta.root / "images"}
+    if birds:
+        from qpm_dist.data.travelingbirds import check_same_images, resolve_image_root
+
+        image_root = resolve_image_root(cfg.root)
+        image_dirs = {True: image_root / "train", False: image_root / "test"}
+        for folder in image_dirs.values():
+            check_same_images(folder, meta)
+        identity.append(f"travelingbirds:{image_root.name}".encode())  # CUB_fixed: which backgrounds
+    if cfg.crop_root is not None:
+        image_dirs = _cropped_dirs(Path(cfg.crop_root), (image_root if birds else meta.root).name)
+        identity.append(b"crop_root")  # other pixels than the originals: never reuse their results
+    fingerprint = _digest(*identity)
 
     def split(train: bool) -> Split:
         idx = np.flatnonzero(meta.is_train == train)
-        return Split(meta.root / "images", [meta.paths[i] for i in idx], meta.labels[idx], meta.boxes[idx],
+        return Split(image_dirs[train], [meta.paths[i] for i in idx], meta.labels[idx], meta.boxes[idx],
                      meta.image_ids[idx])
 
     return DatasetBundle(cfg, split(True), split(False), len(meta.class_names), list(meta.class_names),
                          fingerprint, seed, class_parts=meta.class_parts)
+
+
+def _cropped_dirs(crop_root: Path, name: str) -> dict[bool, Path]:
+    """train_cropped/ and test_cropped/ of data.crop_root, directly in it or in its sub-folder `name` (the
+    reference's PPCUB200/CUB_200_2011/ and PPTravelingBirds/CUB_fixed/)."""
+    for folder in (crop_root, crop_root / name):
+        if (folder / "train_cropped").is_dir() and (folder / "test_cropped").is_dir():
+            return {True: folder / "train_cropped", False: folder / "test_cropped"}
+    raise MissingInput(f"data.crop_root: {crop_root} holds neither train_cropped/ and test_cropped/ nor "
+                       f"{name}/train_cropped/ and {name}/test_cropped/ (pre-cropped images under the dataset's "
+                       f"relative paths)")
 
 
 def _class_folders(cfg: DataConfig, seed: int) -> DatasetBundle:
@@ -87,7 +118,7 @@ def read_splits(cfg: DataConfig, seed: int = 0) -> DatasetBundle:
     if not root.exists():
         hint = " (create it with `qpm-dist make-synthetic`)" if cfg.dataset == "synthetic" else ""
         raise FileNotFoundError(f"data.root: dataset folder not found: {root}{hint}")
-    if cfg.dataset in ("synthetic", "cub"):
+    if cfg.dataset in ("synthetic", "cub", "travelingbirds"):
         return _cub_like(cfg, seed)
     if cfg.dataset == "folder":
         return _class_folders(cfg, seed)
@@ -139,6 +170,8 @@ def attach_digests(bundle: DatasetBundle) -> DatasetBundle:
     from qpm_dist.data.digests import digest_list_path, load_digest_list, split_digests
 
     cfg = bundle.cfg
+    if cfg.crop_root is not None and cfg.digests in ("auto", True):
+        return bundle  # data.root's own list describes the originals, which are not read
     path = digest_list_path(cfg.digests, cfg.root)
     if path is None:
         return bundle

@@ -46,8 +46,9 @@ def _finish(cfg: DataConfig) -> list:
 
 
 def squashes(cfg: DataConfig) -> bool:
-    """The reference squashes box-cropped CUB images (and our synthetic images) to a square."""
-    return cfg.dataset == "synthetic" or cfg.crop_to_box
+    """The reference squashes box-cropped CUB images (cropped here or pre-cropped in data.crop_root; and our
+    synthetic images) to a square."""
+    return cfg.dataset == "synthetic" or cfg.crop_to_box or cfg.crop_root is not None
 
 
 def eval_squashes(cfg: DataConfig) -> bool:

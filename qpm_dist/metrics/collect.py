@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from qpm_dist import dist
-from qpm_dist.config import EvalConfig
+from qpm_dist.config import DataConfig, EvalConfig
 from qpm_dist.dist import DistInfo
 from qpm_dist.engine.evaluate import accuracy_terms
 from qpm_dist.engine.streaming import model_outputs
@@ -134,6 +134,11 @@ def evaluate_model(model: torch.nn.Module, data, info: DistInfo, cfg: EvalConfig
             result["part_links_by_localisation"] = M.links_recovered(links, class_parts,
                                                                      result["feature_part_localisation"])
     return result
+
+
+def attributes_root(cfg: DataConfig) -> Path:
+    """Where CUB's attributes/ are: data.cub_root for travelingbirds (its tree holds only images), else data.root."""
+    return Path(cfg.cub_root if cfg.dataset == "travelingbirds" else cfg.root)
 
 
 def ground_truth_class_similarity(root: Path, class_parts: np.ndarray | None) -> np.ndarray | None:

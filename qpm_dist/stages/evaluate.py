@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from qpm_dist.config import Config, to_dict
-from qpm_dist.metrics.collect import evaluate_model, ground_truth_class_similarity
+from qpm_dist.metrics.collect import attributes_root, evaluate_model, ground_truth_class_similarity
 from qpm_dist.stages.artifacts import METRICS, load_model, write_json
 from qpm_dist.stages.runner import RunContext
 from qpm_dist.utils import log
@@ -31,7 +31,7 @@ class EvaluateStage:
         return {"eval": to_dict(cfg.eval), "n_per_class": self.k(cfg), "seed": cfg.run.seed}
 
     def run(self, ctx: RunContext, out_dir: Path) -> dict:
-        gt = ground_truth_class_similarity(Path(ctx.cfg.data.root), ctx.data.class_parts)
+        gt = ground_truth_class_similarity(attributes_root(ctx.cfg.data), ctx.data.class_parts)
         models = ([("dense", self.baseline)] if self.baseline else []) + [(self.method, self.final_stage)]
         results = {}
         for name, stage in models:

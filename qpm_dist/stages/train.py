@@ -28,9 +28,10 @@ TaskFactory = Callable[[Config, PhaseConfig], TrainingTask]
 
 
 def data_key(cfg: Config) -> dict[str, Any]:
-    """Data settings that change results (not the folder name: the dataset fingerprint covers content)."""
+    """Data settings that change results (not the folder names: the dataset fingerprint covers content, and
+    whether data.crop_root is used)."""
     d = to_dict(cfg.data)
-    for name in ("root", "converted", "num_workers"):
+    for name in ("root", "converted", "num_workers", "cub_root", "crop_root"):
         d.pop(name)
     d.pop("val_classes")  # changes the val file list, which the dataset fingerprint covers; no key change for others
     return d
