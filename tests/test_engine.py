@@ -231,3 +231,27 @@ def test_a_schedule_that_depends_on_the_total_starts_fresh_and_says_why(write_co
     assert (f"stage dense: starting fresh in {two.name}; the folder {one.name} differs in dense.epochs: 1 -> 2 "
             f"(dense.schedule.name=cosine depends on the total number of epochs, so a run with other epochs cannot "
             f"be extended); dense.optim.lr: 0.05 -> 0.02") in caplog.text, caplog.text
+
+
+def test_a_checkpoint_without_metric_sums_still_resumes_and_says_what_the_epoch_record_covers(write_config, caplog):
+    """Checkpoints written before the metric sums were saved: the resume works, with a note."""
+    from qpm_dist.engine.checkpoint import MANIFEST, record_files, write_manifest
+
+    engine = {**BASE_CONFIG["engine"], "checkpoint_every_steps": 20, "keep_checkpoints": 5}
+    first = train_in_process(write_config("old.yaml", **LONG, engine=engine))
+    ckpt = first / "checkpoints" / "step_000000020"  # epoch 1, step 4 of it
+    state = torch.load(ckpt / "state.pt", weights_only=True)
+    del state["client"]["metric_sums"]
+    torch.save(state, ckpt / "state.pt")
+    write_manifest(ckpt, record_files(ckpt, [p for p in ckpt.iterdir() if p.name != MANIFEST]))
+    logger = logging.getLogger("qpm_dist")
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="qpm_dist"):
+            resumed = train_in_process(write_config("new.yaml", **LONG), f"run.resume={ckpt}")
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert ("dense: the checkpoint holds no metric sums of the interrupted epoch 1: its train_* record covers only "
+            "the 12 steps after the resume") in caplog.text
+    assert_same_weights(load_weights(first / "model.pt"), load_weights(resumed / "model.pt"))
+    assert [r["epoch"] for r in epoch_train_stats(resumed)] == [1, 2]

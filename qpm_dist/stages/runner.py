@@ -253,7 +253,7 @@ def _run_stage(stage: Stage, ctx: RunContext, key: str, out_dir: Path, stop: Sto
     bad = from_main(lambda: nonfinite_outputs(out_dir))
     if bad:
         raise NonFiniteError(f"stage {stage.name}: not marked finished, its outputs hold NaN/inf: {'; '.join(bad)}")
-    record = {"stage": stage.name, "key": key, "output_key": ctx.keys[stage.name], **_inputs(stage, ctx),
+    record = {"stage": stage.name, "key": key, "output_key": output_key(stage, key, ctx.cfg), **_inputs(stage, ctx),
               "seconds": round(time.time() - start, 2), "summary": summary,
               "outputs": from_main(lambda: output_digests(out_dir))}
     record["digest"] = record_digest(record)
