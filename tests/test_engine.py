@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -12,8 +13,8 @@ import pytest
 import torch
 import yaml
 
-from helpers import (BASE_CONFIG, LONG, REPO, assert_same_weights, clean_env, load_weights, qpm_command, run_in_process, run_qpm,
-                     stage_dir, wait_for_step, write_test_config)
+from helpers import (BASE_CONFIG, LONG, REPO, assert_same_weights, clean_env, load_weights, qpm_command,
+                     run_in_process, run_qpm, stage_dir, wait_for_step, write_test_config)
 
 
 def out_dir(config: Path) -> Path:
@@ -233,25 +234,58 @@ def test_a_schedule_that_depends_on_the_total_starts_fresh_and_says_why(write_co
             f"be extended); dense.optim.lr: 0.05 -> 0.02") in caplog.text, caplog.text
 
 
-def test_a_checkpoint_without_metric_sums_still_resumes_and_says_what_the_epoch_record_covers(write_config, caplog):
-    """Checkpoints written before the metric sums were saved: the resume works, with a note."""
+@pytest.fixture(scope="module")
+def checkpointed_run(tmp_path_factory, tiny_data) -> Path:
+    """LONG in process, with a checkpoint at step 20 (epoch 1, step 4 of it) kept."""
+    tmp = tmp_path_factory.mktemp("ckpt20")
+    engine = {**BASE_CONFIG["engine"], "checkpoint_every_steps": 20, "keep_checkpoints": 5}
+    return train_in_process(write_test_config(tmp / "c.yaml", tiny_data, tmp / "runs-c", **LONG, engine=engine))
+
+
+def edited_checkpoint_20(run: Path, into: Path, edit) -> Path:
+    """A copy of `run`'s step-20 checkpoint whose client state `edit` changed (manifest rewritten to match)."""
     from qpm_dist.engine.checkpoint import MANIFEST, record_files, write_manifest
 
-    engine = {**BASE_CONFIG["engine"], "checkpoint_every_steps": 20, "keep_checkpoints": 5}
-    first = train_in_process(write_config("old.yaml", **LONG, engine=engine))
-    ckpt = first / "checkpoints" / "step_000000020"  # epoch 1, step 4 of it
+    ckpt = Path(shutil.copytree(run / "checkpoints" / "step_000000020", into / "step_000000020"))
     state = torch.load(ckpt / "state.pt", weights_only=True)
-    del state["client"]["metric_sums"]
+    edit(state["client"])
     torch.save(state, ckpt / "state.pt")
     write_manifest(ckpt, record_files(ckpt, [p for p in ckpt.iterdir() if p.name != MANIFEST]))
+    return ckpt
+
+
+def resume_logged(config: Path, ckpt: Path, caplog) -> Path:
     logger = logging.getLogger("qpm_dist")
-    logger.addHandler(caplog.handler)
+    logger.addHandler(caplog.handler)  # also when qpm_dist's logger does not propagate (after setup_logging)
     try:
         with caplog.at_level(logging.INFO, logger="qpm_dist"):
-            resumed = train_in_process(write_config("new.yaml", **LONG), f"run.resume={ckpt}")
+            return train_in_process(config, f"run.resume={ckpt}")
     finally:
         logger.removeHandler(caplog.handler)
+
+
+def test_a_checkpoint_without_metric_sums_still_resumes_and_says_what_the_epoch_record_covers(
+        write_config, checkpointed_run, tmp_path, caplog):
+    """Checkpoints written before the metric sums were saved: the resume works, with a note."""
+    ckpt = edited_checkpoint_20(checkpointed_run, tmp_path, lambda client: client.pop("metric_sums"))
+    resumed = resume_logged(write_config("old.yaml", **LONG), ckpt, caplog)
     assert ("dense: the checkpoint holds no metric sums of the interrupted epoch 1: its train_* record covers only "
             "the 12 steps after the resume") in caplog.text
-    assert_same_weights(load_weights(first / "model.pt"), load_weights(resumed / "model.pt"))
+    assert_same_weights(load_weights(checkpointed_run / "model.pt"), load_weights(resumed / "model.pt"))
     assert [r["epoch"] for r in epoch_train_stats(resumed)] == [1, 2]
+
+
+def test_metric_sums_of_two_ranks_resumed_by_one_give_the_same_epoch_record(write_config, checkpointed_run, tmp_path):
+    """Another world size: rank 0 carries every saved rank's sums, equal up to float64 summation order."""
+    def as_two_ranks(client):
+        (one,) = client["metric_sums"]
+        halves = []
+        for share in (0.25, 0.75):
+            halves.append({part: {"sums": {n: v * share for n, v in one[part]["sums"].items()},
+                                  "count": one[part]["count"] * share} for part in ("epoch", "window")})
+        client["metric_sums"] = halves
+
+    ckpt = edited_checkpoint_20(checkpointed_run, tmp_path, as_two_ranks)
+    resumed = train_in_process(write_config("two.yaml", **LONG), f"run.resume={ckpt}")
+    (expected,), (got,) = ([r for r in epoch_train_stats(run) if r["epoch"] == 1] for run in (checkpointed_run, resumed))
+    assert got == pytest.approx(expected, rel=1e-12, abs=0)

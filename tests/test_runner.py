@@ -136,4 +136,5 @@ def test_a_stage_starting_fresh_beside_a_folder_of_the_same_stage_says_which_fie
         logger.removeHandler(caplog.handler)
     new_a = next(p.name for p in tmp_path.glob("a-*") if p.name != old_a)
     assert f"stage a: starting fresh in {new_a}; the folder {old_a} differs in seed: 0 -> 5" in caplog.text
-    assert f"stage b: starting fresh in " in caplog.text and f"the folder {old_b} differs in its input stage a: " in caplog.text
+    assert "stage b: starting fresh in " in caplog.text
+    assert f"the folder {old_b} differs in its input stage a: " in caplog.text

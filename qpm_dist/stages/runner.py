@@ -43,7 +43,8 @@ from qpm_dist import dist
 from qpm_dist.engine.preemption import Preempted, StopRequest, stop_requests
 from qpm_dist.engine.trainer import NonFiniteError
 from qpm_dist.stages.lock import StageLock, describe, poll_seconds
-from qpm_dist.stages.artifacts import (RECORD, STAGE_CONFIG, from_main, nonfinite_outputs, on_main, output_digests, read_record,
+from qpm_dist.stages.artifacts import (RECORD, STAGE_CONFIG, from_main, nonfinite_outputs, on_main, output_digests,
+                                       read_record,
                                        record_digest, write_json)
 from qpm_dist.utils import log, progress_enabled
 
@@ -96,9 +97,13 @@ def _inputs(stage: Stage, ctx: RunContext) -> dict[str, Any]:
 
 
 def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict) and value:
-        return {k: v for name, item in value.items() for k, v in _flat(item, f"{prefix}.{name}" if prefix else name).items()}
-    return {prefix: value}
+    """{"dense.optim.lr": 0.1, ...} of nested dicts."""
+    if not isinstance(value, dict) or not value:
+        return {prefix: value}
+    flat = {}
+    for name, item in value.items():
+        flat.update(_flat(item, f"{prefix}.{name}" if prefix else name))
+    return flat
 
 
 def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -180,7 +185,7 @@ def run_stages(stages: list[Stage], ctx: RunContext, target: str | None = None) 
                 continue
             lock = _claim(stage, out_dir, stop)
             try:
-                finished = _finished(stage, ctx, out_dir)
+                finished = _finished(stage, ctx, out_dir, say=True)
                 if finished is not None:  # finished by the run we waited for
                     summaries[stage.name] = finished
                     log.info("stage %s: finished by another run meanwhile, reusing %s", stage.name, out_dir)
@@ -193,14 +198,17 @@ def run_stages(stages: list[Stage], ctx: RunContext, target: str | None = None) 
     return summaries
 
 
-def _finished(stage: Stage, ctx: RunContext, out_dir: Path) -> dict | None:
+def _finished(stage: Stage, ctx: RunContext, out_dir: Path, say: bool = False) -> dict | None:
     """The record of `out_dir` if it holds the finished stage this run asks for; None to run it (not finished,
-    or finished with less than asked, which the stage then continues: `extends`)."""
+    or finished with less than asked, which the stage then continues: `extends`, whose reason is logged if `say`)."""
     if not from_main(lambda: (out_dir / RECORD).is_file()):
         return None
     record = read_record(out_dir)
     extends = getattr(stage, "extends", None)
-    if extends is not None and extends(record, ctx.cfg, out_dir):  # every rank holds the record: same verdict
+    reason = extends(record, ctx.cfg, out_dir) if extends is not None else ""  # every rank: the same record
+    if reason:
+        if say:
+            log.info("stage %s: %s", stage.name, reason)
         return None
     return record
 

@@ -22,7 +22,7 @@ from qpm_dist.models.net import Classifier, build_model
 from qpm_dist.stages.artifacts import MODEL, RESULT, load_model, save_model, write_json
 from qpm_dist.stages.runner import RunContext
 from qpm_dist.errors import TrainedTooLong
-from qpm_dist.utils import file_sha256, log
+from qpm_dist.utils import file_sha256
 
 TaskFactory = Callable[[Config, PhaseConfig], TrainingTask]
 
@@ -121,21 +121,20 @@ class TrainStage:
         return {f"{self.phase_name}.epochs": f"{self.phase_name}.schedule.name={phase.schedule.name} depends on the "
                                              f"total number of epochs, so a run with other epochs cannot be extended"}
 
-    def extends(self, record: dict, cfg: Config, folder: Path) -> bool:
-        """Whether a finished folder of this stage (its `record`) must train on: it trained fewer epochs than
-        asked (possible only for an extensible phase, whose key leaves `epochs` out). More epochs than asked
-        cannot be undone: refused, naming both numbers and the fix."""
+    def extends(self, record: dict, cfg: Config, folder: Path) -> str:
+        """Why a finished folder of this stage (its `record`) must train on ("" if it need not): it trained fewer
+        epochs than asked (possible only for an extensible phase, whose key leaves `epochs` out). More epochs
+        than asked cannot be undone: refused, naming both numbers and the fix."""
         trained, asked = record.get("summary", {}).get("epochs"), self.phase(cfg).epochs
         if trained is None or trained == asked:
-            return False
+            return ""
         if trained > asked:
             raise TrainedTooLong(f"{self.phase_name}.epochs={asked}: stage {self.name} in {folder} "
                                 f"was trained for {trained} epochs, more than asked, and its earlier epochs are not "
                                 f"kept; set {self.phase_name}.epochs={trained} to reuse it, or another run.name "
                                 f"to train {asked} epochs from the start")
-        log.info("stage %s: finished with %d epochs earlier, %s.epochs=%d: training on from its last checkpoint",
-                 self.name, trained, self.phase_name, asked)
-        return True
+        return (f"finished with {trained} epochs earlier, {self.phase_name}.epochs={asked}: training on from its last "
+                f"checkpoint")
 
     def initial_model(self, ctx: RunContext) -> nn.Module:
         if self.model_stage is None:
