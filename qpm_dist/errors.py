@@ -15,3 +15,8 @@ class BadInput(Exception):
 
 class MissingInput(BadInput, FileNotFoundError):
     """A file or folder the config names is missing; the message starts with the config key."""
+
+
+class TrainedTooLong(BadInput, ValueError):
+    """A stage folder holds training beyond the config's `<phase>.epochs` (a finished stage or a checkpoint):
+    fewer epochs cannot be made from it; the message names both numbers and the fix."""

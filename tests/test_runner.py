@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -120,3 +121,20 @@ def test_a_stage_with_nonfinite_weights_or_results_is_not_marked_finished(tmp_pa
     with pytest.raises(NonFiniteError, match=f"stage a: not marked finished, its outputs hold NaN/inf: .*{where}"):
         run_stages([WritesNaN("a", file)], context(tmp_path))
     assert not list(tmp_path.glob(f"a-*/{RECORD}"))
+
+
+def test_a_stage_starting_fresh_beside_a_folder_of_the_same_stage_says_which_fields_differ(tmp_path, caplog):
+    stages = chain()
+    run_stages(stages, context(tmp_path, seed=0))
+    old_a, old_b = (next(tmp_path.glob(f"{n}-*")).name for n in "ab")
+    logger = logging.getLogger("qpm_dist")
+    logger.addHandler(caplog.handler)  # also when qpm_dist's logger does not propagate (after setup_logging)
+    try:
+        with caplog.at_level(logging.INFO, logger="qpm_dist"):
+            run_stages(stages, context(tmp_path, seed=5))
+    finally:
+        logger.removeHandler(caplog.handler)
+    new_a = next(p.name for p in tmp_path.glob("a-*") if p.name != old_a)
+    assert f"stage a: starting fresh in {new_a}; the folder {old_a} differs in seed: 0 -> 5" in caplog.text
+    assert "stage b: starting fresh in " in caplog.text
+    assert f"the folder {old_b} differs in its input stage a: " in caplog.text

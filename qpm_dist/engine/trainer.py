@@ -13,6 +13,9 @@ and its epoch hooks, and builds the optimizer from its parameter groups. What it
   as fp16 loss scaling does) and counted; the phase stops at the (N+1)-th skipped step;
   resuming restores model, optimizer, scheduler, grad scaler, the position inside the epoch and every
   rank's RNG state, so an interrupted and resumed CPU run ends bitwise equal to an uninterrupted one;
+* a checkpoint inside an epoch also holds every rank's running metric sums (`MetricWindow`), so the resumed
+  epoch's record (train_loss, train_acc, ...) covers the whole epoch: bitwise the uninterrupted run's with the
+  same number of ranks, to float64 rounding with another (the sums are then restored on rank 0);
 * the task's epoch-end hook runs once per epoch, before that epoch's checkpoint, never again on resume;
 * progress bar and metrics (JSON lines, wandb) on rank 0 only: the task's named logs, all-reduced.
 """
@@ -40,7 +43,7 @@ from qpm_dist.engine.optim import build_optimizer, build_scheduler
 from qpm_dist.engine.preemption import StopRequest, at_checkpoint, stop_requests
 from qpm_dist.engine.strategy import DDPStrategy, DeepSpeedStrategy
 from qpm_dist.engine.task import TrainingTask
-from qpm_dist.errors import MissingInput
+from qpm_dist.errors import MissingInput, TrainedTooLong
 from qpm_dist.models.io import save_classifier
 from qpm_dist.utils import atomic_write_text, log, progress
 
@@ -109,6 +112,10 @@ class Trainer:
         self.progress = Progress()
         self.run_id = dist.broadcast_object(new_run_id())
         self.logger: MetricsLogger | None = None
+        # The running metric sums of the epoch in progress (since its start, and since the last log line); kept
+        # on the trainer so that a checkpoint inside an epoch can save them and a resumed epoch continue them.
+        self.epoch_sums, self.window = MetricWindow(info.device), MetricWindow(info.device)
+        self.restored_count = 0  # samples (all ranks) restored into `window`: not seen by this process
 
     @property
     def module(self) -> nn.Module:
@@ -130,8 +137,15 @@ class Trainer:
             self.checkpoints.require_intact(path)
         client = self.strategy.load(path)
         self.progress = Progress(**client["progress"])
+        needed = self.progress.epoch + (self.progress.step_in_epoch > 0)  # epochs the checkpoint has begun
+        if needed > self.cfg.epochs:
+            raise TrainedTooLong(f"{self.setup.phase}.epochs={self.cfg.epochs}: the checkpoint {path} is past it "
+                                 f"(epoch {self.progress.epoch}, step {self.progress.step_in_epoch} of it); set "
+                                 f"{self.setup.phase}.epochs to at least {needed} to continue it, "
+                                 f"or run.resume=never to train {self.cfg.epochs} epochs from the start")
         self.run_id = client["run_id"]
         self.task.load_state_dict(client.get("task", {}))
+        self._restore_metric_sums(client.get("metric_sums"))
         rng = client["rng"]
         if len(rng) == self.info.world_size:
             restore_rng(rng[self.info.rank])
@@ -141,9 +155,30 @@ class Trainer:
         log.info("resumed %s from %s (epoch %d, step %d of the epoch, global step %d)", self.setup.stage, path,
                  self.progress.epoch, self.progress.step_in_epoch, self.progress.global_step)
 
+    def _restore_metric_sums(self, saved: list[dict] | None) -> None:
+        """Continue the interrupted epoch's metric sums (every rank's, as saved) so its record covers all of it."""
+        if self.progress.step_in_epoch == 0:
+            return
+        if saved is None:  # written by a version that did not save them
+            log.warning("%s: the checkpoint holds no metric sums of the interrupted epoch %d: its train_* record "
+                        "covers only the %d steps after the resume", self.setup.stage, self.progress.epoch,
+                        self.steps_per_epoch - self.progress.step_in_epoch)
+            return
+        if len(saved) == self.info.world_size:
+            mine = saved[self.info.rank]
+        elif self.info.is_main:  # another world size: rank 0 carries every rank's sums, the all-reduce adds them
+            mine = {part: MetricWindow.combined([s[part] for s in saved]) for part in ("epoch", "window")}
+        else:
+            mine = {"epoch": {"sums": {}, "count": 0}, "window": {"sums": {}, "count": 0}}
+        self.epoch_sums.load_state_dict(mine["epoch"])
+        self.window.load_state_dict(mine["window"])
+        self.restored_count = sum(s["window"]["count"] for s in saved)
+
     def save_checkpoint(self) -> Path:
         client = {"progress": asdict(self.progress), "run_id": self.run_id, "task": self.task.state_dict(),
-                  "rng": dist.all_gather_object(capture_rng())}
+                  "rng": dist.all_gather_object(capture_rng()),
+                  "metric_sums": dist.all_gather_object({"epoch": self.epoch_sums.state_dict(),
+                                                         "window": self.window.state_dict()})}
         meta = {"phase": self.setup.phase, "strategy": self.strategy.name, "world_size": self.info.world_size,
                 **asdict(self.progress)}
         return self.checkpoints.save(self.strategy, self.progress.global_step, client, meta)
@@ -206,8 +241,9 @@ class Trainer:
         self.task.on_epoch_start(self)
         self.strategy.parameters_edited()
         device = self.info.device
-        # step: the micro-batches of the optimizer step in progress; window: kept steps since the last log line
-        epoch_sums, window, step = MetricWindow(device), MetricWindow(device), MetricWindow(device)
+        # step: the micro-batches of the optimizer step in progress; window: kept steps since the last log line;
+        # epoch_sums: the epoch's steps up to the last log line (both restored by a resume inside the epoch)
+        epoch_sums, window, step = self.epoch_sums, self.window, MetricWindow(device)
         bar = progress(self.steps_per_epoch, f"{self.setup.phase} epoch {self.progress.epoch + 1}/{self.cfg.epochs}",
                        show=self.info.is_main and self.setup.engine.progress, initial=self.progress.step_in_epoch,
                        unit="steps")
@@ -239,7 +275,8 @@ class Trainer:
                     epoch_sums.merge(window)
                     stats = window.all_reduced()
                     elapsed = time.perf_counter() - tick
-                    stats["images_per_s"] = round(stats.pop("count") / max(elapsed, 1e-9), 1)
+                    seen, self.restored_count = stats.pop("count") - self.restored_count, 0
+                    stats["images_per_s"] = round(seen / max(elapsed, 1e-9), 1)
                     extra = {"skipped_steps": self.progress.skipped_steps} if may_skip else {}
                     self.logger.log({"phase": self.setup.phase, "event": "step", "epoch": self.progress.epoch,
                                      "global_step": self.progress.global_step, "lr": self.strategy.lr(), **stats,
@@ -265,6 +302,9 @@ class Trainer:
         epoch_sums.merge(window)
         stats = epoch_sums.all_reduced()
         stats.pop("count")
+        epoch_sums.clear()
+        window.clear()
+        self.restored_count = 0
         self._check_finite(stats, "training")
         return {f"train_{k}": v for k, v in stats.items()}
 
@@ -343,6 +383,23 @@ class MetricWindow:
 
     def clear(self) -> None:
         self.sums, self.count = {}, 0
+
+    def state_dict(self) -> dict:
+        """This rank's sums (CPU float64) and count, for a checkpoint."""
+        return {"sums": {n: v.detach().cpu() for n, v in self.sums.items()}, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sums = {n: v.to(self.device) for n, v in state["sums"].items()}
+        self.count = state["count"]
+
+    @staticmethod
+    def combined(states: list[dict]) -> dict:
+        """The sum of several ranks' `state_dict`s (for a resume with another number of ranks)."""
+        sums: dict[str, torch.Tensor] = {}
+        for state in states:
+            for name, value in state["sums"].items():
+                sums[name] = sums[name] + value.cpu() if name in sums else value.cpu().clone()
+        return {"sums": sums, "count": sum(state["count"] for state in states)}
 
     def finite(self) -> bool:
         """True if every sum is finite on this rank (reads the device: one host sync)."""

@@ -30,12 +30,13 @@ MODEL = "model.pt"  # a classifier (models.io), written by every stage that prod
 RESULT = "result.json"  # a training phase's result (test accuracy, steps, ...)
 METRICS = "metrics.json"  # an evaluate stage's metrics: {model name: {metric: value}}
 RECORD = "stage.json"  # the runner's record of a finished stage (key, config, summary); marks it finished
+STAGE_CONFIG = "stage_config.json"  # what entered a stage's key, written when it starts (compared by later runs)
 
 # Files whose numbers must all be finite before the runner marks a stage finished: weights and a training
 # phase's result. Other files may hold NaN/inf on purpose (an undefined metric, a solver without a bound).
 MUST_BE_FINITE = (MODEL, RESULT)
 # What a stage folder holds besides its outputs: resumable state, logs appended to while it runs, the marker.
-NOT_OUTPUTS = ("checkpoints", "wandb", "metrics.jsonl", RECORD)
+NOT_OUTPUTS = ("checkpoints", "wandb", "metrics.jsonl", RECORD, STAGE_CONFIG)
 
 
 class DamagedOutput(BadInput, ValueError):

@@ -8,7 +8,6 @@ checkpoints, resume, logging).
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,19 +21,42 @@ from qpm_dist.engine.trainer import Trainer, TrainerSetup
 from qpm_dist.models.net import Classifier, build_model
 from qpm_dist.stages.artifacts import MODEL, RESULT, load_model, save_model, write_json
 from qpm_dist.stages.runner import RunContext
+from qpm_dist.errors import TrainedTooLong
 from qpm_dist.utils import file_sha256
 
 TaskFactory = Callable[[Config, PhaseConfig], TrainingTask]
 
 
 def data_key(cfg: Config) -> dict[str, Any]:
-    """Data settings that change results (not the folder names: the dataset fingerprint covers content, and
-    whether data.crop_root is used)."""
+    """Data settings that change results. Left out: where the data is (the dataset fingerprint covers its
+    content, which images val_classes keeps, and whether data.crop_root is used), loader workers (never change
+    the data, see data.loaders), FFCV's page-cache choice, the digest check (it checks the bytes, it does not
+    transform them: with intact files it changes nothing, and a damaged file stops the run unless
+    on_corrupt=skip, which is in the key) and the WebDataset reading settings on other backends (read only by
+    the wds backend)."""
     d = to_dict(cfg.data)
-    for name in ("root", "converted", "num_workers", "cub_root", "crop_root"):
+    for name in ("root", "converted", "num_workers", "cub_root", "crop_root", "val_classes", "ffcv_os_cache",
+                 "digests"):
         d.pop(name)
-    d.pop("val_classes")  # changes the val file list, which the dataset fingerprint covers; no key change for others
+    if cfg.data.backend != "wds":
+        for name in ("wds_mode", "wds_shuffle_buffer"):
+            d.pop(name)
     return d
+
+
+def model_key(cfg: Config) -> dict[str, Any]:
+    """Model settings that change results. The weights file enters by content (`weights_sha256` of the dense
+    stage), not by path; which state dict of it is read (`weights_key`) only when there is a file."""
+    d = to_dict(cfg.model)
+    d.pop("weights")
+    if cfg.model.weights is None:
+        d.pop("weights_key")
+    return d
+
+
+# Schedules whose factor at a step depends on the phase's total number of epochs: a phase trained with them for
+# N epochs is not the start of one trained for more, so their `epochs` stays in the stage key.
+TOTAL_DEPENDENT_SCHEDULES = ("cosine", "linear")
 
 
 def prepare_for_training(model: nn.Module, cfg: Config) -> nn.Module:
@@ -75,13 +97,56 @@ class TrainStage:
         self.depends: tuple[str, ...] = (model_stage,) if model_stage else ()
 
     def config_parts(self, cfg: Config) -> dict[str, Any]:
-        phase = dataclasses.replace(self.phase(cfg), eval_every_epochs=1)  # evaluation cadence does not change weights
-        parts = {"data": data_key(cfg), "model": to_dict(cfg.model), self.phase_name: to_dict(phase),
+        """What changes the trained weights. Not: how often and with which batch size the test set is evaluated
+        (BatchNorm evaluates with its running statistics, so a sample's logits do not depend on its batch:
+        result.json's test numbers agree up to float summation order, and later stages read only the weights);
+        nor `epochs` under a schedule that does not depend on the total (see `extends`): a longer run continues
+        a shorter one in the same folder, and `output_parts` gives later stages a new key."""
+        phase = self.phase(cfg)
+        fields = to_dict(phase)
+        fields.pop("eval_every_epochs")
+        fields.pop("eval_batch_size")
+        if self.extensible(phase):
+            fields.pop("epochs")
+        parts = {"data": data_key(cfg), "model": model_key(cfg), self.phase_name: fields,
                  "seed": cfg.run.seed, "strategy": cfg.engine.strategy,
                  "precision": cfg.engine.precision, "task": self.task.__qualname__, "task_config": self.task_key(cfg)}
         if self.model_stage is None:
             parts["weights_sha256"] = file_sha256(cfg.model.weights) if cfg.model.weights else None
         return parts
+
+    @staticmethod
+    def extensible(phase: PhaseConfig) -> bool:
+        """True if this phase trained for N epochs equals the first N epochs of it trained for more (and it
+        trains at all: `epochs: 0` of the dense stage takes model.weights as given, a different output)."""
+        return phase.epochs > 0 and phase.schedule.name not in TOTAL_DEPENDENT_SCHEDULES
+
+    def output_parts(self, cfg: Config) -> dict[str, Any]:
+        """What changes the output beyond the folder key: later stages' keys depend on the epochs trained."""
+        return {"epochs": self.phase(cfg).epochs}
+
+    def fresh_notes(self, cfg: Config) -> dict[str, str]:
+        """Why a key field differing from a sibling folder's means starting over (logged by the runner)."""
+        phase = self.phase(cfg)
+        if self.extensible(phase) or phase.epochs == 0:
+            return {}
+        return {f"{self.phase_name}.epochs": f"{self.phase_name}.schedule.name={phase.schedule.name} depends on the "
+                                             f"total number of epochs, so a run with other epochs cannot be extended"}
+
+    def extends(self, record: dict, cfg: Config, folder: Path) -> str:
+        """Why a finished folder of this stage (its `record`) must train on ("" if it need not): it trained fewer
+        epochs than asked (possible only for an extensible phase, whose key leaves `epochs` out). More epochs
+        than asked cannot be undone: refused, naming both numbers and the fix."""
+        trained, asked = record.get("summary", {}).get("epochs"), self.phase(cfg).epochs
+        if trained is None or trained == asked:
+            return ""
+        if trained > asked:
+            raise TrainedTooLong(f"{self.phase_name}.epochs={asked}: stage {self.name} in {folder} "
+                                f"was trained for {trained} epochs, more than asked, and its earlier epochs are not "
+                                f"kept; set {self.phase_name}.epochs={trained} to reuse it, or another run.name "
+                                f"to train {asked} epochs from the start")
+        return (f"finished with {trained} epochs earlier, {self.phase_name}.epochs={asked}: training on from its last "
+                f"checkpoint")
 
     def initial_model(self, ctx: RunContext) -> nn.Module:
         if self.model_stage is None:
