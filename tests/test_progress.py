@@ -7,6 +7,7 @@ import io
 import re
 
 import pytest
+import torch
 
 from helpers import run_in_process
 from qpm_dist import utils
@@ -33,6 +34,29 @@ def test_in_a_log_file_progress_is_lines_without_carriage_returns(write_config, 
     lines = [r.getMessage() for r in caplog.records]
     assert any(re.fullmatch(r"stats: train: 8/8 batches, 100%, [\d.]+ it/s, eta 0 s", m) for m in lines), lines
     assert any(re.match(r"dense epoch 1/1: \d+/8 steps, \d+%", m) for m in lines), lines
+
+
+def test_every_model_pass_of_a_run_reports_labelled_progress(write_config, tmp_path, caplog, monkeypatch):
+    """Issue 14 item 10: the dense model's evaluation with dense.epochs=0, the evaluation after a training epoch,
+    the metrics' part localisation and the report's example images and class figures each say what they count
+    (they ran silently: minutes on ImageNet with nothing in the log)."""
+    from qpm_dist.config import ModelConfig
+    from qpm_dist.models.backbones import build_backbone
+
+    monkeypatch.setattr(utils, "PROGRESS_EVERY_S", 0.0, raising=False)
+    weights = tmp_path / "backbone.pt"
+    torch.save(build_backbone("tiny_resnet", ModelConfig().reduced_strides, "batch", 8).state_dict(), weights)
+    config = write_config(**{**FEW_BATCHES, "dense": {"epochs": 0}}, model={"weights": str(weights)},
+                          finetune={"epochs": 1}, engine={"progress": True})
+    with caplog.at_level("INFO", logger="qpm_dist"):
+        run_in_process(config)
+    lines = [r.getMessage() for r in caplog.records]
+    for expected in [r"dense \(model.weights\): test set: 1/1 batches, 100%.*",
+                     r"finetune epoch 1/1: test set: 1/1 batches, 100%.*",
+                     r"metrics: part localisation: 1/1 batches, 100%.*",
+                     r"report: example images: 32/64 images, 50%.*",  # 8 test images of the 16 wanted per class
+                     r"report: class figures: 4/4 classes, 100%.*"]:
+        assert any(re.fullmatch(expected, m) for m in lines), (expected, [m for m in lines if ": " in m])
 
 
 def test_progress_lines_are_occasional_and_a_terminal_gets_a_bar():
