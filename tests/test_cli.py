@@ -142,9 +142,8 @@ def test_check_says_what_would_run_and_names_every_missing_input(write_config, c
     assert main(["check", str(config), "data.root=/nonexistent/x", "model.weights=/nonexistent/w.pth"]) == 2
     captured = capsys.readouterr()
     assert f"config {config}: valid" in captured.out  # the config is fine, the files are not
-    assert captured.err.strip() == ("qpm-dist: error: data.root: dataset folder not found: /nonexistent/x (create it with "
-                                    "`qpm-dist make-synthetic`); "
-                                    "model.weights: file not found: /nonexistent/w.pth")
+    assert captured.err.strip() == ("qpm-dist: error: data.root: dataset folder not found: /nonexistent/x (create it "
+                                    "with `qpm-dist make-synthetic`); model.weights: file not found: /nonexistent/w.pth")
 
     assert main(["check", str(config), "--stage", "nope"]) == 2
     assert "--stage: unknown stage 'nope'" in capsys.readouterr().err

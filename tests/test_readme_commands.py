@@ -222,7 +222,7 @@ CHECKERS = {"qpm-dist": check_qpm_dist, "torchrun": check_torchrun, "deepspeed":
 def test_readme_command(command, monkeypatch):
     monkeypatch.chdir(REPO)  # the README's commands run from the repository root
     program, *argv = command.argv
-    assert program in CHECKERS, f"{command}: a kind of command this test does not check; add a checker or a NOT_RUN reason"
+    assert program in CHECKERS, f"{command}: a command this test does not check; add a checker or a NOT_RUN reason"
     try:
         CHECKERS[program](argv)
     except SystemExit as exc:  # argparse's exit on bad arguments
