@@ -37,7 +37,8 @@ NOT_RUN = {
     "python -m solver_service": "needs a problem.npz from a run, or a running service and its job id: "
                                 "arguments parsed only",
     "sbatch slurm/solver_service.sbatch": "starts a service and writes its URL to the cluster's shared file "
-                                          "system (/shared): the script's syntax and its argument count only",
+                                          "system (/shared): the script's syntax and its argument count only "
+                                          "(tests/test_slurm.py runs it against a stand-in service)",
 }
 
 
@@ -156,40 +157,31 @@ def check_deepspeed(argv: list[str]) -> None:
     check_qpm_dist([a for a in args.user_args if not a.startswith(("--local_rank", "--local-rank"))])
 
 
-def sbatch_script(argv: list[str]) -> tuple[dict[str, str], str, list[str]]:
-    """sbatch's own options, the script and the script's arguments."""
-    options, i = {}, 0
-    while argv[i].startswith("-"):
-        key, _, value = argv[i].partition("=")
-        options[key] = value
-        i += 1
-    return options, argv[i], argv[i + 1:]
+def check_sbatch(argv: list[str], tmp_path: Path) -> None:
+    """The batch script runs as sbatch would run it, against the stand-in SLURM commands of tests/fake_slurm
+    (srun records its command and exits 0); each `qpm-dist launch --run ...` it hands to srun is then checked."""
+    from test_slurm import FakeSlurm
 
-
-def check_sbatch(argv: list[str]) -> None:
-    options, script, script_args = sbatch_script(argv)
+    script = next(a for a in argv if not a.startswith("-"))
     assert (REPO / script).is_file(), script
-    subprocess.run(["bash", "-n", str(REPO / script)], check=True)
-    name = Path(script).name
-    if name == "train_multinode.sbatch":
-        # The script runs `qpm-dist launch --run --nnodes N ... CONFIG "$@"` on every node.
-        config, *rest = script_args
-        check_qpm_dist(["launch", "--nnodes", "4", "--nproc-per-node", "8", "--rdzv-endpoint", "node001:10042",
-                        "--rdzv-id", "42", config, *rest])
-    elif name == "sweep_array.sbatch":
-        # Task i runs `qpm-dist launch --run CONFIG run.name=SWEEP "$@" <overrides of run line i>`.
-        sweep_file, config, *rest = script_args
-        runs = [line.split() for line in (REPO / sweep_file).read_text().splitlines()
-                if line.strip() and not line.lstrip().startswith("#")]
-        first, last = map(int, options["--array"].partition("%")[0].split("-"))
-        assert (first, last) == (0, len(runs) - 1), f"--array={options['--array']} for {len(runs)} run lines"
-        for run_line in runs:
-            check_qpm_dist(["launch", "--nproc-per-node", "4", config, f"run.name={Path(sweep_file).stem}",
-                            *rest, *run_line])
-    elif name == "solver_service.sbatch":
-        assert len(script_args) == 1, script_args  # NOT_RUN["sbatch slurm/solver_service.sbatch"]
-    else:
-        raise AssertionError(f"{script}: not handled by this test")
+    if Path(script).name == "solver_service.sbatch":  # NOT_RUN["sbatch slurm/solver_service.sbatch"]
+        subprocess.run(["bash", "-n", str(REPO / script)], check=True)
+        assert len(argv) - argv.index(script) - 1 == 1, argv
+        return
+    slurm = FakeSlurm(tmp_path)
+    proc = slurm.sbatch(*argv)
+    assert proc.returncode == 0, proc.stderr
+    launches = [c["argv"][c["argv"].index("qpm_dist") + 1:] for c in slurm.calls("srun")]
+    (submitted,) = slurm.calls("sbatch")
+    if "array" in submitted["options"]:  # one task per run line of the sweep file, none left out
+        first, _, last = submitted["options"]["array"].partition("%")[0].partition("-")
+        sweep = (REPO / submitted["args"][0]).read_text().splitlines()
+        runs = [line for line in sweep if line.strip() and not line.lstrip().startswith("#")]
+        assert (int(first), int(last)) == (0, len(runs) - 1), f"--array for {len(runs)} run lines"
+        assert len(launches) == len(runs), launches
+    assert launches and all(launch[0] == "launch" for launch in launches), launches
+    for launch in launches:
+        check_qpm_dist(launch)
 
 
 def check_python_module(argv: list[str]) -> None:
@@ -219,12 +211,12 @@ CHECKERS = {"qpm-dist": check_qpm_dist, "torchrun": check_torchrun, "deepspeed":
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=str)
-def test_readme_command(command, monkeypatch):
+def test_readme_command(command, monkeypatch, tmp_path):
     monkeypatch.chdir(REPO)  # the README's commands run from the repository root
     program, *argv = command.argv
     assert program in CHECKERS, f"{command}: a command this test does not check; add a checker or a NOT_RUN reason"
     try:
-        CHECKERS[program](argv)
+        CHECKERS[program](*([argv, tmp_path] if program == "sbatch" else [argv]))
     except SystemExit as exc:  # argparse's exit on bad arguments
         pytest.fail(f"{command}: arguments rejected (exit {exc.code})")
     except Exception as exc:
