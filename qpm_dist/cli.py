@@ -143,10 +143,11 @@ def check_run(args: argparse.Namespace) -> tuple[list[str], list[str]]:
 def cmd_check(args: argparse.Namespace) -> int:
     """`qpm-dist check`: the config and the input paths of a run, checked in a second; nothing is started."""
     from qpm_dist.config import ConfigError
+    from qpm_dist.errors import BadInput
 
     try:
         lines, missing = check_run(args)
-    except (ConfigError, ImportError, ValueError) as exc:
+    except (ConfigError, BadInput, ImportError, ValueError) as exc:  # BadInput: an input file that is unfit
         return _fail(str(exc))
     print("\n".join(lines), flush=True)
     if missing:
