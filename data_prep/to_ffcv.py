@@ -6,7 +6,8 @@ options are FFCV's, named as ffcv-imagenet uses them: `--write-mode jpg|raw|prop
 proportion mode). ffcv-imagenet's ResNet-50 data is `--write-mode proportion --compress-probability 0.5
 --max-side 500 --jpeg-quality 90`, its ResNet-18 data `... 0.1 --max-side 400 ...`.
 
-FFCV's DatasetWriter runs the worker processes and shows the progress bar. It waits forever for a worker
+FFCV's DatasetWriter runs the worker processes; its unlabelled progress bar is replaced by ours
+(`qpm_dist.utils.progress`: a labelled bar on a terminal, lines in a log file). It waits forever for a worker
 that died, so our reader never raises inside it: an unreadable image is written as a tiny placeholder with
 label -1 and a warning naming the file; afterwards the labels are read back, the placeholders are listed in
 dataset.json (the loader leaves them out) or, with --on-corrupt error, the split fails naming every file.
@@ -53,12 +54,16 @@ class SourceImages:
 
 
 def convert_split(out: Path, split: str, items: list, args, progress: bool) -> dict:
+    from functools import partial
+    from unittest import mock
+
+    import ffcv.writer
     import torch
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
 
     from qpm_dist.data.ffcv_loader import beton_columns
-    from qpm_dist.utils import file_sha256
+    from qpm_dist.utils import file_sha256, progress as progress_bar, to_stderr
 
     name = f"{split}.beton"
     sidecar = out / f"{name}.json"
@@ -74,20 +79,13 @@ def convert_split(out: Path, split: str, items: list, args, progress: bool) -> d
         "index": IntField(),
     }
     writer = DatasetWriter(str(tmp), fields, num_workers=args.workers or convert.usable_cpus())
-    # FFCV's writer always draws its bar: silence stderr around it unless a bar is wanted and stderr is a
-    # terminal (in a log file the bar's carriage returns garble the log: one line instead)
-    silence = not (progress and sys.stderr.isatty())
-    if progress and silence:
-        print(f"to-ffcv {split}: writing {len(items)} images into {tmp.name}", file=sys.stderr, flush=True)
-    if silence:
-        devnull = open(os.devnull, "w")
-        saved, sys.stderr = sys.stderr, devnull
-    try:
+    if progress and not sys.stderr.isatty():
+        to_stderr(f"to-ffcv {split}: writing {len(items)} images into {tmp.name}")
+    # FFCV's writer draws `tqdm(total=N)` with no label and updates it as its workers finish images: it gets
+    # our reporter instead (which has tqdm's update/close), labelled, as lines in a log file, silent with --quiet.
+    bar = partial(progress_bar, desc=f"to-ffcv {split}: images converted", show=progress, unit="img", emit=to_stderr)
+    with mock.patch.object(ffcv.writer, "tqdm", bar):
         writer.from_indexed_dataset(SourceImages(items, args.decoder, args.seed), chunksize=args.chunk_size)
-    finally:
-        if silence:
-            sys.stderr = saved
-            devnull.close()
     columns = beton_columns(tmp)
     labels, indices = columns["label"], columns["index"]
     bad = np.flatnonzero(labels == PLACEHOLDER_LABEL)

@@ -133,7 +133,7 @@ def convert_split(out: Path, split: str, items: list, args, opts: dict, progress
             records[name] = json.loads(sidecar.read_text())
         else:
             todo.append((str(out), name, shard, opts))
-    bar = progress_bar(len(items), f"to-wds {split}", show=progress, unit="img", emit=to_stderr,
+    bar = progress_bar(len(items), f"to-wds {split}: images converted", show=progress, unit="img", emit=to_stderr,
                        initial=sum(len(s) for n, s in zip(names, shards) if n in records))
     try:
         for record in pool.imap_unordered(write_shard, todo) if pool else map(write_shard, todo):

@@ -97,6 +97,79 @@ def check_ffcv_rows(task: tuple) -> dict:
     return {"count": stop - start, "errors": errors}
 
 
+def import_checkers(fmt: str, ready) -> None:
+    """Pool initializer: import what the checks need when a worker starts, then put a token into `ready`. With
+    FFCV these imports (torch, torchvision, FFCV, numba) take 10-30 s per process; done in the first task they
+    held the bar at 0 % that long, unexplained. Now they overlap the main process's own work (its imports, the
+    source labels, hashing a .beton), and `ImportingPool` counts the workers that are ready. A missing FFCV is
+    reported by the main process (an initializer that raised would be restarted forever); the token comes in
+    any case, so the count cannot wait forever."""
+    try:
+        import torch  # noqa: F401
+
+        from qpm_dist.data.decode import decode  # noqa: F401
+
+        if fmt == "ffcv":
+            from ffcv.reader import Reader  # noqa: F401
+        else:
+            import webdataset  # noqa: F401
+    except Exception:  # noqa: BLE001 - a missing library fails the task itself, with its message
+        pass
+    finally:
+        ready.put(True)
+
+
+class ImportingPool:
+    """A spawn pool whose workers import their libraries as they start (`import_checkers`); the first `imap`
+    first counts the workers that are ready, as progress, so the wait for their imports is named and counted
+    from the start instead of showing as a bar at 0 %."""
+
+    def __init__(self, workers: int, fmt: str, progress: bool) -> None:
+        context = multiprocessing.get_context("spawn")  # not fork: torch (threads) is loaded in this process
+        self.ready, self.workers, self.progress, self.waited = context.Queue(), workers, progress, False
+        libraries = "torch and FFCV" if fmt == "ffcv" else "torch"
+        self.desc = f"verify: worker processes that imported {libraries}"
+        self.pool = context.Pool(workers, import_checkers, (fmt, self.ready))
+
+    def __enter__(self) -> "ImportingPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.pool.terminate()
+
+    def imap(self, fn, tasks):
+        if not self.waited:
+            from qpm_dist.utils import progress as progress_bar, to_stderr
+
+            bar = progress_bar(self.workers, self.desc, show=self.progress, unit="workers", emit=to_stderr)
+            for _ in range(self.workers):
+                self.ready.get()
+                bar.update(1)
+            bar.close()
+            self.waited = True
+        return self.pool.imap(fn, tasks)
+
+
+def sha256_with_progress(path: Path, desc: str, progress: bool) -> str:
+    """A file's sha256 (as qpm_dist.utils.file_sha256), counting MiB: an ImageNet .beton is 100s of GB, minutes."""
+    import hashlib
+
+    from qpm_dist.utils import progress as progress_bar, to_stderr
+
+    digest, done, shown = hashlib.sha256(), 0, 0
+    bar = progress_bar(-(-path.stat().st_size // 2**20), desc, show=progress, unit="MiB", emit=to_stderr)
+    try:
+        with open(path, "rb") as fh:
+            while chunk := fh.read(2**24):
+                digest.update(chunk)
+                done += len(chunk)
+                bar.update(-(-done // 2**20) - shown)
+                shown = -(-done // 2**20)
+    finally:
+        bar.close()
+    return digest.hexdigest()
+
+
 def _source_labels(manifest: dict) -> dict[str, np.ndarray] | None:
     from qpm_dist.config import DataConfig
     from qpm_dist.data.sources import read_splits
@@ -139,7 +212,7 @@ def verify_split(root: Path, manifest: dict, split: str, source: dict | None, po
         shards = [s for s in info["shards"] if (root / s["file"]).is_file()]  # a missing one is reported above
         tasks = [(str(root / s["file"]), decoder, s.get("sha256")) for s in shards]
         counts = {s["file"]: s["count"] for s in shards}
-        results = _run_tasks(check_wds_shard, tasks, pool, f"verify {split}", progress,
+        results = _run_tasks(check_wds_shard, tasks, pool, f"verify {split}: images decoded", progress,
                              lambda t: counts[Path(t[0]).name])
         for r in results:
             if r["count"] != counts[r["file"]]:
@@ -150,13 +223,13 @@ def verify_split(root: Path, manifest: dict, split: str, source: dict | None, po
     else:
         from qpm_dist.data.ffcv_loader import beton_columns
         from qpm_dist.data.integrity import beton_problems
-        from qpm_dist.utils import file_sha256
 
         path = root / info["file"]
         damaged = beton_problems(path, info.get("bytes"), info.get("rows"))
         if damaged:  # its rows cannot be located: nothing more to check
             return damaged
-        if info.get("sha256") is not None and file_sha256(path) != info["sha256"]:
+        if (info.get("sha256") is not None
+                and sha256_with_progress(path, f"verify {split}: sha256 of {path.name}", progress) != info["sha256"]):
             problems.append(f"{path}: sha256 differs from dataset.json (the file changed after conversion)")
         columns = beton_columns(path)
         keep = columns["label"] >= 0  # label -1: placeholder of an image left out at conversion
@@ -164,7 +237,8 @@ def verify_split(root: Path, manifest: dict, split: str, source: dict | None, po
         rows = len(keep)
         step = max(1, min(2000, rows // (4 * max(1, workers)) or 1))
         tasks = [(str(path), a, min(a + step, rows), decoder) for a in range(0, rows, step)]
-        results = _run_tasks(check_ffcv_rows, tasks, pool, f"verify {split}", progress, lambda t: t[2] - t[1])
+        results = _run_tasks(check_ffcv_rows, tasks, pool, f"verify {split}: images decoded", progress,
+                             lambda t: t[2] - t[1])
         problems += [e for r in results for e in r["errors"]]
     if len(indices) != info["num_samples"]:
         problems.append(f"{len(indices)} samples, dataset.json says {info['num_samples']}")
@@ -191,21 +265,28 @@ def verify_split(root: Path, manifest: dict, split: str, source: dict | None, po
 def run(args: argparse.Namespace) -> int:
     from qpm_dist.data.manifest import load_manifest
 
+    from qpm_dist.utils import to_stderr
+
     try:
         manifest = load_manifest(args.out_dir)
     except (FileNotFoundError, ValueError) as exc:
         print(f"verify: error: {exc}", file=sys.stderr)
         return 2
-    if manifest["format"] == "ffcv":
-        try:
-            import ffcv  # noqa: F401
-        except ImportError as exc:
-            print(f"verify: error: FFCV is not installed ({exc})", file=sys.stderr)
-            return 2
-    source = _source_labels(manifest)
     failed = False
     workers = args.workers or convert.usable_cpus()
-    with multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else nullcontext() as pool:
+    if not args.quiet:  # said at once: before the first image is decoded, every process imports its libraries
+        starting = f"starting {workers} worker processes, " if workers > 1 else ""
+        importing = "importing FFCV, " if manifest["format"] == "ffcv" else ""
+        to_stderr(f"verify: {args.out_dir} ({manifest['format']}): {starting}{importing}reading the source labels")
+    # The workers start importing now, while this process does its own imports and reads the source labels.
+    with ImportingPool(workers, manifest["format"], not args.quiet) if workers > 1 else nullcontext() as pool:
+        if manifest["format"] == "ffcv":
+            try:
+                import ffcv  # noqa: F401
+            except ImportError as exc:
+                print(f"verify: error: FFCV is not installed ({exc})", file=sys.stderr)
+                return 2
+        source = _source_labels(manifest)
         reports = {split: verify_split(args.out_dir, manifest, split, source, pool, workers, not args.quiet)
                    for split in manifest["splits"]}
     for split, problems in reports.items():

@@ -1,4 +1,4 @@
-"""`qpm-dist` command line: run | demo | compare | make-synthetic | print-config | launch.
+"""`qpm-dist` command line: run | check | demo | compare | make-synthetic | print-config | launch.
 
 Exit codes: 0 success, 2 bad input (config, paths, files; reported before any training starts; a damaged
 output of a finished stage; only errors naming such input: any other error inside a stage, a missing file
@@ -25,21 +25,38 @@ def _fail(message: str) -> int:
     return EXIT_BAD_INPUT
 
 
-def _preflight(cfg) -> None:
-    """Check the files a run names, so a typo fails in seconds and not after hours."""
+def missing_inputs(cfg) -> list[str]:
+    """Every file or folder the run names that is not there, one message each (key, path, what is expected)."""
+    problems = []
     if cfg.data.backend != "folder":
         if not Path(cfg.data.converted).is_dir():
-            raise FileNotFoundError(f"data.converted: folder not found: {cfg.data.converted} (create it with "
-                                    f"`python -m data_prep to-{cfg.data.backend}`)")
+            problems.append(f"data.converted: folder not found: {cfg.data.converted} (create it with "
+                            f"`python -m data_prep to-{cfg.data.backend}`)")
     elif not Path(cfg.data.root).exists():
         hint = " (create it with `qpm-dist make-synthetic`)" if cfg.data.dataset == "synthetic" else ""
-        raise FileNotFoundError(f"data.root: dataset folder not found: {cfg.data.root}{hint}")
-    if cfg.model.weights:  # readable, and fits model.arch: not a traceback from every rank once a stage starts
+        problems.append(f"data.root: dataset folder not found: {cfg.data.root}{hint}")
+    # travelingbirds' CUB folder (its attributes are read on every backend); pre-cropped images (folder backend)
+    read = ("cub_root", "crop_root") if cfg.data.backend == "folder" else ("cub_root",)
+    for key in read:
+        folder = getattr(cfg.data, key)
+        if folder and not Path(folder).is_dir():
+            problems.append(f"data.{key}: folder not found: {folder}")
+    if cfg.model.weights and not Path(cfg.model.weights).expanduser().is_file():
+        problems.append(f"model.weights: file not found: {cfg.model.weights}")
+    elif cfg.model.weights:  # readable, and fits model.arch: not a traceback from every rank once a stage starts
         from qpm_dist.models.backbones import check_weights_file
 
-        check_weights_file(cfg.model)
+        check_weights_file(cfg.model)  # raises BadInput: a file that is there but unusable is not "missing"
     if cfg.engine.strategy == "deepspeed" and not Path(cfg.engine.deepspeed_config).is_file():
-        raise FileNotFoundError(f"engine.deepspeed_config: file not found: {cfg.engine.deepspeed_config}")
+        problems.append(f"engine.deepspeed_config: file not found: {cfg.engine.deepspeed_config}")
+    return problems
+
+
+def _preflight(cfg) -> None:
+    """Check the files a run names, so a typo fails in seconds and not after hours."""
+    problems = missing_inputs(cfg)
+    if problems:
+        raise FileNotFoundError(problems[0])
 
 
 def _load_config(args: argparse.Namespace, path, overrides):
@@ -110,6 +127,43 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     finally:
         dist.shutdown()
+
+
+def check_run(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """What `qpm-dist run` with these arguments would do, without doing it: (lines describing the run, the
+    input files and folders that are missing). A bad config, plugin or --stage raises ConfigError/ImportError/
+    ValueError; missing inputs are returned apart, so a caller can tell "the config is valid" from "the
+    files are here" (the README's commands name files of the user's machine)."""
+    from qpm_dist import methods
+
+    cfg = _load_config(args, args.config, args.overrides)
+    stages = [s.name for s in methods.get(cfg.method).stages(cfg)]
+    if args.stage is not None and args.stage not in stages:
+        raise ValueError(f"--stage: unknown stage {args.stage!r}; {cfg.method} has: {', '.join(stages)}")
+    source = (f"{cfg.data.backend} data at {cfg.data.converted}" if cfg.data.backend != "folder"
+              else f"{cfg.data.dataset} images at {cfg.data.root}")
+    lines = [f"config {args.config}: valid",
+             f"method {cfg.method}, stages {', '.join(stages)}" + (f" (--stage {args.stage})" if args.stage else ""),
+             f"data: {source}",
+             f"model: {cfg.model.arch}, weights {cfg.model.weights or 'none (random initialisation)'}",
+             f"engine: {cfg.engine.strategy} on {cfg.engine.device}, outputs in {Path(cfg.run.out_dir) / cfg.run.name}"]
+    return lines, missing_inputs(cfg)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """`qpm-dist check`: the config and the input paths of a run, checked in a second; nothing is started."""
+    from qpm_dist.config import ConfigError
+    from qpm_dist.errors import BadInput
+
+    try:
+        lines, missing = check_run(args)
+    except (ConfigError, BadInput, ImportError, ValueError) as exc:  # BadInput: an input file that is unfit
+        return _fail(str(exc))
+    print("\n".join(lines), flush=True)
+    if missing:
+        return _fail("; ".join(missing))
+    print("inputs: all found", flush=True)
+    return 0
 
 
 def cmd_print_config(args: argparse.Namespace) -> int:
@@ -266,6 +320,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stage", help="run only this stage (and unfinished stages it depends on)")
     run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dense.optim.lr=0.1")
     run.set_defaults(func=cmd_run)
+
+    check = sub.add_parser("check", parents=[plugin],
+                           help="check a run's config and input paths and say what it would run; starts nothing")
+    check.add_argument("config")
+    check.add_argument("--stage", help="as for run")
+    check.add_argument("overrides", nargs="*")
+    check.set_defaults(func=cmd_check)
 
     show = sub.add_parser("print-config", parents=[plugin], help="print the resolved config")
     show.add_argument("config")

@@ -131,7 +131,7 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
-def _main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m solver_service", description=__doc__)
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings on stderr")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -174,7 +174,11 @@ def _main(argv=None) -> int:
     p = sub.add_parser("run-job", help=argparse.SUPPRESS)
     p.add_argument("job_dir")
 
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(message)s" if args.command == "serve" else "%(message)s")
     logging.getLogger(LOGGER_NAME).setLevel(logging.WARNING if args.quiet else logging.INFO)

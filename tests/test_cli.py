@@ -129,3 +129,21 @@ def test_an_unexpected_missing_file_inside_a_stage_is_a_crash_not_bad_input(writ
     monkeypatch.setattr(CheckpointManager, "save", vanished)
     with pytest.raises(FileNotFoundError, match="step_000000008.tmp"):
         main(["run", str(write_config()), "--stage", "dense"])
+
+
+def test_check_says_what_would_run_and_names_every_missing_input(write_config, capsys):
+    config = write_config()
+    assert main(["check", str(config), "--stage", "stats", "dense.epochs=1"]) == 0
+    out = capsys.readouterr().out
+    assert f"config {config}: valid" in out and "stages dense, stats, qpm_solve" in out and "(--stage stats)" in out
+    assert "inputs: all found" in out
+    _no_stage_started(config)
+
+    assert main(["check", str(config), "data.root=/nonexistent/x", "model.weights=/nonexistent/w.pth"]) == 2
+    captured = capsys.readouterr()
+    assert f"config {config}: valid" in captured.out  # the config is fine, the files are not
+    assert captured.err.strip() == ("qpm-dist: error: data.root: dataset folder not found: /nonexistent/x (create it "
+                                    "with `qpm-dist make-synthetic`); model.weights: file not found: /nonexistent/w.pth")
+
+    assert main(["check", str(config), "--stage", "nope"]) == 2
+    assert "--stage: unknown stage 'nope'" in capsys.readouterr().err

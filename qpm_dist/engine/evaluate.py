@@ -33,10 +33,11 @@ def accuracy_terms(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def evaluate_accuracy(module: nn.Module, loader: Iterable, info: DistInfo,
                       autocast: Callable[[], contextlib.AbstractContextManager],
-                      prepare: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
-    """Top-1/top-5 accuracy (percent) and mean cross-entropy of `module` over this rank's shard, all-reduced."""
+                      prepare: Callable[[torch.Tensor], torch.Tensor] | None = None, desc: str = "") -> dict:
+    """Top-1/top-5 accuracy (percent) and mean cross-entropy of `module` over this rank's shard, all-reduced.
+    `desc` labels the pass's progress on rank 0 (ImageNet's test set takes minutes; empty: silent)."""
     sums = torch.zeros(4, device=info.device, dtype=torch.float64)
-    for output, targets in model_outputs(module, loader, info, autocast, prepare=prepare):
+    for output, targets in model_outputs(module, loader, info, autocast, desc=desc, prepare=prepare):
         sums += accuracy_terms(output.logits.float(), targets)
     loss, top1, top5, count = dist.all_reduce(sums).tolist()
     count = max(count, 1.0)

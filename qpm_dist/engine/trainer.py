@@ -344,7 +344,8 @@ class Trainer:
         per_rank = max(1, self.cfg.eval_batch_size // self.info.world_size)
         loader = self.data.eval_loader("test", per_rank, self.info.rank, self.info.world_size,
                                        pin_memory=self.info.device.type == "cuda")
-        return evaluate_accuracy(self.module, loader, self.info, self.strategy.autocast, self.strategy.prepare)
+        return evaluate_accuracy(self.module, loader, self.info, self.strategy.autocast, self.strategy.prepare,
+                                 desc=f"{self.setup.phase} epoch {self.progress.epoch}/{self.cfg.epochs}: test set")
 
     def _export(self, result: dict) -> None:
         """Write the trained model (`model.pt`, see models.io) and `result.json`; they mark the phase as finished."""

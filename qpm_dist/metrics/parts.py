@@ -39,7 +39,7 @@ def part_localisation(model, data, info: DistInfo, autocast, batch_size: int) ->
     n_parts = data.class_parts.shape[1]
     loader = data.eval_loader("test", batch_size, info.rank, info.world_size, return_index=True)
     hits = present = chance = None
-    for output, _, indices in model_outputs(model, loader, info, autocast):
+    for output, _, indices in model_outputs(model, loader, info, autocast, desc="metrics: part localisation"):
         maps = output.feature_maps.float()
         b, n, h, w = maps.shape
         if hits is None:

@@ -15,6 +15,7 @@ import torch
 
 from qpm_dist.report import figures
 from qpm_dist.report.build import ReportInputs, img
+from qpm_dist.utils import progress
 
 # The headline metrics (MethodSpec.headline) of a method whose final model has a sparse class-feature head:
 # accuracy, how its class similarities match the ground truth, and the part recovery and localisation scores.
@@ -44,11 +45,14 @@ def best_examples(model, loader, classes: set[int], device: torch.device, limit:
     classified images compete when there is one (the reference's shift could let a wrong one win, bug 22).
     One pass over the loader in test order, stopping once every class has had `limit` images: WebDataset
     and FFCV shards have no random access, and ImageNet's classes cannot all be held in memory at once.
-    Only the images still needed are run through the model (not whole batches).
+    Only the images still needed are run through the model (not whole batches). Progress counts them, out of
+    `limit` per class (on ImageNet the pass reads a large part of the test set; it ends short of the total
+    when a class has fewer test images).
     """
     class_weights = model.head.class_weights()
     seen = dict.fromkeys(classes, 0)
     best: dict[int, tuple] = {}
+    bar = progress(limit * len(seen), "report: example images", unit="images")
     for images, labels in loader:
         keep = []
         for i, y in enumerate(labels.tolist()):
@@ -64,8 +68,10 @@ def best_examples(model, loader, classes: set[int], device: torch.device, limit:
                 key = (bool(out.logits[row].argmax() == y), float(peaks * out.features[row, feats].float().sum()))
                 if y not in best or key > best[y][0]:
                     best[y] = (key, batch[row].cpu(), out.feature_maps[row].cpu())
+        bar.update(len(keep))
         if all(n >= limit for n in seen.values()):
             break
+    bar.close()
     return {c: (image, maps, key[0]) for c, (key, image, maps) in best.items()}
 
 
@@ -115,6 +121,7 @@ def sparse_head_sections(inputs: ReportInputs) -> list[tuple[str, str]]:
         comparisons.append((names[c1], names[c2], shared, png))
 
     class_rows = []
+    bar = progress(len(listed), "report: class figures", unit="classes")
     for c in listed:
         feats = [int(j) for j in np.flatnonzero(weights[c])]
         sharing = {j: [names[o] for o in np.flatnonzero(weights[:, j]) if o != c] for j in feats}
@@ -125,6 +132,8 @@ def sparse_head_sections(inputs: ReportInputs) -> list[tuple[str, str]]:
             title = names[c] + ("" if ex[2] else " (misclassified)")
             figures.class_strip(png, title, ex[0], ex[1], feats, [feature_label(j) for j in feats])
         class_rows.append((names[c], feats, sharing, png))
+        bar.update()
+    bar.close()
 
     feature_rows = "".join(
         f"<tr><td>{html.escape(feature_label(j))}</td><td>{len(np.flatnonzero(weights[:, j]))}</td>"

@@ -181,7 +181,7 @@ class DenseStage(TrainStage):
         model = self.initial_model(ctx).to(info.device)
         per_rank = max(1, ctx.cfg.dense.eval_batch_size // info.world_size)
         loader = ctx.data.eval_loader("test", per_rank, info.rank, info.world_size, pin_memory=info.device.type == "cuda")
-        test = evaluate_accuracy(model, loader, info, ctx.autocast)
+        test = evaluate_accuracy(model, loader, info, ctx.autocast, desc="dense (model.weights): test set")
         save_model(out_dir / MODEL, model)
         result = {"phase": "dense", "epochs": 0, "test": test, "weights": ctx.cfg.model.weights}
         write_json(out_dir / RESULT, result)
