@@ -8,12 +8,13 @@ partition where the sum happens, clipping is off in both (`DeepSpeedStrategy.res
 is the same torch SGD. Measured: every model.pt equal bit for bit for ZeRO 0, 1 and 2. (On GPUs, with NCCL's
 reduction order, more ranks or bf16/fp16 this no longer holds and a tolerance would be needed.)
 
-Cost: one torchrun launch runs all the runs of a fixture (tests/runs_in_one_group.py), because starting torch,
-DeepSpeed and the process group again costs ~25 s per launch on 2 loaded cores, more than the tiny runs.
-Each strategy has its own run folder, shared by the three methods: one dense stage per strategy (the dense
-key holds no method). Every phase trains 1 epoch of the tiny data; Q-SENN has 2 rounds, so round 1's features
-come from a model fine-tuned under the same strategy. Runs stop after the last fine-tuning (evaluation and
-report do not train).
+Cost: the whole matrix (4 strategies x 3 methods) is ONE torchrun launch (tests/runs_in_one_group.py): starting
+torch, DeepSpeed and the process group costs ~25 s per launch on 2 loaded cores, more than a tiny run. Measured:
+28 s at load 2, 61 s at load 7 on the 2-core machine. Each strategy has its own run folder, shared by the three
+methods: one dense stage per strategy (the dense key holds no method; it holds engine.strategy but not the ZeRO
+config, so ZeRO 0/1/2 in one folder would reuse each other's stages). Every phase trains 1 epoch of the tiny
+data; Q-SENN has 2 rounds, so round 1's features come from a model fine-tuned under the same strategy. Runs
+stop after the last fine-tuning (evaluation and report do not train).
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ SETTINGS = dict(
     qsenn={"n_features": 6, "n_per_class": 2, "round_epochs": [1, 1]},
     glm={"solver": "fast", "fit": {"path_points": 30}},
 )
+METHODS = ["qpm", "sldd", "qsenn"]
+DEEPSPEED = ["zero0", "zero1", "zero2"]
 LAST_TRAINING = {"qpm": "qpm_finetune", "sldd": "sldd_finetune", "qsenn": "qsenn_finetune1"}
 TRAINED = {"qpm": ["dense", "qpm_finetune"], "sldd": ["dense", "sldd_finetune"],
            "qsenn": ["dense", "qsenn_finetune0", "qsenn_finetune1"]}
@@ -117,46 +120,46 @@ def test_the_contiguity_check_finds_a_transposed_tensor_in_a_nested_file(tmp_pat
 
 
 @pytest.fixture(scope="module")
-def qpm_zero1(tmp_path_factory, tiny_data) -> dict[str, Path]:
-    """QPM (the method whose fine-tuning crashed) under DDP and ZeRO-1, in one launch."""
-    return run_in_one_launch(tmp_path_factory.mktemp("qpm-zero1"), tiny_data, ["ddp", "zero1"], ["qpm"])
+def matrix(tmp_path_factory, tiny_data) -> tuple[dict[str, Path], str]:
+    """QPM, SLDD and Q-SENN, each under DDP and ZeRO 0, 1 and 2, in one launch: ({strategy: run.out_dir}, log)."""
+    tmp = tmp_path_factory.mktemp("matrix")
+    outs = run_in_one_launch(tmp, tiny_data, ["ddp", *DEEPSPEED], METHODS)
+    return outs, (tmp / "launch.log").read_text()
 
 
-def test_qpm_under_zero1_equals_ddp_in_every_training_stage(qpm_zero1):
-    assert_equals_ddp(qpm_zero1["ddp"], qpm_zero1["zero1"], ["qpm"])
+@pytest.mark.parametrize("strategy", DEEPSPEED)
+def test_every_training_stage_of_every_method_equals_ddp(matrix, strategy):
+    outs, _ = matrix
+    assert_equals_ddp(outs["ddp"], outs[strategy], METHODS)
 
 
-def test_the_deepspeed_fine_tune_started_from_the_deepspeed_dense_model(qpm_zero1):
-    """Not from a DDP dense model: the fine-tune's inputs chain (stage.json upstream keys) ends at the DeepSpeed
-    run's own dense stage, which DeepSpeed trained (its result and its sharded checkpoint), and the dense keys of
-    the two strategies differ, so neither run could have reused the other's dense model."""
-    ds = qpm_zero1["zero1"]
+@pytest.mark.parametrize("strategy", ["ddp", *DEEPSPEED])
+def test_the_methods_of_a_strategy_share_its_one_dense_stage(matrix, strategy):
+    """The dense key holds no method: SLDD and Q-SENN reuse the dense model QPM's run trained."""
+    outs, log = matrix
+    dense = stage_dir(outs[strategy], "dense")  # exactly one
+    assert log.count(f"stage dense: finished earlier, reusing {dense}") == 2
+
+
+@pytest.mark.parametrize("strategy", DEEPSPEED)
+def test_the_deepspeed_fine_tune_started_from_the_deepspeed_dense_model(matrix, strategy):
+    """Not from a DDP dense model: QPM's (the first method's) fine-tune inputs chain (stage.json upstream keys)
+    ends at the DeepSpeed run's own dense stage, which DeepSpeed trained (its result and its checkpoint), and
+    the dense keys of DDP and DeepSpeed differ, so neither could have reused the other's dense model."""
+    outs, _ = matrix
+    ds = outs[strategy]
     record = lambda stage: json.loads((stage_dir(ds, stage) / "stage.json").read_text())  # noqa: E731
     assert record("qpm_finetune")["upstream"]["qpm_sparse"] == record("qpm_sparse")["key"]
     assert record("qpm_sparse")["upstream"]["dense"] == record("dense")["key"]
     dense = stage_dir(ds, "dense")
     assert json.loads((dense / "result.json").read_text())["strategy"] == "deepspeed"
-    assert sorted(p.name for p in (dense / "checkpoints").glob("step_*/zero_pp_rank_*")) == [
-        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
-    assert dense.name != stage_dir(qpm_zero1["ddp"], "dense").name
+    assert [p.name for p in (dense / "checkpoints").glob("step_*/mp_rank_00_model_states.pt")]  # DeepSpeed's format
+    assert dense.name != stage_dir(outs["ddp"], "dense").name
 
 
-def test_every_saved_tensor_is_contiguous(qpm_zero1):
-    """Model files and checkpoints (DDP's state.pt, DeepSpeed's model and optimizer shards)."""
-    counts = {strategy: assert_every_saved_tensor_contiguous(out) for strategy, out in qpm_zero1.items()}
-    assert counts["ddp"] == 3 + 2 and counts["zero1"] == 3 + 2 * 3  # model.pt x3; per checkpoint 1 or 3 files
-
-
-@pytest.mark.slow
-def test_every_method_under_zero_0_1_2_equals_ddp(tmp_path, tiny_data):
-    """The full matrix: QPM, SLDD and Q-SENN (2 rounds), each under DDP and ZeRO 0, 1 and 2, in one launch;
-    the three methods of a strategy share its one dense stage."""
-    methods = ["qpm", "sldd", "qsenn"]
-    outs = run_in_one_launch(tmp_path, tiny_data, ["ddp", "zero0", "zero1", "zero2"], methods)
-    log = (tmp_path / "launch.log").read_text()
-    for strategy, out in outs.items():
-        dense = stage_dir(out, "dense")  # exactly one: the dense key holds no method
-        assert log.count(f"stage dense: finished earlier, reusing {dense}") == 2, strategy
-        if strategy != "ddp":
-            assert_equals_ddp(outs["ddp"], out, methods)
-        assert assert_every_saved_tensor_contiguous(out) > 0
+def test_every_saved_tensor_is_contiguous(matrix):
+    """Model files and checkpoints (DDP's state.pt, DeepSpeed's model states and every rank's ZeRO shard)."""
+    outs, _ = matrix
+    counts = {strategy: assert_every_saved_tensor_contiguous(out) for strategy, out in outs.items()}
+    # 9 model.pt; 5 trainings with one checkpoint each: DDP 1 file, ZeRO-0 1 file, ZeRO-1/2 3 files (2 shards)
+    assert counts == {"ddp": 9 + 5, "zero0": 9 + 5, "zero1": 9 + 15, "zero2": 9 + 15}, counts
