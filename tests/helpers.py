@@ -142,3 +142,21 @@ def newest_logged_step(out_dir: Path, stage: str = "dense") -> int:
             if record.get("event") == "step":
                 newest = max(newest, record["global_step"])
     return newest
+
+
+def non_contiguous(obj, name: str = "") -> list[str]:
+    """Where the tensors of a loaded .pt (nested dicts, lists, tuples) are not contiguous. A non-contiguous
+    saved tensor breaks readers that view it as bytes (DeepSpeed's broadcast of a loaded model, issue 14)."""
+    if isinstance(obj, torch.Tensor):
+        return [] if obj.is_contiguous() else [name or "<tensor>"]
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    return [bad for key, value in items for bad in non_contiguous(value, f"{name}/{key}")]
+
+
+def assert_contiguous(path: Path) -> None:
+    """Every tensor in the .pt file is contiguous (model files, DDP and DeepSpeed checkpoints; read weights_only,
+    with the DeepSpeed classes our checkpoint engine allows)."""
+    from qpm_dist.engine.deepspeed_checkpoints import DEEPSPEED_DATA_CLASSES
+
+    with torch.serialization.safe_globals(DEEPSPEED_DATA_CLASSES):
+        assert not (bad := non_contiguous(torch.load(path, map_location="cpu", weights_only=True))), f"{path}: {bad}"

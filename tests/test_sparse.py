@@ -1,5 +1,6 @@
 """The sparse head: selection before pooling, frozen binary weights, normalisation, dropout order."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -47,3 +48,14 @@ def test_dropout_after_normalisation_zeroes_a_unit_reference_order_gives_minus_m
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="3 selected features"):
         SparseHead(torch.tensor([0, 1, 2]), torch.ones(2, 2), torch.zeros(3), torch.ones(3))
+
+
+def test_tensors_are_contiguous_when_the_solver_gives_a_column_major_assignment():
+    """QPM's solver returns the class-feature assignment column-major (Fortran order); a head keeping it strided
+    gave DDP checkpoints a non-contiguous weight, and DeepSpeed's broadcast of such a model fails with
+    "self.stride(-1) must be 1 to view Float as Byte" (issue 14)."""
+    assignment = np.asfortranarray(np.array([[1, 0], [1, 1], [0, 1]], dtype=bool)).astype(np.float32)
+    statistics = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).t()  # strided views too
+    h = SparseHead(torch.tensor([2, 0]), torch.from_numpy(assignment), statistics[0], statistics[1])
+    assert not torch.from_numpy(assignment).is_contiguous()
+    assert all(t.is_contiguous() for t in h.state_dict().values())

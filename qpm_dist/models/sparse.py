@@ -18,6 +18,12 @@ from torch import nn
 from qpm_dist.models.net import ModelOutput, register_head
 
 
+def _own_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous fp32 copy: the solver's assignment is column-major, and a strided parameter would reach
+    checkpoints and DeepSpeed's broadcast of the model, which views each tensor as bytes."""
+    return tensor.float().clone(memory_format=torch.contiguous_format)
+
+
 @register_head("sparse")
 class SparseHead(nn.Module):
     def __init__(self, selection: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
@@ -30,11 +36,11 @@ class SparseHead(nn.Module):
             raise ValueError(f"weight has {weight.shape[1]} columns for {n} selected features")
         if mean.numel() != n:  # full-length statistics are indexed by the selection
             mean, std = mean[selection], std[selection]
-        self.register_buffer("selection", selection)
-        self.mean = nn.Parameter(mean.float().clone(), requires_grad=train_normalisation)
-        self.std = nn.Parameter(std.float().clone(), requires_grad=train_normalisation)
-        self.weight = nn.Parameter(weight.float().clone(), requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias.float().clone(), requires_grad=False)
+        self.register_buffer("selection", selection.contiguous())
+        self.mean = nn.Parameter(_own_copy(mean), requires_grad=train_normalisation)
+        self.std = nn.Parameter(_own_copy(std), requires_grad=train_normalisation)
+        self.weight = nn.Parameter(_own_copy(weight), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(_own_copy(bias), requires_grad=False)
         self.dropout = nn.Dropout(dropout)
         self.dropout_before_norm = dropout_before_norm
         self.train_normalisation = train_normalisation
