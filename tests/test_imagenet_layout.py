@@ -23,6 +23,12 @@ def read(root, **options):
     return read_splits(DataConfig(dataset="imagenet", root=str(root), **options))
 
 
+def read_with_train_boxes(root):
+    from qpm_dist.data.imagenet import read_imagenet
+
+    return read_imagenet(root, train_boxes=True)
+
+
 def xywh_union(objects):
     a = np.array(objects, dtype=np.float64)
     x0, y0, x1, y1 = a[:, 0].min(), a[:, 1].min(), a[:, 2].max(), a[:, 3].max()
@@ -67,7 +73,8 @@ def test_every_image_decodes_to_three_channels_as_annotated(fake_imagenet):
 
 def test_boxes_come_from_the_xmls_as_the_union_of_the_objects_in_pixels(fake_imagenet):
     data = read(fake_imagenet)
-    train, val = data.train_split.boxes, data.test_split.boxes
+    assert data.train_split.boxes is None  # training reads no train box (nothing uses them; ~40 s per rank)
+    train, val = read_with_train_boxes(fake_imagenet).train.boxes, data.test_split.boxes
     np.testing.assert_allclose(train, expected_boxes(TRAIN), equal_nan=True)  # NaN: no XML for that image
     np.testing.assert_allclose(val, expected_boxes(VAL), equal_nan=True)
     assert np.isnan(train[:, 0]).sum() == sum(not i.box_file for i in TRAIN) > 0
@@ -102,6 +109,14 @@ def test_a_wrong_or_damaged_box_xml_is_named(imagenet_copy, damage, message):
     xml = imagenet_copy / "bbox" / "train" / WNIDS[0] / f"{WNIDS[0]}_1.xml"
     xml.write_text(damage(xml.read_text()))
     with pytest.raises(ValueError, match=message) as error:
+        read_with_train_boxes(imagenet_copy)
+    assert str(xml) in str(error.value)
+
+
+def test_a_damaged_val_box_xml_stops_the_training_reader(imagenet_copy):
+    xml = sorted((imagenet_copy / "bbox" / "val").glob("*.xml"))[0]
+    xml.write_text(xml.read_text().replace("</annotation>", ""))
+    with pytest.raises(ValueError, match="not a readable bounding-box XML") as error:
         read(imagenet_copy)
     assert str(xml) in str(error.value)
 
@@ -112,7 +127,9 @@ def test_kaggle_layout_reads_the_same_dataset(fake_imagenet, fake_imagenet_kaggl
     assert kaggle.class_names == official.class_names and kaggle.display_names == WORDS
     for a, b in ((official.train_split, kaggle.train_split), (official.test_split, kaggle.test_split)):
         assert a.paths == b.paths and a.labels.tolist() == b.labels.tolist()
-        np.testing.assert_allclose(a.boxes, b.boxes, equal_nan=True)  # val boxes from LOC_val_solution.csv
+    np.testing.assert_allclose(official.test_split.boxes, kaggle.test_split.boxes, equal_nan=True)  # from the csv
+    np.testing.assert_allclose(read_with_train_boxes(fake_imagenet).train.boxes,
+                               read_with_train_boxes(fake_imagenet_kaggle).train.boxes, equal_nan=True)
     assert kaggle.fingerprint == official.fingerprint  # same files, same labels
     image = kaggle.dataset("test", augment=False).load(0)
     assert image.shape[0] == 3

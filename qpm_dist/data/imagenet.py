@@ -22,7 +22,8 @@ The devkit's ground truth lists an ILSVRC2012_ID (1..1000) per validation image 
 meta.mat maps those ids to wnids (and gives each class its `words`, the display name reports use). Class order
 is sorted wnids, as torchvision's ImageFolder/ImageNet use; the wnids stay the classes' identity.
 Only file names are listed (no image is opened), so reading takes seconds even for 1.28M files; box XMLs, where
-present, are parsed (about 0.6M small files, ~40 s at 64 us each with a warm file cache).
+present, are parsed: the val ones always, the train ones when asked (`read_imagenet(train_boxes=True)`: about
+0.54M small files, ~35 s at 64 us each with a warm file cache).
 
 Boxes: an image's box is the union of its annotated objects, as (x, y, w, h) in the image's pixels like CUB's
 and Cars' boxes (one box per image is what `Split.boxes` holds; the union contains every object of the class).
@@ -284,11 +285,14 @@ def _flat_val_split(layout: _Layout, root: Path, devkit, classes: list[str], val
     return Split(val_dir, paths, np.array(labels, dtype=np.int64), boxes)
 
 
-def read_imagenet(root: Path, val_classes: str = "all") -> ImageNet:
+def read_imagenet(root: Path, val_classes: str = "all", train_boxes: bool = False) -> ImageNet:
     """The splits, wnids, display names and fingerprint (of the file lists and labels) of ImageNet at `root`.
 
     `val_classes="train"` keeps only validation images of classes that have a train folder (a class subset);
-    with "all" such an image stops the reader, naming it and the option."""
+    with "all" such an image stops the reader, naming it and the option. Val boxes are always read (50k small
+    files, about 3 s); train boxes only with `train_boxes=True`: nothing in training reads them (crop_to_box
+    is refused for ImageNet, the pointing game scores the val images), and parsing their ~544k files would
+    cost every rank ~40 s at every start."""
     root = Path(root)
     layout = _layout(root)
     for folder in (layout.train_dir, layout.val_dir):
@@ -298,7 +302,8 @@ def read_imagenet(root: Path, val_classes: str = "all") -> ImageNet:
     if not classes:
         raise FileNotFoundError(f"data.root: {layout.train_dir} has no class folders")
     devkit = None if layout.kaggle else _devkit_files(root)
-    train = _class_folder_split(layout.train_dir, classes, layout.train_boxes, flat_boxes=False)
+    train = _class_folder_split(layout.train_dir, classes, layout.train_boxes if train_boxes else None,
+                                flat_boxes=False)
     val_folders = sorted(e.name for e in os.scandir(layout.val_dir) if e.is_dir())
     if val_folders:
         extra = sorted(set(val_folders) - set(classes))
