@@ -146,8 +146,10 @@ def test_the_deepspeed_fine_tune_started_from_the_deepspeed_dense_model(matrix, 
     outs, _ = matrix
     ds = outs[strategy]
     record = lambda stage: json.loads((stage_dir(ds, stage) / "stage.json").read_text())  # noqa: E731
-    assert record("qpm_finetune")["upstream"]["qpm_sparse"] == record("qpm_sparse")["key"]
-    assert record("qpm_sparse")["upstream"]["dense"] == record("dense")["key"]
+    # a stage's record names the key later stages see (`output_key`: its folder key plus, for training stages,
+    # the epochs trained), and they record it as their input's
+    assert record("qpm_finetune")["upstream"]["qpm_sparse"] == record("qpm_sparse")["output_key"]
+    assert record("qpm_sparse")["upstream"]["dense"] == record("dense")["output_key"]
     dense = stage_dir(ds, "dense")
     assert json.loads((dense / "result.json").read_text())["strategy"] == "deepspeed"
     assert [p.name for p in (dense / "checkpoints").glob("step_*/mp_rank_00_model_states.pt")]  # DeepSpeed's format
