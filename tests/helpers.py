@@ -160,3 +160,16 @@ def assert_contiguous(path: Path) -> None:
 
     with torch.serialization.safe_globals(DEEPSPEED_DATA_CLASSES):
         assert not (bad := non_contiguous(torch.load(path, map_location="cpu", weights_only=True))), f"{path}: {bad}"
+
+
+def write_torchvision_weights(path: Path, num_classes: int, seed: int = 3) -> tuple:
+    """A torchvision-layout weights file for BASE_CONFIG's model (tiny_resnet, width 8) with an `fc` for
+    `num_classes` (what `dense.epochs: 0` needs); returns (backbone, fc) as written."""
+    from qpm_dist.config import ModelConfig
+    from qpm_dist.models.backbones import build_backbone
+
+    torch.manual_seed(seed)
+    backbone = build_backbone("tiny_resnet", ModelConfig().reduced_strides, "batch", 8)
+    fc = torch.nn.Linear(backbone.num_features, num_classes)
+    torch.save({**backbone.state_dict(), "fc.weight": fc.weight.detach(), "fc.bias": fc.bias.detach()}, path)
+    return backbone, fc

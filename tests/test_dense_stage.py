@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from helpers import load_weights, run_in_process, stage_dir
+from helpers import load_weights, run_in_process, stage_dir, write_torchvision_weights
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +33,8 @@ def test_dense_phase_far_above_chance(write_config, small_data, tmp_path):
 
 def test_zero_dense_epochs_use_the_named_weights_and_evaluate_them(write_config, tiny_data, tmp_path):
     """dense.epochs=0 (the ImageNet configs): the dense model is model.weights as given, evaluated on the test set."""
-    from qpm_dist.config import ModelConfig
-    from qpm_dist.models.backbones import build_backbone
-
-    torch.manual_seed(3)
-    backbone = build_backbone("tiny_resnet", ModelConfig().reduced_strides, "batch", 8)  # BASE_CONFIG's model
-    head = torch.nn.Linear(backbone.num_features, 4)  # torchvision's `fc`, for the data's 4 classes
     weights = tmp_path / "backbone.pt"
-    torch.save({**backbone.state_dict(), "fc.weight": head.weight.detach(), "fc.bias": head.bias.detach()}, weights)
+    backbone, head = write_torchvision_weights(weights, num_classes=4)  # the data's 4 classes
     config = write_config("pretrained.yaml", model={"weights": str(weights)}, dense={"epochs": 0})
     run_in_process(config, stage="dense")
     out = stage_dir(tmp_path / "runs-pretrained")

@@ -7,9 +7,8 @@ import io
 import re
 
 import pytest
-import torch
 
-from helpers import run_in_process
+from helpers import run_in_process, write_torchvision_weights
 from qpm_dist import utils
 
 FEW_BATCHES = {"dense": {"epochs": 1}, "qpm": {"n_features": 6, "n_per_class": 2, "stats_batch_size": 16}}
@@ -40,12 +39,9 @@ def test_every_model_pass_of_a_run_reports_labelled_progress(write_config, tmp_p
     """Issue 14 item 10: the dense model's evaluation with dense.epochs=0, the evaluation after a training epoch,
     the metrics' part localisation and the report's example images and class figures each say what they count
     (they ran silently: minutes on ImageNet with nothing in the log)."""
-    from qpm_dist.config import ModelConfig
-    from qpm_dist.models.backbones import build_backbone
-
     monkeypatch.setattr(utils, "PROGRESS_EVERY_S", 0.0, raising=False)
     weights = tmp_path / "backbone.pt"
-    torch.save(build_backbone("tiny_resnet", ModelConfig().reduced_strides, "batch", 8).state_dict(), weights)
+    write_torchvision_weights(weights, num_classes=4)
     config = write_config(**{**FEW_BATCHES, "dense": {"epochs": 0}}, model={"weights": str(weights)},
                           finetune={"epochs": 1}, engine={"progress": True})
     with caplog.at_level("INFO", logger="qpm_dist"):
