@@ -12,7 +12,8 @@ from qpm_dist.models.net import Classifier, ModelOutput, build_model
 from qpm_dist.models.sparse import SparseHead
 
 SIZES = [(7, 7), (14, 14), (14, 19), (3, 10)]
-POOL = {"avg": lambda a: F.adaptive_avg_pool2d(a, 1).flatten(1), "max": lambda a: F.adaptive_max_pool2d(a, 1).flatten(1)}
+POOL = {"avg": lambda a: F.adaptive_avg_pool2d(a, 1).flatten(1),
+        "max": lambda a: F.adaptive_max_pool2d(a, 1).flatten(1)}
 
 
 def _features(h, w, seed=0, b=4, k=6):
