@@ -141,17 +141,37 @@ def test_streamed_pass_on_the_synthetic_datasets_object_boxes(tiny_data):
     """The synthetic data's bounding_boxes.txt (the union of the class's drawn objects) reaches Split.boxes for
     every test image; a tiny untrained model scores every one of them."""
     from qpm_dist import dist
-    from qpm_dist.config import DataConfig, ModelConfig
+    from qpm_dist.config import DataConfig
     from qpm_dist.data.sources import read_splits
-    from qpm_dist.models.net import build_model
+
+    from pointing_probe import tiny_model_metrics
 
     data = read_splits(DataConfig(dataset="synthetic", root=str(tiny_data), img_size=32, num_workers=0))
     assert np.isfinite(data.test_split.boxes).all()
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(arch="tiny_resnet", tiny_width=8), data.num_classes)
-    result = P.pointing_metrics(model, data, dist.init("cpu"), contextlib.nullcontext, batch_size=16)
+    result = tiny_model_metrics(str(tiny_data), dist.init("cpu"))
     assert result["pointing_images"] == len(data.test_split.paths) and result["pointing_unannotated"] == 0
     assert result["pointing_classes"] == data.num_classes
     for key in ("pointing_game", "stochastic_pointing_game", "stochastic_pointing_game_sampled", "content_heatmap"):
         assert 0 <= result[key] <= 1, (key, result)
     assert result["stochastic_pointing_game"] >= result["content_heatmap"]
+
+
+def test_two_gloo_ranks_score_what_one_process_scores(tiny_data, tmp_path):
+    """Each rank scores half of the test images; the all-reduced numbers are the one-process numbers (the image
+    counts included: rank 0 alone would have half)."""
+    import json
+    import subprocess
+    import sys
+
+    from helpers import REPO, clean_env
+    from pointing_probe import tiny_model_metrics
+
+    from qpm_dist import dist
+
+    result = tiny_model_metrics(str(tiny_data), dist.init("cpu"))
+    out = tmp_path / "two_ranks.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(REPO / "tests" / "pointing_probe.py"), str(tiny_data), str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=clean_env(), cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(out.read_text()) == pytest.approx(result, rel=1e-9)
