@@ -104,21 +104,25 @@ class DeltaBackbone(nn.Module):
         return maps
 
 
-def test_streamed_pass_scores_per_class_and_skips_images_without_a_box(tmp_path):
-    """The map's peak is near (14, 14) of a squashed 40 x 40 image: inside the first box (pixels 10..19), 22 px
-    from the second (30..39); the third image has no box and is left out, not counted as a miss."""
+@pytest.mark.parametrize("dataset,box_pixels", [("synthetic", slice(10, 20)), ("imagenet", slice(9, 20))])
+def test_streamed_pass_scores_per_class_and_skips_images_without_a_box(tmp_path, dataset, box_pixels):
+    """The map's peak is near (15, 15) of a 40 x 40 image (squashed, or the source of ImageNet's centre crop):
+    inside the first box (pixels 10..19; ImageNet's 1-based corners: 9..19), over 19 px from the second
+    (30..39 / 29..39); the third image has no box and is left out, not counted as a miss."""
     from PIL import Image
 
     from qpm_dist import dist
     from qpm_dist.config import DataConfig
     from qpm_dist.data.datasets import DatasetBundle, Split
+    from qpm_dist.data.transforms import test_point_to_source
     from qpm_dist.models.net import Classifier, DenseHead
 
     for n in range(3):
         Image.new("RGB", (40, 40)).save(tmp_path / f"{n}.png")
     boxes = np.array([[10, 10, 10, 10], [30, 30, 10, 10], [np.nan] * 4], dtype=np.float32)
     split = Split(tmp_path, [f"{n}.png" for n in range(3)], np.array([0, 1, 0]), boxes)
-    cfg = DataConfig(dataset="synthetic", img_size=16, augment="light", num_workers=0)
+    cfg = DataConfig(dataset=dataset, img_size=16, augment="light" if dataset == "synthetic" else "imagenet",
+                     num_workers=0)
     data = DatasetBundle(cfg, split, split, 2, ["a", "b"], "f")
     head = DenseHead(1, 2)
     with torch.no_grad():
@@ -130,8 +134,10 @@ def test_streamed_pass_scores_per_class_and_skips_images_without_a_box(tmp_path)
     # by hand: the bilinear tent of cell (1, 1) over the source pixels; box 1 holds its central part, box 2 nothing
     cam = torch.zeros(4, 4)
     cam[1, 1] = 1
-    tent = P.source_heatmap(cam, 40, 40, (0, 0, 40, 40))
-    ch_first = tent[10:20, 10:20].sum()
+    region = (*test_point_to_source(cfg, 40, 40, 0, 0), *test_point_to_source(cfg, 40, 40, 16, 16))
+    assert (region == (0, 0, 40, 40)) == (dataset == "synthetic")
+    tent = P.source_heatmap(cam, 40, 40, region)
+    ch_first = tent[box_pixels, box_pixels].sum()
     assert result["content_heatmap"] == pytest.approx(ch_first / 2, rel=1e-3)  # eps cells add ~1e-8 each
     assert result["stochastic_pointing_game"] >= result["content_heatmap"]
     assert 0 <= result["stochastic_pointing_game_sampled"] <= 1
