@@ -121,6 +121,9 @@ def test_maps_are_fp32_under_bf16_autocast():
     exact = torch.einsum("bk,bkhw->bhw", weights.bfloat16().double()[labels], low.double()).relu() / (14 * 19)
     torch.testing.assert_close(got.double(), exact, atol=1e-6, rtol=0)  # bf16 arithmetic would be off by ~1e-3
     assert (cam > 0).all()  # the eps of every cell survives (it underflows in fp16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the autograd path: bf16 activations and gradients
+        maps = G.class_maps(_model(), *_images(), closed=False).maps
+    assert maps.dtype == torch.float32 and maps.sum() > 0
 
 
 # pytorch-grad-cam (pip grad-cam, a test dependency: requirements/test-nodeps.txt) at feature resolution: its
