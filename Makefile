@@ -14,7 +14,7 @@ all: test
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml requirements/pinned.txt requirements/ffcv.txt tools/bootstrap.sh
+$(STAMP): pyproject.toml requirements/pinned.txt requirements/ffcv.txt requirements/test-nodeps.txt tools/bootstrap.sh
 	VENV=$(VENV) bash tools/bootstrap.sh
 	touch $@
 

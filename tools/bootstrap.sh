@@ -34,5 +34,6 @@ if ffcv_libs_present; then
   echo "bootstrap: installing FFCV (requirements/ffcv.txt)"
   quiet_pip -q -r requirements/ffcv.txt || echo "bootstrap: warning: FFCV failed to install; its tests will skip" >&2
 fi
+quiet_pip -q --no-deps -r requirements/test-nodeps.txt
 quiet_pip -q --no-deps --no-build-isolation -e .
 echo "bootstrap: done ($VENV)"

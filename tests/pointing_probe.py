@@ -1,0 +1,33 @@
+"""Run under torchrun by test_pointing.py: every rank scores its shard of the synthetic test split with the same
+tiny model (seeded), and rank 0 writes the all-reduced pointing metrics as JSON.
+
+    torchrun --nproc-per-node 2 tests/pointing_probe.py DATA_ROOT OUT.json
+"""
+
+import contextlib
+import json
+import sys
+
+import torch
+
+from qpm_dist import dist
+from qpm_dist.config import DataConfig, ModelConfig
+from qpm_dist.data.sources import read_splits
+from qpm_dist.metrics.pointing import pointing_metrics
+from qpm_dist.models.net import build_model
+
+
+def tiny_model_metrics(root: str, info) -> dict:
+    data = read_splits(DataConfig(dataset="synthetic", root=root, img_size=32, num_workers=0))
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="tiny_resnet", tiny_width=8), data.num_classes)
+    return pointing_metrics(model, data, info, contextlib.nullcontext, batch_size=4)
+
+
+if __name__ == "__main__":
+    root, out = sys.argv[1:3]
+    info = dist.init("cpu")
+    result = tiny_model_metrics(root, info)
+    if info.rank == 0:
+        with open(out, "w") as f:
+            json.dump(result, f)

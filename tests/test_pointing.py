@@ -1,0 +1,183 @@
+"""PG, SPG and CH on hand-built maps and boxes (specs/gc_consistency.md §7, §13)."""
+
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qpm_dist.metrics import pointing as P
+
+
+def _delta(height, width, row, col):
+    heatmap = np.zeros((height, width))
+    heatmap[row, col] = 1.0
+    return heatmap
+
+
+def _scores(heatmap, boxes, samples=100):
+    return P.score_image(heatmap, np.asarray(boxes, dtype=float), np.random.default_rng(0), samples=samples)
+
+
+@pytest.mark.parametrize("row,col", [(20, 30), (20, 39), (29, 30), (29, 39)])  # the four corner pixels
+def test_delta_at_a_box_corner_is_a_hit_with_all_the_mass(row, col):
+    scores = _scores(_delta(50, 80, row, col), [30, 20, 10, 10])  # pixels cols 30..39, rows 20..29
+    assert scores == (True, 1.0, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("direction", ["right", "left", "below", "above"])
+def test_tolerance_is_15_px_strict(direction):
+    box = [40, 40, 10, 10]  # rows and cols 40..49
+
+    def at(distance):
+        row, col = {"right": (45, 49 + distance), "left": (45, 40 - distance), "below": (49 + distance, 45),
+                    "above": (40 - distance, 45)}[direction]
+        return _scores(_delta(100, 120, row, col), box)
+
+    assert at(14).hit and at(14).spg == 1.0 and at(14).ch == 0.0
+    assert not at(15).hit and at(15).spg == 0.0
+
+
+def test_uniform_map_scores_the_box_area_fraction():
+    heatmap = np.full((30, 70), 1.0 / (30 * 70))
+    scores = _scores(heatmap, [[10, 5, 20, 10], [60, 0, 5, 4]])  # union of two boxes: 200 + 20 pixels
+    assert scores.ch == pytest.approx(220 / (30 * 70))
+    assert scores.spg >= scores.ch
+    assert P.peak(heatmap) == (0, 0) and scores.hit  # (0, 0) is sqrt(5^2 + 10^2) px from the first box's corner
+
+
+def test_non_square_image_point_order_is_row_col():
+    heatmap = _delta(30, 60, row=7, col=45)
+    assert P.peak(heatmap) == (7, 45)
+    assert _scores(heatmap, [43, 5, 4, 4]).hit  # x 43..46, y 5..8: the point (row 7, col 45) is inside
+    assert not _scores(heatmap, [5, 43 - 30, 4, 4]).hit  # the transposed box (x 5..8, y 13..16) is 37 px away
+
+
+def test_exact_spg_equals_sampled_within_3_sigma():
+    rng = np.random.default_rng(1)
+    heatmap = F.interpolate(torch.rand(1, 1, 6, 9, generator=torch.Generator().manual_seed(0)), size=(60, 90),
+                            mode="bilinear")[0, 0].numpy().astype(np.float64)
+    heatmap /= heatmap.sum()
+    near = P.near_mask(P.box_mask(np.array([20, 10, 25, 15.0]), 60, 90))
+    exact = P.stochastic_pointing(heatmap, near)
+    n = 20000
+    sampled = P.sampled_stochastic_pointing(heatmap, near, rng, samples=n)
+    assert 0.1 < exact < 0.9
+    assert abs(sampled - exact) < 3 * np.sqrt(exact * (1 - exact) / n)
+    # and the sampled value is what the reference's per-sample distance rule gives for the same draws
+    drawn = np.random.default_rng(1).choice(heatmap.size, size=n, p=heatmap.ravel() / heatmap.sum())
+    rows, cols = np.nonzero(P.box_mask(np.array([20, 10, 25, 15.0]), 60, 90))
+    hits = [((rows - d // 90) ** 2 + (cols - d % 90) ** 2 < 15 ** 2).any() for d in drawn[:500]]
+    assert near.ravel()[drawn[:500]].tolist() == hits
+
+
+def test_voc_boxes_with_zero_coordinates_are_clamped_not_wrapped():
+    # ImageNet XML: xmin=0, ymin=1, xmax=2, ymax=3 (1-based inclusive) -> the reference's xmin - 1 = -1 wrapped
+    mask = P.box_mask(P.voc_to_pixel_edges(np.array([0, 1, 2, 2.0])), 6, 8)
+    expected = np.zeros((6, 8), dtype=bool)
+    expected[0:3, 0:2] = True  # rows ymin-1..ymax-1 = 0..2, cols max(0, -1)..xmax-1 = 0..1
+    np.testing.assert_array_equal(mask, expected)
+    # a box entirely outside the image leaves nothing to point at: the image is not scored
+    assert _scores(_delta(6, 8, 0, 0), [20, 20, 3, 3]) is None
+
+
+def test_source_heatmap_squash_is_bilinear_resize_and_crop_is_zero_outside():
+    cam = torch.rand(4, 5, generator=torch.Generator().manual_seed(0))
+    full = P.source_heatmap(cam, 24, 30, (0, 0, 30, 24))
+    expected = F.interpolate(cam.double()[None, None], size=(24, 30), mode="bilinear", align_corners=False)[0, 0]
+    np.testing.assert_allclose(full, (expected / expected.sum()).numpy(), atol=1e-12)
+    cropped = P.source_heatmap(cam, 24, 40, (5, 0, 35, 24))  # a centre crop of a wide image
+    assert cropped.sum() == pytest.approx(1.0)
+    assert (cropped[:, :5] == 0).all() and (cropped[:, 35:] == 0).all() and (cropped[:, 5:35] > 0).all()
+
+
+class DeltaBackbone(nn.Module):
+    """Feature maps with one channel lit at cell (1, 1) of 4 x 4, whatever the image."""
+
+    num_features = 1
+
+    def forward(self, images):
+        maps = torch.zeros(images.shape[0], 1, 4, 4)
+        maps[:, 0, 1, 1] = 1
+        return maps
+
+
+@pytest.mark.parametrize("dataset,box_pixels", [("synthetic", slice(10, 20)), ("imagenet", slice(9, 20))])
+def test_streamed_pass_scores_per_class_and_skips_images_without_a_box(tmp_path, dataset, box_pixels):
+    """The map's peak is near (15, 15) of a 40 x 40 image (squashed, or the source of ImageNet's centre crop):
+    inside the first box (pixels 10..19; ImageNet's 1-based corners: 9..19), over 19 px from the second
+    (30..39 / 29..39); the third image has no box and is left out, not counted as a miss."""
+    from PIL import Image
+
+    from qpm_dist import dist
+    from qpm_dist.config import DataConfig
+    from qpm_dist.data.datasets import DatasetBundle, Split
+    from qpm_dist.data.transforms import test_point_to_source
+    from qpm_dist.models.net import Classifier, DenseHead
+
+    for n in range(3):
+        Image.new("RGB", (40, 40)).save(tmp_path / f"{n}.png")
+    boxes = np.array([[10, 10, 10, 10], [30, 30, 10, 10], [np.nan] * 4], dtype=np.float32)
+    split = Split(tmp_path, [f"{n}.png" for n in range(3)], np.array([0, 1, 0]), boxes)
+    cfg = DataConfig(dataset=dataset, img_size=16, augment="light" if dataset == "synthetic" else "imagenet",
+                     num_workers=0)
+    data = DatasetBundle(cfg, split, split, 2, ["a", "b"], "f")
+    head = DenseHead(1, 2)
+    with torch.no_grad():
+        head.linear.weight.fill_(1.0)
+    model = Classifier(DeltaBackbone(), head)
+    result = P.pointing_metrics(model, data, dist.init("cpu"), contextlib.nullcontext, batch_size=2)
+    assert result["pointing_game"] == 0.5  # class a: 1/1, class b: 0/1
+    assert (result["pointing_images"], result["pointing_classes"], result["pointing_unannotated"]) == (2, 2, 1)
+    # by hand: the bilinear tent of cell (1, 1) over the source pixels; box 1 holds its central part, box 2 nothing
+    cam = torch.zeros(4, 4)
+    cam[1, 1] = 1
+    region = (*test_point_to_source(cfg, 40, 40, 0, 0), *test_point_to_source(cfg, 40, 40, 16, 16))
+    assert (region == (0, 0, 40, 40)) == (dataset == "synthetic")
+    tent = P.source_heatmap(cam, 40, 40, region)
+    ch_first = tent[box_pixels, box_pixels].sum()
+    assert result["content_heatmap"] == pytest.approx(ch_first / 2, rel=1e-3)  # eps cells add ~1e-8 each
+    assert result["stochastic_pointing_game"] >= result["content_heatmap"]
+    assert 0 <= result["stochastic_pointing_game_sampled"] <= 1
+
+
+def test_streamed_pass_on_the_synthetic_datasets_object_boxes(tiny_data):
+    """The synthetic data's bounding_boxes.txt (the union of the class's drawn objects) reaches Split.boxes for
+    every test image; a tiny untrained model scores every one of them."""
+    from qpm_dist import dist
+    from qpm_dist.config import DataConfig
+    from qpm_dist.data.sources import read_splits
+
+    from pointing_probe import tiny_model_metrics
+
+    data = read_splits(DataConfig(dataset="synthetic", root=str(tiny_data), img_size=32, num_workers=0))
+    assert np.isfinite(data.test_split.boxes).all()
+    result = tiny_model_metrics(str(tiny_data), dist.init("cpu"))
+    assert result["pointing_images"] == len(data.test_split.paths) and result["pointing_unannotated"] == 0
+    assert result["pointing_classes"] == data.num_classes
+    for key in ("pointing_game", "stochastic_pointing_game", "stochastic_pointing_game_sampled", "content_heatmap"):
+        assert 0 <= result[key] <= 1, (key, result)
+    assert result["stochastic_pointing_game"] >= result["content_heatmap"]
+
+
+def test_two_gloo_ranks_score_what_one_process_scores(tiny_data, tmp_path):
+    """Each rank scores half of the test images; the all-reduced numbers are the one-process numbers (the image
+    counts included: rank 0 alone would have half)."""
+    import json
+    import subprocess
+    import sys
+
+    from helpers import REPO, clean_env
+    from pointing_probe import tiny_model_metrics
+
+    from qpm_dist import dist
+
+    result = tiny_model_metrics(str(tiny_data), dist.init("cpu"))
+    out = tmp_path / "two_ranks.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(REPO / "tests" / "pointing_probe.py"), str(tiny_data), str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=clean_env(), cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(out.read_text()) == pytest.approx(result, rel=1e-9)
