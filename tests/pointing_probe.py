@@ -27,7 +27,10 @@ def tiny_model_metrics(root: str, info) -> dict:
 if __name__ == "__main__":
     root, out = sys.argv[1:3]
     info = dist.init("cpu")
-    result = tiny_model_metrics(root, info)
-    if info.rank == 0:
-        with open(out, "w") as f:
-            json.dump(result, f)
+    try:
+        result = tiny_model_metrics(root, info)
+        if info.rank == 0:
+            with open(out, "w") as f:
+                json.dump(result, f)
+    finally:  # exiting with a live gloo group aborts now and then ("terminate called without an active exception")
+        dist.shutdown()
