@@ -94,8 +94,9 @@ CROP_TO_BOX_DATASETS = ("synthetic", "cub", "travelingbirds", "cars")
 class DataConfig:
     # synthetic/cub: CUB-200-2011 layout; folder: root/{train,val}/<class>/*; imagenet: train class folders,
     # val as class folders or flat with the devkit's labels; cars: Stanford Cars with its devkit .mat files;
-    # travelingbirds: CUB's images with swapped backgrounds (root: TravelingBirds/ or one of its CUB_fixed/,
-    # CUB_black/, CUB_random/ folders, each with train/ and test/), split and boxes from data.cub_root.
+    # travelingbirds: CUB's images with swapped backgrounds (root: TravelingBirds/ or its CUB_fixed/ folder, with
+    # train/ and test/; the single-folder CUB_black/ and CUB_random/ are not read), split and boxes from
+    # data.cub_root.
     dataset: Literal["synthetic", "cub", "folder", "imagenet", "cars", "travelingbirds"] = "synthetic"
     root: str = "data/synthetic"
     # travelingbirds only (required there, on every backend): the CUB-200-2011 folder whose images.txt, labels,
