@@ -53,6 +53,10 @@ if TYPE_CHECKING:  # annotations only: the trainer imports this module
 class TrainingTask:
     """Base class; `step` must be overridden, everything else has a neutral default."""
 
+    # None, or where a composite image's negatives come from ("dataset" or "in_batch", see data.composites):
+    # then every batch also carries `composites`, `quadrant`, `negative_index` and `same_class_negatives`.
+    composites: str | None = None
+
     def param_groups(self, model: nn.Module) -> list[dict]:
         """Parameter groups, each with its own `lr` (and `weight_decay`)."""
         raise NotImplementedError

@@ -34,6 +34,7 @@ from torch import nn
 from qpm_dist import dist
 from qpm_dist.config import EngineConfig, PhaseConfig, WandbConfig
 from qpm_dist.data.batch import Batch
+from qpm_dist.data.composites import composite_loader
 from qpm_dist.data.loaders import DataSource
 from qpm_dist.dist import DistInfo
 from qpm_dist.engine.checkpoint import CheckpointManager, capture_rng, restore_rng
@@ -93,8 +94,12 @@ class Trainer:
         self.micro_batch = self.cfg.batch_size // (world * self.cfg.grad_accum)
         pin = info.device.type == "cuda"
         self.fields = task.batch_fields(data)  # joined by sample index, so the loader returns indices for them
-        self.loader = data.train_loader(self.micro_batch, self.cfg.batch_size, info.rank, world, pin_memory=pin,
-                                        return_index=bool(self.fields))
+        if task.composites is not None:  # 2x2 composite images (data.composites), built by the data pipeline
+            self.loader = composite_loader(data, task.composites, self.micro_batch, self.cfg.batch_size, info.rank,
+                                           world, pin_memory=pin)
+        else:
+            self.loader = data.train_loader(self.micro_batch, self.cfg.batch_size, info.rank, world,
+                                            pin_memory=pin, return_index=bool(self.fields))
         self.steps_per_epoch = self.loader.batches_per_epoch // self.cfg.grad_accum
         if model_uses_sync_bn(model) and info.device.type != "cuda" and world > 1:
             raise ValueError("model.norm=sync_batch needs GPUs (torch's SyncBatchNorm does not run on CPU); "
