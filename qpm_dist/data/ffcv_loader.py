@@ -97,7 +97,7 @@ class EpochShardOrder(TraversalOrder):
 
     def sample_order(self, epoch: int) -> np.ndarray:
         self.sampler.set_epoch(epoch, self.skip_samples)
-        return self.rows[np.fromiter((i for i, _ in self.sampler), dtype=np.int64)]
+        return self.rows[np.array(self.sampler.indices(), dtype=np.int64)]
 
 
 class NegativesOrder(EpochShardOrder):

