@@ -214,6 +214,13 @@ def test_a_negatives_batch_of_the_wrong_size_is_refused():
         list(CompositeLoader(positives, negatives, "dataset", SEED))
 
 
+def test_a_negatives_loader_out_of_step_with_the_positives_is_refused():
+    positives = [(torch.zeros(2, 3, 8, 8), torch.tensor([0, 1]), torch.tensor([0, 1]))] * 2
+    negatives = [(torch.zeros(6, 3, 8, 8), torch.tensor([1, 1, 1, 0, 0, 0]), torch.arange(6))]
+    with pytest.raises(ValueError, match="shorter"):
+        list(CompositeLoader(positives, negatives, "dataset", SEED))
+
+
 # ------------------------------------------------------------------------------------------- FFCV and WebDataset
 def assert_converted_composites(loader, truth: np.ndarray, micro: int) -> list[Batch]:
     loader.set_epoch(1)
@@ -264,3 +271,4 @@ def test_wds_composites_take_other_classes_from_the_pool_and_resume(tiny_data, t
     assert replaced > 0  # 4 classes: about a quarter of the raw slots
     positives = {int(i) for b in batches for i in b["index"]}
     assert len({int(i) for b in batches for i in b["negative_index"].flatten()} - positives) > 0  # own stream
+

@@ -30,7 +30,7 @@ always avoid; the consistency task logs it).
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -217,8 +217,12 @@ class CompositeLoader:
         return len(self.positives)
 
     def __iter__(self) -> Iterator[Batch]:
-        negatives: Iterable = self.negatives if self.negatives is not None else iter(lambda: None, 1)
-        for item, extra in zip(self.positives, negatives):
+        if self.negatives is None:
+            for item in self.positives:
+                yield self.compose(Batch.of(item), None)
+            return
+        # strict: a negatives loader out of step with the positives is a bug, not a shorter epoch
+        for item, extra in zip(self.positives, self.negatives, strict=True):
             yield self.compose(Batch.of(item), extra)
 
     def compose(self, batch: Batch, extra) -> Batch:
