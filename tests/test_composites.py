@@ -269,6 +269,4 @@ def test_wds_composites_take_other_classes_from_the_pool_and_resume(tiny_data, t
         assert set(batch["negative_index"][same].tolist()) <= set(pool.tolist())
         replaced += int(same.sum())
     assert replaced > 0  # 4 classes: about a quarter of the raw slots
-    positives = {int(i) for b in batches for i in b["index"]}
-    assert len({int(i) for b in batches for i in b["negative_index"].flatten()} - positives) > 0  # own stream
 
