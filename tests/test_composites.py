@@ -241,10 +241,9 @@ def assert_converted_composites(loader, truth: np.ndarray, micro: int) -> list[B
     return batches
 
 
-def test_ffcv_composites_classes_quadrants_and_resume(tiny_data, tmp_path_factory, folder):
+def test_ffcv_composites_classes_quadrants_and_resume(tiny_data, folder, request):
     pytest.importorskip("ffcv")
-    converted = convert("ffcv", tiny_data, tmp_path_factory.mktemp("conv") / "ffcv")
-    src = build_datasets(source_cfg("ffcv", converted, tiny_data), seed=SEED)
+    src = build_datasets(source_cfg("ffcv", request.getfixturevalue("tiny_ffcv"), tiny_data), seed=SEED)
     truth = folder.train_split.labels
     batches = assert_converted_composites(composite_loader(src, "dataset", 8, 16, 1, 2), truth, 8)
     plan = NegativesPlan(truth, SEED)  # the folder backend's plan: the same negatives
