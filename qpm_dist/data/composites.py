@@ -24,8 +24,8 @@ reshape on the batch's device (the FFCV GPU path tiles on the GPU).
 
 The loader item is a `Batch` with `images` (the positives), `targets`, `index`, `composites` (B x 3 x 2s x 2s)
 and `quadrant` (B, int64), plus `negative_index` (B x 3, the negatives' sample indices) and
-`same_class_negatives` (B, float: negatives that share the positive's class, which in-batch negatives cannot
-always avoid; the consistency task logs it).
+`same_class_negatives` (B, float: negatives that share the positive's class, which in-batch negatives and the
+WebDataset pool cannot always avoid; the consistency task logs it).
 """
 
 from __future__ import annotations
