@@ -11,9 +11,10 @@ Where the negatives come from (`gc.negatives`):
   batch k holds the 3 x B negatives of the k-th positive batch in slot order. The folder and FFCV backends
   read the images a `NegativesPlan` names; WebDataset cannot read by index and draws a second stream instead
   (see qpm_dist.data.wds_loader). Either way a negative of the positive's class is replaced, on the batch's
-  device, by another sample of the batch's 3 x B negatives with another class (`pool_negatives`): on the
-  folder and FFCV backends this only happens when data.on_corrupt=skip put a readable neighbour in place
-  of an undecodable image.
+  device, by another sample of the batch's 3 x B negatives with another class (`pool_negatives`). The plan
+  never names one, so on FFCV this never happens and on the folder backend only when data.on_corrupt=skip
+  put a readable neighbour in place of an undecodable image (the replacement then depends on the micro-batch:
+  such a composite may differ between world sizes).
 * "in_batch" (spec §10.3, cheaper, off by default): three other samples of the same micro-batch with another
   label, reusing their augmentation; no extra decode.
 
