@@ -26,6 +26,14 @@ def tiny_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_ffcv(tiny_data, tmp_path_factory) -> Path:
+    """tiny_data converted to FFCV once per session (seconds of work), for the tests that only read it."""
+    from data_helpers import convert
+
+    return convert("ffcv", tiny_data, tmp_path_factory.mktemp("conv") / "ffcv")
+
+
+@pytest.fixture(scope="session")
 def fake_imagenet(tmp_path_factory) -> Path:
     """ImageNet's official layout (tests/fake_imagenet.py), written once per session: treat as read-only."""
     from fake_imagenet import make_fake_imagenet

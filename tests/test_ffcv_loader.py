@@ -5,7 +5,7 @@ pipeline (built, not run: no GPU here). Loaders JIT-compile their pipeline (seco
 import pytest
 import torch
 
-from data_helpers import convert, source_cfg
+from data_helpers import source_cfg
 from qpm_dist.data.sources import build_datasets
 from qpm_dist.data.loaders import EpochShardSampler
 
@@ -15,8 +15,8 @@ from qpm_dist.data import ffcv_loader  # noqa: E402  (needs ffcv)
 
 
 @pytest.fixture(scope="module")
-def ffcv_dir(tiny_data, tmp_path_factory):
-    return convert("ffcv", tiny_data, tmp_path_factory.mktemp("conv") / "ffcv")
+def ffcv_dir(tiny_ffcv):
+    return tiny_ffcv
 
 
 def test_train_order_batches_and_resume(ffcv_dir, tiny_data):

@@ -5,7 +5,8 @@ under its own RNG seed, forked from (and restored to) the caller's CPU RNG. Cons
 * a run on 2 ranks sees exactly the images a run on 1 rank sees (same global batches, same crops);
 * a resumed run continues with exactly the augmentations the interrupted one would have used;
 * the number of loader workers never changes the data.
-The sampler passes `(index, epoch)` keys; a plain integer key means epoch 0.
+The sampler passes `(index, epoch)` keys; a plain integer key means epoch 0. A composite image's negative
+(data.composites) is read with an `(index, epoch, seed)` key: its own augmentation seed, from the negatives plan.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from qpm_dist.config import DataConfig
+from qpm_dist.data.composites import NegativesPlan
 from qpm_dist.data.decode import CorruptImageError, crop_box, decode, read_bytes
 from qpm_dist.data.digests import SplitDigests
 from qpm_dist.data.loaders import TrainLoader, eval_loader
@@ -115,10 +117,11 @@ class ImageListDataset(Dataset):
                               f"readable one", RuntimeWarning, stacklevel=2)
         raise CorruptImageError(f"no image under {self.image_dir} can be decoded")
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple:
-        index, epoch = key if isinstance(key, tuple) else (key, 0)
+    def __getitem__(self, key: int | tuple[int, int] | tuple[int, int, int]) -> tuple:
+        """key: index, (index, epoch), or (index, epoch, augmentation seed) (a composite's negative)."""
+        index, epoch, *seed = key if isinstance(key, tuple) else (key, 0)
         image, used = self.load_readable(index)
-        with seeded_cpu_rng(sample_seed(self.seed, epoch, index)):
+        with seeded_cpu_rng(seed[0] if seed else sample_seed(self.seed, epoch, index)):
             image = self.transform(image)
         return (image, int(self.labels[used]), used) if self.return_index else (image, int(self.labels[used]))
 
@@ -178,6 +181,14 @@ class DatasetBundle:
                      pin_memory: bool = False, return_index: bool = False) -> TrainLoader:
         return TrainLoader(self.dataset("train", augment=True, return_index=return_index), micro_batch, global_batch,
                            rank, world_size, self.seed, self.cfg.num_workers, pin_memory=pin_memory)
+
+    def negatives_loader(self, micro_batch: int, global_batch: int, rank: int, world_size: int,
+                         pin_memory: bool = False) -> TrainLoader:
+        """The negatives of composite images (data.composites): batch k holds the 3 x micro_batch images the
+        NegativesPlan names for the k-th batch of `train_loader` (same arguments), each under its own seed."""
+        plan = NegativesPlan(self.train_split.labels, self.seed)
+        return TrainLoader(self.dataset("train", augment=True, return_index=True), micro_batch, global_batch,
+                           rank, world_size, self.seed, self.cfg.num_workers, pin_memory=pin_memory, plan=plan)
 
     def eval_loader(self, split: str, batch_size: int, rank: int, world_size: int, pin_memory: bool = False,
                     return_index: bool = False) -> DataLoader:

@@ -24,6 +24,14 @@ Transforms (FFCV's JIT operations, same semantics as qpm_dist.data.transforms):
 CPU path: normalisation in FFCV's NormalizeImage (numba), float32 NCHW out. GPU path (the trainer passes
 pin_memory=True when it trains on CUDA): uint8 batches go to this rank's GPU with ToDevice and are
 normalised there with torch ops (FFCV's GPU NormalizeImage would need cupy).
+
+Negatives of composite images (data.composites, gc.negatives=dataset): a second Loader over the train .beton,
+batch 3 x micro, whose `NegativesOrder` hands FFCV the rows the NegativesPlan names for this rank's share of
+the epoch, in slot order. The plan (which images) is exact and resumable; their augmentation is FFCV's own,
+unseeded, as for the positives. FFCV's Loader uses `distributed` only inside its built-in orders (a custom
+TraversalOrder's sample_order is taken as this rank's order, whatever its length) and sizes an epoch by the
+order of epoch 0 before any skip, `len(order) // batch_size` batches: 3x the positives' rows in batches of 3x
+micro, the same number of batches.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from ffcv.transforms import (NormalizeImage, RandomBrightness, RandomContrast, R
 from ffcv.traversal_order.base import TraversalOrder
 
 from qpm_dist.config import DataConfig
+from qpm_dist.data.composites import NEGATIVES, NegativesPlan
 from qpm_dist.data.integrity import DataIntegrityError, beton_problems, raise_if_damaged, repair_hint
 from qpm_dist.data.loaders import EpochShardSampler
 from qpm_dist.data.manifest import ConvertedSource
@@ -88,7 +97,23 @@ class EpochShardOrder(TraversalOrder):
 
     def sample_order(self, epoch: int) -> np.ndarray:
         self.sampler.set_epoch(epoch, self.skip_samples)
-        return self.rows[np.fromiter((i for i, _ in self.sampler), dtype=np.int64)]
+        return self.rows[np.array(self.sampler.indices(), dtype=np.int64)]
+
+
+class NegativesOrder(EpochShardOrder):
+    """FFCV traversal order = the .beton rows of the negatives the plan names for this rank's EpochShardSampler
+    share (3 per sample, slot order). The plan is keyed by source sample index; `index_rows[i]` is the row of
+    sample i."""
+
+    def __init__(self, rows: np.ndarray, sampler: EpochShardSampler, row_index: np.ndarray, index_rows: np.ndarray,
+                 plan: NegativesPlan) -> None:
+        super().__init__(rows, sampler)
+        self.row_index, self.index_rows, self.plan = row_index, index_rows, plan
+
+    def sample_order(self, epoch: int) -> np.ndarray:
+        positives = self.row_index[super().sample_order(epoch)]
+        negatives, _ = self.plan.draw(epoch, positives)  # FFCV augments them itself (unseeded)
+        return self.index_rows[negatives.ravel()]
 
 
 def image_pipeline(cfg: DataConfig, train: bool, device: torch.device | None) -> list:
@@ -188,7 +213,10 @@ class FFCVSource(ConvertedSource):
                 raise FileNotFoundError(f"data.converted: {path} listed in dataset.json is missing")
             # cheap, on every rank: FFCV itself would feed the rows of a cut file from wrong bytes
             raise_if_damaged(beton_problems(path, info.get("bytes"), info.get("rows")), self.root, "ffcv")
-            labels = beton_columns(path)["label"]
+            columns = beton_columns(path)
+            labels = columns["label"]
+            if split == "train":  # what the negatives plan needs: classes and rows by source sample index
+                self.train_labels, self.train_index = labels.astype(np.int64), columns["index"].astype(np.int64)
             # Rows of images left out at conversion (placeholders, label -1) are never loaded.
             self.files[split], self.rows[split] = str(path), np.flatnonzero(labels >= 0).astype(np.int64)
             if len(self.rows[split]) != int(info["num_samples"]):
@@ -218,6 +246,28 @@ class FFCVSource(ConvertedSource):
                         os_cache=self.cfg.ffcv_os_cache, order=order, distributed=world_size > 1, seed=self.seed,
                         indices=rows, pipelines=pipelines, drop_last=True)
         return FFCVTrainLoader(loader, order, micro_batch, self.cfg, device, return_index)
+
+    def negatives_loader(self, micro_batch: int, global_batch: int, rank: int, world_size: int,
+                         pin_memory: bool = False) -> FFCVTrainLoader:
+        """The negatives of composite images: batch k holds the 3 x micro_batch negatives of the k-th batch of
+        `train_loader` (same arguments) in slot order, with their sample indices (see the module docstring)."""
+        rows = self.rows["train"]
+        sampler = EpochShardSampler(len(rows), global_batch, rank, world_size, self.seed)
+        if sampler.per_rank % micro_batch:
+            raise ValueError(f"per-rank batch share {sampler.per_rank} is not a multiple of {micro_batch}")
+        size = int(self.train_index.max()) + 1
+        labels = np.full(size, -1, dtype=np.int64)  # by source index; -1: placeholder rows, never drawn
+        labels[self.train_index[rows]] = self.train_labels[rows]
+        index_rows = np.full(size, -1, dtype=np.int64)
+        index_rows[self.train_index] = np.arange(len(self.train_index))
+        order = NegativesOrder(rows, sampler, self.train_index, index_rows, NegativesPlan(labels, self.seed))
+        device = _device(pin_memory)
+        pipelines = {"image": image_pipeline(self.cfg, True, device), "label": int_pipeline(device),
+                     "index": int_pipeline(device)}
+        loader = Loader(self.files["train"], batch_size=NEGATIVES * micro_batch, num_workers=self.threads,
+                        os_cache=self.cfg.ffcv_os_cache, order=order, distributed=world_size > 1, seed=self.seed,
+                        indices=rows, pipelines=pipelines, drop_last=True)
+        return FFCVTrainLoader(loader, order, micro_batch, self.cfg, device, return_index=True)
 
     def eval_loader(self, split: str, batch_size: int, rank: int, world_size: int, pin_memory: bool = False,
                     return_index: bool = False) -> FFCVBatches:

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_collate, get_worker_info
 
+from qpm_dist.data.composites import NEGATIVES
+
 
 class EpochLoader(Protocol):
     """A rank's training batches, epoch by epoch, resumable at a batch position."""
@@ -92,28 +94,49 @@ class EpochShardSampler(Sampler[tuple[int, int]]):
     def __len__(self) -> int:
         return self.per_rank - self.skip
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def indices(self) -> list[int]:
+        """This rank's sample indices of the epoch, after the skip."""
         g = torch.Generator()
         g.manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.num_samples, generator=g)[: self.steps * self.global_batch]
-        mine = order[self.rank :: self.world_size][self.skip :]
+        return order[self.rank :: self.world_size][self.skip :].tolist()  # tolist: 20x faster than int() per item
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch = self.epoch
-        return iter([(int(i), epoch) for i in mine])
+        return iter([(i, epoch) for i in self.indices()])
+
+
+class NegativeKeys(Sampler[tuple[int, int, int]]):
+    """Yields `(negative index, epoch, augmentation seed)` keys of the negatives `plan` (a
+    composites.NegativesPlan) names for the samples of `sampler`, NEGATIVES (3) per sample in slot order."""
+
+    def __init__(self, sampler: EpochShardSampler, plan) -> None:
+        self.sampler, self.plan = sampler, plan
+
+    def __len__(self) -> int:
+        return NEGATIVES * len(self.sampler)
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        epoch = self.sampler.epoch
+        negatives, seeds = self.plan.draw(epoch, np.array(self.sampler.indices(), dtype=np.int64))
+        return iter([(i, epoch, s) for i, s in zip(negatives.ravel().tolist(), seeds.ravel().tolist())])
 
 
 class TrainLoader:
-    """A DataLoader over an EpochShardSampler with epoch/position control for resume."""
+    """A DataLoader over an EpochShardSampler with epoch/position control for resume. With a negatives `plan`
+    (composites.NegativesPlan), it yields instead the 3 x micro_batch negatives of each batch of that sampler."""
 
     def __init__(self, dataset: Dataset, micro_batch: int, global_batch: int, rank: int, world_size: int,
-                 seed: int, num_workers: int, pin_memory: bool = False) -> None:
+                 seed: int, num_workers: int, pin_memory: bool = False, plan=None) -> None:
         self.micro_batch = micro_batch
         self.sampler = EpochShardSampler(len(dataset), global_batch, rank, world_size, seed)
         if self.sampler.per_rank % micro_batch:
             raise ValueError(f"per-rank batch share {self.sampler.per_rank} is not a multiple of {micro_batch}")
+        per_sample = 1 if plan is None else NEGATIVES
         self.loader = DataLoader(
             dataset,
-            batch_size=micro_batch,
-            sampler=self.sampler,
+            batch_size=micro_batch * per_sample,
+            sampler=self.sampler if plan is None else NegativeKeys(self.sampler, plan),
             drop_last=True,
             num_workers=num_workers,
             collate_fn=collate,

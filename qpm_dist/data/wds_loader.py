@@ -26,6 +26,16 @@ resampled mode (`data.wds_mode: resampled`)
   (seed, epoch, rank, worker), for the same number of steps per epoch as exact mode (the `with_epoch`
   idiom). Samples may repeat or be missed within an epoch; equal batch counts and exact resume still hold.
 
+Negatives of composite images (data.composites, gc.negatives=dataset): tars cannot be read by index, so the
+reference's draw (three other classes uniformly, one image of each) cannot name its images. Instead a second
+stream, resampled mode with a salted seed (so other shards, another shuffle and other augmentation seeds than
+the positives, resumable like them), yields 3 x micro samples per batch for the same number of batches; each
+positive takes the 3 in its slots, and CompositeLoader (composites.pool_negatives) replaces, on the batch's
+device, a slot holding the positive's class by another sample of the 3 x micro pool with another class;
+`same_class_negatives` counts the slots where the pool has none. Deviation from the reference: a negative's
+class follows the data's class frequencies, not a uniform draw over the other classes, and a replaced slot
+repeats a crop of the pool.
+
 Evaluation: rank r reads the contiguous range [r*N/W, (r+1)*N/W) of the split in shard order, without
 padding, so all-reduced sums count every sample once.
 
@@ -43,6 +53,7 @@ import multiprocessing
 import random
 import tarfile
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
@@ -52,6 +63,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from qpm_dist.config import DataConfig
+from qpm_dist.data.composites import NEGATIVES, check_classes
 from qpm_dist.data.datasets import sample_seed, seeded_cpu_rng
 from qpm_dist.data.decode import CorruptImageError, decode
 from qpm_dist.data.digests import ImageDigestError, image_digest, mismatch_error
@@ -62,6 +74,7 @@ from qpm_dist.data.transforms import test_transform, train_transform
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "ppm")
 
+_NEGATIVES_SALT = 0x4E4547  # the composite negatives' stream: another seed than the positives'
 Piece = tuple[int, int, int]  # (shard number, first sample, end sample) within that shard
 
 
@@ -227,7 +240,11 @@ class TrainStream(IterableDataset):
 
     def __init__(self, urls: list[str], counts: list[int], micro_batch: int, global_batch: int, rank: int,
                  world_size: int, num_workers: int, seed: int, transform, cfg: DataConfig,
-                 return_index: bool = False, require_digest: bool = False) -> None:
+                 return_index: bool = False, require_digest: bool = False, draws: int = 1) -> None:
+        """draws: samples per planned sample (the negatives stream: 3); batches then hold draws x micro_batch
+        samples, as many batches as usual. Only in resampled mode, which is not bound to the split's size."""
+        if draws != 1 and cfg.wds_mode != "resampled":
+            raise ValueError("TrainStream: draws > 1 needs wds_mode=resampled")
         if global_batch % world_size:
             raise ValueError(f"global batch {global_batch} is not divisible by the world size {world_size}")
         total = sum(counts)
@@ -243,6 +260,7 @@ class TrainStream(IterableDataset):
         self.seed, self.transform, self.cfg, self.return_index = seed, transform, cfg, return_index
         self.require_digest = require_digest
         self.batches = self.per_rank // micro_batch
+        self.micro = micro_batch * draws  # after the split into worker blocks of batches, which it does not change
         bounds = even_bounds(self.batches, self.workers)
         self.worker_batches = [bounds[k + 1] - bounds[k] for k in range(self.workers)]
         self.worker_first_batch = bounds[:-1]
@@ -389,6 +407,18 @@ class WebDatasetSource(ConvertedSource):
         urls, counts = self.shards("train")
         stream = TrainStream(urls, counts, micro_batch, global_batch, rank, world_size, self.cfg.num_workers,
                              self.seed, train_transform(self.cfg), self.cfg, return_index, self.require_digest)
+        return WebDatasetTrainLoader(stream, self.cfg.num_workers, pin_memory)
+
+    def negatives_loader(self, micro_batch: int, global_batch: int, rank: int, world_size: int,
+                         pin_memory: bool = False) -> WebDatasetTrainLoader:
+        """The pool of composite negatives: batch k holds 3 x micro_batch samples drawn for the k-th batch of
+        `train_loader` (same arguments), with their sample indices (see the module docstring)."""
+        check_classes(self.num_classes)
+        urls, counts = self.shards("train")
+        salted = int(np.random.default_rng([self.seed, _NEGATIVES_SALT]).integers(2**62))
+        stream = TrainStream(urls, counts, micro_batch, global_batch, rank, world_size, self.cfg.num_workers, salted,
+                             train_transform(self.cfg), replace(self.cfg, wds_mode="resampled"), return_index=True,
+                             require_digest=self.require_digest, draws=NEGATIVES)
         return WebDatasetTrainLoader(stream, self.cfg.num_workers, pin_memory)
 
     def eval_loader(self, split: str, batch_size: int, rank: int, world_size: int, pin_memory: bool = False,
