@@ -2,7 +2,6 @@
 class names from the devkit's words, the Kaggle layout, class subsets, and what crop_to_box and the converters
 accept for it."""
 
-import contextlib
 import dataclasses
 import json
 import shutil
@@ -264,12 +263,14 @@ def test_report_names_classes_by_the_devkits_words(fake_imagenet, tmp_path):
     html = (stage_dir(tmp_path / "runs", "qpm_report") / "report.html").read_text()
     assert "tench, Tinca tinca" in html and "goldfish, Carassius auratus" in html
     assert not any(wnid in html for wnid in WNIDS)
-    # the val box XMLs reach the pointing game, for the dense and the QPM model
+    # the val box XMLs reach the pointing metrics, for the dense and the QPM model
     metrics = json.loads((stage_dir(tmp_path / "runs", "qpm_evaluate") / "metrics.json").read_text())
     for model in ("dense", "qpm"):
-        assert metrics[model]["object_pointing_images"] == len(VAL), metrics[model]
-        assert 0 <= metrics[model]["object_pointing"] <= 1 and metrics[model]["object_pointing_unannotated"] == 0
-    assert "Class evidence peaks inside the object box" in html
+        assert metrics[model]["pointing_images"] == len(VAL), metrics[model]
+        assert metrics[model]["pointing_unannotated"] == 0 and metrics[model]["content_heatmap_images"] == len(VAL)
+        for key in ("pointing_game", "stochastic_pointing", "stochastic_pointing_sampled", "content_heatmap"):
+            assert 0 <= metrics[model][key] <= 1, (key, metrics[model])
+    assert "Pointing game: Grad-CAM peak within 15 px" in html and "Content heatmap" in html
 
 
 # --- object boxes in a metric: the pointing game -----------------------------------------------------------------
@@ -289,44 +290,6 @@ def test_test_point_to_source_inverts_the_test_transform(augment, size):
         peak = int(out.argmax())
         x, y = test_point_to_source(cfg, width, height, peak % 16 + 0.5, peak // 16 + 0.5)
         assert abs(x - (sx + 0.5)) <= width / 16 and abs(y - (sy + 0.5)) <= height / 16, (x, y, sx, sy)
-
-
-class PeakModel(torch.nn.Module):
-    """One feature whose map (4 x 4) peaks in cell (row 1, column 1) for every image; one class weight of 1."""
-
-    def __init__(self, classes):
-        super().__init__()
-        self.head = type("Head", (), {"class_weights": staticmethod(lambda: torch.ones(classes, 1))})()
-
-    def forward(self, images):
-        from qpm_dist.models.net import ModelOutput
-
-        maps = torch.zeros(images.shape[0], 1, 4, 4)
-        maps[:, 0, 1, 1] = 1
-        return ModelOutput(torch.zeros(images.shape[0], 2), maps, maps.flatten(1))
-
-
-def test_object_pointing_skips_images_without_a_box(tmp_path):
-    """The peak of cell (1, 1) of 4 x 4 lies at (15, 15) of a squashed 40 x 40 image: inside the first box, outside
-    the second; the third image has no box and is left out, not counted as a miss."""
-    from PIL import Image
-
-    from qpm_dist import dist
-    from qpm_dist.data.datasets import DatasetBundle, Split
-    from qpm_dist.metrics.objects import object_boxes_available, object_pointing
-
-    for n in range(3):
-        Image.new("RGB", (40, 40)).save(tmp_path / f"{n}.JPEG")
-    boxes = np.array([[10, 10, 10, 10], [25, 25, 10, 10], [np.nan] * 4], dtype=np.float32)
-    split = Split(tmp_path, [f"{n}.JPEG" for n in range(3)], np.array([0, 1, 0]), boxes)
-    cfg = DataConfig(dataset="imagenet", img_size=16, augment="light", num_workers=0)
-    data = DatasetBundle(cfg, split, split, 2, ["a", "b"], "f")
-    assert object_boxes_available(data)
-    assert not object_boxes_available(DatasetBundle(dataclasses.replace(cfg, crop_to_box=True), split, split, 2,
-                                                    ["a", "b"], "f"))
-    result = object_pointing(PeakModel(2), data, dist.init("cpu"), contextlib.nullcontext, batch_size=2)
-    assert result == {"object_pointing": 0.5, "object_pointing_chance": pytest.approx(100 / 1600),
-                      "object_pointing_images": 2, "object_pointing_unannotated": 1}
 
 
 def test_val_classes_enters_stage_keys_through_the_dataset_only():
