@@ -335,3 +335,27 @@ def test_two_gloo_ranks_score_what_one_process_scores(tiny_data, tmp_path, one_p
     assert two.keys() == one_process.keys()
     for path in one_process:
         assert two[path] == pytest.approx(one_process[path], rel=1e-9), path
+
+
+def test_converted_data_is_scored_from_data_root_or_not_at_all(tiny_data, tmp_path, caplog):
+    """WebDataset shards hold neither boxes nor original sizes: with data.root readable the metrics are those of
+    the folder backend (same data config); without it they are None, with the reason logged and recorded."""
+    from data_helpers import convert, source_cfg
+    from pointing_probe import tiny_model
+
+    from qpm_dist import dist
+    from qpm_dist.data.sources import build_datasets
+
+    shards = convert("wds", tiny_data, tmp_path / "wds")
+    folder = build_datasets(source_cfg("folder", None, tiny_data), seed=0)
+    score = lambda data: P.pointing_metrics(tiny_model(data.num_classes), data, dist.init("cpu"),
+                                            contextlib.nullcontext, batch_size=8)
+    expected = score(folder)
+    assert expected["pointing_images"] == len(folder.test_split)
+    assert score(build_datasets(source_cfg("wds", shards, tiny_data), seed=0)) == expected
+    unreadable = build_datasets(source_cfg("wds", shards, tmp_path / "moved"), seed=0)
+    with caplog.at_level("WARNING", logger="qpm_dist"):
+        result = score(unreadable)
+    assert all(result[key] is None for key in P.SCORES), result
+    assert "data.root" in result["pointing_not_computed"] and "moved" in result["pointing_not_computed"]
+    assert result["pointing_not_computed"] in caplog.text

@@ -163,7 +163,8 @@ def pointing_source(data):
     for a dataset without boxes (no metrics at all). The same answer on every rank.
 
     Converted data (ffcv, wds) holds neither the boxes nor the original image sizes, so they come from data.root,
-    read as the folder backend would (same data config), if its fingerprint is the converted data's."""
+    read as the folder backend would (same data config), if it is what was converted (the manifest's
+    source_fingerprint)."""
     from qpm_dist.data.sources import read_splits
 
     cfg = data.cfg
@@ -176,7 +177,8 @@ def pointing_source(data):
     if getattr(data, "test_split", None) is None:
         try:
             source = read_splits(cfg, data.seed)
-            if source.fingerprint != data.fingerprint:
+            converted_from = getattr(data, "manifest", {}).get("source_fingerprint", source.fingerprint)
+            if source.fingerprint != converted_from:
                 source, reason = None, (f"data.root {cfg.root} holds other data than data.converted {cfg.converted} "
                                         f"(dataset fingerprints differ)")
         except (OSError, ValueError) as exc:
