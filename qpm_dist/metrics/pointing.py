@@ -48,6 +48,8 @@ SAMPLES = 100  # points per image of the sampled SPG
 VOC_BOX_DATASETS = ("imagenet",)  # Split.boxes / object_boxes hold 1-based inclusive VOC corners for these
 BOX_DATASETS = ("synthetic", "cub", "travelingbirds", "cars", "imagenet")  # readers that give object boxes
 SCORES = ("pointing_game", "stochastic_pointing", "stochastic_pointing_sampled", "content_heatmap")
+# per-rank sums, all-reduced: PG/SPG images and their SPG sums, CH images and their CH sum, images left out
+TALLIES = ("images", "spg", "spg_sampled", "ch_images", "ch", "skipped", "unannotated", "outside", "clamped")
 
 
 def voc_to_pixel_edges(boxes: np.ndarray) -> np.ndarray:
@@ -203,6 +205,7 @@ def _class_maps(model, loader, info: DistInfo, autocast: Autocast):
             stop_point()
             images, labels = images.to(info.device, non_blocking=True), labels.to(info.device, non_blocking=True)
             with torch.set_grad_enabled(not closed), autocast():
+                images.requires_grad_(not closed)  # a graph to differentiate even with frozen parameters
                 maps = gradcam.class_maps(model, images, labels, create_graph=False).maps
             yield gradcam.normalise(maps.detach().float()).cpu(), labels.cpu(), indices
             bar.update(1)
@@ -244,13 +247,12 @@ def pointing_metrics(model, data, info: DistInfo, autocast: Autocast, batch_size
         loader = eval_loader(full, 1, info.rank, info.world_size, cfg.num_workers)
     hits = torch.zeros(num_classes, dtype=torch.float64)
     trials = torch.zeros(num_classes, dtype=torch.float64)
-    # spg, spg sampled, PG/SPG images, ch, CH images, all boxes difficult, no box, boxes outside, boxes clamped
-    sums = np.zeros(9)
+    tally = dict.fromkeys(TALLIES, 0.0)
     for cams, labels, indices in _class_maps(model, loader, info, autocast):
         for cam, label, index in zip(cams, labels.tolist(), indices.tolist()):
             boxes, difficult = image_objects(split, index, voc)
             if len(boxes) == 0:
-                sums[6] += 1
+                tally["unannotated"] += 1
                 continue
             with Image.open(split.image_dir / split.paths[index]) as image:  # reads the header only
                 width, height = image.size
@@ -263,31 +265,36 @@ def pointing_metrics(model, data, info: DistInfo, autocast: Autocast, batch_size
             heatmap = source_heatmap(cam, height, width, region)
             scores = score_image(heatmap, boxes, np.random.default_rng([seed, index]), tolerance, samples)
             if scores is None:
-                sums[7] += 1
+                tally["outside"] += 1
                 continue
-            sums[8] += boxes_reaching_out(boxes)
-            sums[3:5] += (scores.ch, 1)
+            tally["clamped"] += boxes_reaching_out(boxes)
+            tally["ch"] += scores.ch
+            tally["ch_images"] += 1
             if difficult.all():
-                sums[5] += 1
+                tally["skipped"] += 1
                 continue
             hits[label] += scores.hit
             trials[label] += 1
-            sums[:3] += (scores.spg, scores.spg_sampled, 1)
-    totals = dist.all_reduce(torch.cat([hits, trials, torch.from_numpy(sums)]).to(info.device)).cpu()
-    hits, trials, sums = totals[:num_classes], totals[num_classes:2 * num_classes], totals[2 * num_classes:].tolist()
+            tally["spg"] += scores.spg
+            tally["spg_sampled"] += scores.spg_sampled
+            tally["images"] += 1
+    sums = torch.tensor([tally[key] for key in TALLIES], dtype=torch.float64)
+    totals = dist.all_reduce(torch.cat([hits, trials, sums]).to(info.device)).cpu()
+    hits, trials = totals[:num_classes], totals[num_classes:2 * num_classes]
+    tally = dict(zip(TALLIES, totals[2 * num_classes:].tolist()))
     evaluated = trials > 0
-    images, ch_images = sums[2], sums[4]
+    images, ch_images = tally["images"], tally["ch_images"]
     return {
         # mean over the classes with at least one scored image (the reference counts the others as 0)
         "pointing_game": float((hits[evaluated] / trials[evaluated]).mean()) if evaluated.any() else None,
-        "stochastic_pointing": sums[0] / images if images else None,
-        "stochastic_pointing_sampled": sums[1] / images if images else None,
-        "content_heatmap": sums[3] / ch_images if ch_images else None,
+        "stochastic_pointing": tally["spg"] / images if images else None,
+        "stochastic_pointing_sampled": tally["spg_sampled"] / images if images else None,
+        "content_heatmap": tally["ch"] / ch_images if ch_images else None,
         "pointing_images": int(images),
         "pointing_classes": int(evaluated.sum()),
-        "pointing_skipped": int(sums[5]),
-        "pointing_unannotated": int(sums[6]),
-        "pointing_box_outside_image": int(sums[7]),
-        "pointing_clamped_boxes": int(sums[8]),
+        "pointing_skipped": int(tally["skipped"]),
+        "pointing_unannotated": int(tally["unannotated"]),
+        "pointing_box_outside_image": int(tally["outside"]),
+        "pointing_clamped_boxes": int(tally["clamped"]),
         "content_heatmap_images": int(ch_images),
     }
