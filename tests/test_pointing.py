@@ -340,6 +340,8 @@ def test_two_gloo_ranks_score_what_one_process_scores(tiny_data, tmp_path, one_p
 def test_converted_data_is_scored_from_data_root_or_not_at_all(tiny_data, tmp_path, caplog):
     """WebDataset shards hold neither boxes nor original sizes: with data.root readable the metrics are those of
     the folder backend (same data config); without it they are None, with the reason logged and recorded."""
+    import shutil
+
     from data_helpers import convert, source_cfg
     from pointing_probe import tiny_model
 
@@ -359,3 +361,8 @@ def test_converted_data_is_scored_from_data_root_or_not_at_all(tiny_data, tmp_pa
     assert all(result[key] is None for key in P.SCORES), result
     assert "data.root" in result["pointing_not_computed"] and "moved" in result["pointing_not_computed"]
     assert result["pointing_not_computed"] in caplog.text
+    # data.root readable, but a test image gone: not computed either (instead of failing mid-pass)
+    copy = shutil.copytree(tiny_data, tmp_path / "copy")
+    (copy / "images" / folder.test_split.paths[0]).unlink()
+    result = score(build_datasets(source_cfg("wds", shards, copy), seed=0))
+    assert result["pointing_game"] is None and "missing under data.root" in result["pointing_not_computed"]

@@ -167,7 +167,7 @@ def pointing_source(data):
     Converted data (ffcv, wds) holds neither the boxes nor the original image sizes, so they come from data.root,
     read as the folder backend would (same data config), if it is what was converted (the manifest's
     source_fingerprint)."""
-    from qpm_dist.data.sources import read_splits
+    from qpm_dist.data.sources import missing_files, read_splits
 
     cfg = data.cfg
     if cfg.dataset not in BOX_DATASETS:
@@ -180,9 +180,12 @@ def pointing_source(data):
         try:
             source = read_splits(cfg, data.seed)
             converted_from = getattr(data, "manifest", {}).get("source_fingerprint", source.fingerprint)
+            missing = missing_files(source.test_split, 0, 1)  # one listing per folder
             if source.fingerprint != converted_from:
                 source, reason = None, (f"data.root {cfg.root} holds other data than data.converted {cfg.converted} "
                                         f"(dataset fingerprints differ)")
+            elif missing:
+                source, reason = None, f"{len(missing)} test image(s) missing under data.root, e.g. {missing[0]}"
         except (OSError, ValueError) as exc:
             source, reason = None, (f"data.backend={cfg.backend} keeps neither the boxes nor the original image "
                                     f"sizes, and data.root {cfg.root} (the source images) cannot be read: {exc}")
