@@ -5,6 +5,8 @@ uniform subsample of training feature rows for the contrastiveness GMMs:
 * test set: top-1/top-5, diversity@k and SID@k (needs the feature maps, processed batch by batch — the
   reference kept all test maps in RAM, ~320 GB for a dense ResNet-50 on ImageNet);
 * training set: feature sums (class independence), XᵀX (correlation), dependence, the GMM subsample.
+Then, where the dataset has boxes, the pointing game, SPG and CH of the true class's Grad-CAM (metrics.pointing;
+its own pass, the reference's whole-image input with eval.pointing_resize) and the synthetic part localisation.
 """
 
 from __future__ import annotations
