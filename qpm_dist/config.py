@@ -251,6 +251,9 @@ class EvalConfig:
     gmm_samples: int = bounded(20000, ge=2)
     # ...and is skipped (reported as null) above this many features, like the reference (dense ResNet-50).
     gmm_max_features: int = bounded(1000, ge=0)
+    # Pointing game, SPG and CH input: null scores the test transform's view (batches); N the reference's
+    # (specs/gc_consistency.md §7.1): the whole image, shorter side resized to N px, no crop, one image per batch.
+    pointing_resize: Optional[int] = bounded(None, ge=1)
 
 
 @dataclass

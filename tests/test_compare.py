@@ -45,3 +45,19 @@ def test_models_with_fewer_than_five_features_per_class_get_their_own_sid_rows()
     assert lines["SID@5"][-1] == "–" and lines["SID@4"][-2:] == ["0.900", "0.920"]
     assert lines["Diversity@4"][-1] == "0.960"
     assert list(lines).index("SID@4") == list(lines).index("Diversity@5") + 1
+
+
+def test_pointing_game_spg_and_ch_of_every_method_in_one_table(tmp_path):
+    """`qpm-dist compare` and every report: PG, SPG (exact and sampled) and CH as rows, one column per model."""
+    scores = lambda base: {"accuracy": 80.0, "pointing_game": base, "stochastic_pointing": base - 0.1,
+                           "stochastic_pointing_sampled": base - 0.11, "content_heatmap": base - 0.2}
+    write_metrics(tmp_path, "a", "qpm_evaluate", {"dense": scores(0.7), "qpm": scores(0.8)}, age=1)
+    write_metrics(tmp_path, "a", "sldd_evaluate", {"dense": scores(0.7), "sldd": scores(0.9)}, age=2)
+    text = table_text(method_columns(tmp_path))
+    rows = {line.split("  ")[0].strip(): line.split()[-3:] for line in text.splitlines()}
+    assert rows["Pointing game: Grad-CAM peak within 15 px of the object boxes (mean over classes)"] == [
+        "0.700", "0.800", "0.900"]
+    assert rows["Stochastic pointing game: Grad-CAM mass within 15 px of the boxes (exact)"] == ["0.600", "0.700",
+                                                                                                "0.800"]
+    assert rows["... sampled (100 points per image)"] == ["0.590", "0.690", "0.790"]
+    assert rows["Content heatmap: Grad-CAM mass inside the object boxes"] == ["0.500", "0.600", "0.700"]

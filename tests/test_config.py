@@ -174,6 +174,7 @@ def test_solver_options_are_bounded_at_load_as_the_solver_bounds_them():
     "override, message",
     [
         ("eval.batch_size=0", "eval.batch_size: expected an integer >= 1, got 0"),
+        ("eval.pointing_resize=0", "eval.pointing_resize: expected an integer >= 1, got 0"),
         ("qpm.dropout=-1", "qpm.dropout: expected a number in [0, 1), got -1.0"),
         ("model.dropout=1.5", "model.dropout: expected a number in [0, 1), got 1.5"),
         ("data.num_workers=-1", "data.num_workers: expected an integer >= 0, got -1"),

@@ -155,5 +155,5 @@ def test_sldd_ddp_and_deepspeed_agree_and_read_the_weights_as_trained(imagenet):
     for key in a:
         assert torch.allclose(a[key].float(), b[key].float(), rtol=1e-5, atol=1e-6), key
     sldd = json.loads((stage_dir(ddp, "sldd_evaluate") / "metrics.json").read_text())["sldd"]
-    # the val box XMLs were read: the pointing game scores the annotated val images, on the folder backend
-    assert sldd["object_pointing_images"] > 0 and 0 <= sldd["object_pointing"] <= 1
+    # the val box XMLs were read: the pointing metrics score the annotated val images, on the folder backend
+    assert sldd["pointing_images"] > 0 and 0 <= sldd["pointing_game"] <= 1 and 0 <= sldd["content_heatmap"] <= 1

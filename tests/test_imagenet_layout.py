@@ -104,6 +104,7 @@ def test_val_boxes_also_for_val_sorted_into_class_folders(imagenet_copy):
     (lambda text: text.replace("<name>n01440764</name>", "<name>n01443537</name>"), "of class 'n01443537'.*n01440764"),
     (lambda text: text.replace("</annotation>", ""), "not a readable bounding-box XML"),
     (lambda text: text.replace("<xmax>", "<xmax>x"), "numeric <bndbox>"),
+    (lambda text: text.replace("<difficult>0</difficult>", "<difficult>yes</difficult>"), "<difficult> must be 0 or 1"),
 ])
 def test_a_wrong_or_damaged_box_xml_is_named(imagenet_copy, damage, message):
     xml = imagenet_copy / "bbox" / "train" / WNIDS[0] / f"{WNIDS[0]}_1.xml"
@@ -264,12 +265,14 @@ def test_report_names_classes_by_the_devkits_words(fake_imagenet, tmp_path):
     html = (stage_dir(tmp_path / "runs", "qpm_report") / "report.html").read_text()
     assert "tench, Tinca tinca" in html and "goldfish, Carassius auratus" in html
     assert not any(wnid in html for wnid in WNIDS)
-    # the val box XMLs reach the pointing game, for the dense and the QPM model
+    # the val box XMLs reach the pointing metrics, for the dense and the QPM model
     metrics = json.loads((stage_dir(tmp_path / "runs", "qpm_evaluate") / "metrics.json").read_text())
     for model in ("dense", "qpm"):
-        assert metrics[model]["object_pointing_images"] == len(VAL), metrics[model]
-        assert 0 <= metrics[model]["object_pointing"] <= 1 and metrics[model]["object_pointing_unannotated"] == 0
-    assert "Class evidence peaks inside the object box" in html
+        assert metrics[model]["pointing_images"] == len(VAL), metrics[model]
+        assert metrics[model]["pointing_unannotated"] == 0 and metrics[model]["content_heatmap_images"] == len(VAL)
+        for key in ("pointing_game", "stochastic_pointing", "stochastic_pointing_sampled", "content_heatmap"):
+            assert 0 <= metrics[model][key] <= 1, (key, metrics[model])
+    assert "Pointing game: Grad-CAM peak within 15 px" in html and "Content heatmap" in html
 
 
 # --- object boxes in a metric: the pointing game -----------------------------------------------------------------
@@ -291,42 +294,93 @@ def test_test_point_to_source_inverts_the_test_transform(augment, size):
         assert abs(x - (sx + 0.5)) <= width / 16 and abs(y - (sy + 0.5)) <= height / 16, (x, y, sx, sy)
 
 
-class PeakModel(torch.nn.Module):
-    """One feature whose map (4 x 4) peaks in cell (row 1, column 1) for every image; one class weight of 1."""
+def test_val_object_boxes_are_each_object_of_the_xml_or_the_kaggle_csv(fake_imagenet, fake_imagenet_kaggle):
+    """Split.object_boxes keeps every object's own box (Split.boxes keeps their union, for crop_to_box)."""
+    official, kaggle = read(fake_imagenet).test_split, read(fake_imagenet_kaggle).test_split
+    for split in (official, kaggle):
+        assert len(split.object_boxes) == len(VAL)
+        for (boxes, difficult), image in zip(split.object_boxes, VAL):
+            expected = [(x0, y0, x1 - x0, y1 - y0) for x0, y0, x1, y1 in image.objects]
+            np.testing.assert_array_equal(boxes, np.array(expected, dtype=np.float32))
+            assert difficult.tolist() == [False] * len(expected)
+    assert sum(len(boxes) == 2 for boxes, _ in kaggle.object_boxes) > 0  # several objects on one csv line
 
-    def __init__(self, classes):
-        super().__init__()
-        self.head = type("Head", (), {"class_weights": staticmethod(lambda: torch.ones(classes, 1))})()
+
+class UniformBackbone(torch.nn.Module):
+    """One feature map of ones: every Grad-CAM is uniform, so CH is the mask's share of the image."""
+
+    num_features = 1
 
     def forward(self, images):
-        from qpm_dist.models.net import ModelOutput
-
-        maps = torch.zeros(images.shape[0], 1, 4, 4)
-        maps[:, 0, 1, 1] = 1
-        return ModelOutput(torch.zeros(images.shape[0], 2), maps, maps.flatten(1))
+        return torch.ones(images.shape[0], 1, images.shape[2] // 4, images.shape[3] // 4)
 
 
-def test_object_pointing_skips_images_without_a_box(tmp_path):
-    """The peak of cell (1, 1) of 4 x 4 lies at (15, 15) of a squashed 40 x 40 image: inside the first box, outside
-    the second; the third image has no box and is left out, not counted as a miss."""
-    from PIL import Image
-
+def uniform_pointing(data, resize=48):
     from qpm_dist import dist
-    from qpm_dist.data.datasets import DatasetBundle, Split
-    from qpm_dist.metrics.objects import object_boxes_available, object_pointing
+    from qpm_dist.metrics.pointing import pointing_metrics
+    from qpm_dist.models.net import Classifier, DenseHead
 
-    for n in range(3):
-        Image.new("RGB", (40, 40)).save(tmp_path / f"{n}.JPEG")
-    boxes = np.array([[10, 10, 10, 10], [25, 25, 10, 10], [np.nan] * 4], dtype=np.float32)
-    split = Split(tmp_path, [f"{n}.JPEG" for n in range(3)], np.array([0, 1, 0]), boxes)
-    cfg = DataConfig(dataset="imagenet", img_size=16, augment="light", num_workers=0)
-    data = DatasetBundle(cfg, split, split, 2, ["a", "b"], "f")
-    assert object_boxes_available(data)
-    assert not object_boxes_available(DatasetBundle(dataclasses.replace(cfg, crop_to_box=True), split, split, 2,
-                                                    ["a", "b"], "f"))
-    result = object_pointing(PeakModel(2), data, dist.init("cpu"), contextlib.nullcontext, batch_size=2)
-    assert result == {"object_pointing": 0.5, "object_pointing_chance": pytest.approx(100 / 1600),
-                      "object_pointing_images": 2, "object_pointing_unannotated": 1}
+    head = DenseHead(1, data.num_classes)
+    with torch.no_grad():
+        head.linear.weight.fill_(1.0)
+    return pointing_metrics(Classifier(UniformBackbone(), head), data, dist.init("cpu"), contextlib.nullcontext,
+                            batch_size=1, resize=resize)
+
+
+def filled_objects(image):
+    """The reference's mask by hand (spec §7.1): rows ymin-1..ymax-1, cols xmin-1..xmax-1 of every object, a 0
+    coordinate clamped to the first row/column instead of wrapping."""
+    width, height = image.size
+    mask = np.zeros((height, width), dtype=bool)
+    for x0, y0, x1, y1 in image.objects:
+        mask[max(y0 - 1, 0):y1, max(x0 - 1, 0):x1] = True
+    return mask
+
+
+def test_pointing_masks_fill_each_object_and_clamp_zero_coordinates(fake_imagenet):
+    """The fake val set has images with two objects whose bounding rectangle covers more than they do, and
+    objects with a 0 coordinate. With a uniform map (whole image, eval.pointing_resize) CH is the filled union's
+    share of the image and SPG the share within 15 px of it: both checked against a brute-force computation of the
+    reference's rules (PG's peak is a tie here; hand-built maps test it in test_pointing.py)."""
+    data = read(fake_imagenet)
+    result = uniform_pointing(data)
+    ch, spg = [], []
+    for image in VAL:
+        mask = filled_objects(image)
+        rows, cols = np.nonzero(mask)
+        grid_rows, grid_cols = np.indices(mask.shape).reshape(2, -1, 1)
+        near = ((grid_rows - rows) ** 2 + (grid_cols - cols) ** 2 < 15 ** 2).any(axis=1)
+        ch.append(mask.mean())
+        spg.append(near.mean())
+    assert result["content_heatmap"] == pytest.approx(np.mean(ch), rel=1e-6)
+    assert result["stochastic_pointing"] == pytest.approx(np.mean(spg), rel=1e-6)
+    zero = sum(x0 == 0 or y0 == 0 for image in VAL for x0, y0, _, _ in image.objects)
+    assert (result["pointing_clamped_boxes"], result["pointing_images"], result["content_heatmap_images"]) == (
+        zero, len(VAL), len(VAL)) and zero > 0
+    # Split.boxes' union rectangle covers more than the two objects: its CH would differ
+    rectangles = []
+    for image in VAL:
+        x, y, w, h = xywh_union(image.objects)
+        corners = tuple(int(v) for v in (x, y, x + w, y + h))
+        rectangles.append(filled_objects(dataclasses.replace(image, objects=[corners])).mean())
+    assert np.mean(rectangles) - result["content_heatmap"] > 0.01
+
+
+def test_difficult_images_are_skipped_by_pg_and_spg_not_by_ch(imagenet_copy):
+    """Spec §7.2/§7.4: an image whose objects are all difficult is left out of PG and SPG (counted in
+    pointing_skipped) and scored by CH; one difficult object of two does not skip the image."""
+    xml_dir = imagenet_copy / "bbox" / "val"
+    first, two = VAL[0], next(i for i in VAL if len(i.objects) == 2)
+    for image, objects in ((first, 1), (two, 1)):
+        xml = xml_dir / image.path.replace(".JPEG", ".xml")
+        xml.write_text(xml.read_text().replace("<difficult>0</difficult>", "<difficult>1</difficult>", objects))
+    data = read(imagenet_copy)
+    flags = {path: difficult.tolist() for path, (_, difficult) in zip(data.test_split.paths,
+                                                                     data.test_split.object_boxes)}
+    assert flags[first.path] == [True] and flags[two.path] == [True, False]
+    result = uniform_pointing(data)
+    assert (result["pointing_skipped"], result["pointing_images"], result["content_heatmap_images"]) == (
+        1, len(VAL) - 1, len(VAL))
 
 
 def test_val_classes_enters_stage_keys_through_the_dataset_only():

@@ -58,4 +58,6 @@ def test_training_run_reads_webdataset_shards(tiny_data, tmp_path, write_config)
     assert result["test"]["count"] == 32 and result["global_step"] == 128 // 16
     metrics = json.loads((stage_dir(tmp_path / "runs-config", "qpm_evaluate") / "metrics.json").read_text())
     assert "part_recovery" in metrics["qpm"]  # the ground truth travels in the shards' manifest
+    # the shards hold no boxes: PG/SPG/CH score the source images of data.root, every test image once over 2 ranks
+    assert metrics["qpm"]["pointing_images"] == 32 and 0 <= metrics["qpm"]["content_heatmap"] <= 1
     assert (stage_dir(tmp_path / "runs-config", "qpm_report") / "report.html").is_file()

@@ -15,7 +15,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -126,6 +126,13 @@ class ImageListDataset(Dataset):
         return (image, int(self.labels[used]), used) if self.return_index else (image, int(self.labels[used]))
 
 
+class ObjectBoxes(NamedTuple):
+    """The annotated objects of one image, each its own box (ImageNet's XMLs and Kaggle CSV list several)."""
+
+    boxes: np.ndarray  # n x 4 float32 (x, y, w, h), in the convention of the dataset's Split.boxes
+    difficult: np.ndarray  # n bool: the XML's <difficult> flag (the pointing game skips all-difficult images)
+
+
 @dataclass(frozen=True)
 class Split:
     """The images of one split: where they are, their labels and (optionally) their object boxes."""
@@ -133,9 +140,12 @@ class Split:
     image_dir: Path
     paths: list[str]
     labels: np.ndarray
-    boxes: np.ndarray | None = None
+    boxes: np.ndarray | None = None  # one box per image (NaN: none), for crop_to_box: the union of its objects
     image_ids: np.ndarray | None = None  # the dataset's own ids (CUB layout), to join per-image annotations
     digests: SplitDigests | None = None  # recorded image digests (data.digests), checked on every read
+    # Each image's objects, one box each (ImageNet: several per image; none for an image without annotation);
+    # None where the dataset has one box per image (then `boxes` is the object's box).
+    object_boxes: list[ObjectBoxes] | None = None
 
     def __len__(self) -> int:
         return len(self.paths)

@@ -26,7 +26,10 @@ present, are parsed: the val ones always, the train ones when asked (`read_image
 0.54M small files, ~35 s at 64 us each with a warm file cache).
 
 Boxes: an image's box is the union of its annotated objects, as (x, y, w, h) in the image's pixels like CUB's
-and Cars' boxes (one box per image is what `Split.boxes` holds; the union contains every object of the class).
+and Cars' boxes (one box per image is what `Split.boxes` holds, for crop_to_box; the union contains every object
+of the class). `Split.object_boxes` keeps each object's own box and <difficult> flag, for the pointing metrics,
+whose mask is the union of the filled object boxes (two boxes in opposite corners leave the rest uncovered). The
+coordinates are the files' 1-based inclusive corners as read (x = xmin, w = xmax - xmin); the metrics convert them.
 An image without an annotation file (about 58% of the train images) has a NaN box: users of boxes must skip it.
 A box file naming another class than its image's, or one that cannot be parsed, stops the reader naming it.
 Boxes are not part of the fingerprint: no stage output depends on them (`data.crop_to_box` is refused for
@@ -48,7 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qpm_dist.data.datasets import Split
+from qpm_dist.data.datasets import ObjectBoxes, Split
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 DEVKIT_DIR = "ILSVRC2012_devkit_t12"
@@ -102,8 +105,9 @@ def _stem(name: str) -> str:
     return name.rsplit(".", 1)[0]
 
 
-def _xml_objects(path: Path, wnid: str) -> list[tuple[float, float, float, float]]:
-    """(xmin, ymin, xmax, ymax) of every object of a PASCAL-VOC annotation file, all of class `wnid`."""
+def _xml_objects(path: Path, wnid: str) -> list[tuple[float, float, float, float, float]]:
+    """(xmin, ymin, xmax, ymax, difficult) of every object of a PASCAL-VOC annotation file, all of class `wnid`
+    (difficult: 1 if the object's <difficult> is 1, else 0; ILSVRC's val files say 0 throughout)."""
     try:
         tree = ET.parse(path)
     except (ET.ParseError, OSError) as exc:
@@ -117,27 +121,43 @@ def _xml_objects(path: Path, wnid: str) -> list[tuple[float, float, float, float
             box = tuple(float(obj.find("bndbox").findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
         except (AttributeError, TypeError, ValueError):
             raise ValueError(f"{path}: an <object> without numeric <bndbox> xmin, ymin, xmax, ymax") from None
-        objects.append(box)
+        difficult = (obj.findtext("difficult") or "0").strip()
+        if difficult not in ("0", "1"):
+            raise ValueError(f"{path}: <difficult> must be 0 or 1, found {difficult!r}")
+        objects.append((*box, float(difficult)))
     if not objects:
         raise ValueError(f"{path}: no <object> with a bounding box")
     return objects
 
 
 def _union(objects, source) -> list[float]:
-    """(x, y, w, h) of the smallest box holding every object (xmin, ymin, xmax, ymax)."""
+    """(x, y, w, h) of the smallest box holding every object (xmin, ymin, xmax, ymax, ...)."""
     if not all(math.isfinite(v) for box in objects for v in box) or any(b[2] < b[0] or b[3] < b[1] for b in objects):
         raise ValueError(f"{source}: a box with xmax < xmin or ymax < ymin, or not finite: {objects}")
     x0, y0 = min(b[0] for b in objects), min(b[1] for b in objects)
     return [x0, y0, max(b[2] for b in objects) - x0, max(b[3] for b in objects) - y0]
 
 
-def _boxes(paths: list[str], wnids: list[str], box_dir: Path | None, flat: bool) -> np.ndarray | None:
-    """Box per image from `box_dir/<path stem>.xml`, or `box_dir/<file name stem>.xml` if `flat` (the val
-    boxes also of a val re-sorted into class folders); NaN where there is none; None without a box folder.
-    One listing per folder, not one stat per image."""
+def _objects(objects) -> ObjectBoxes:
+    """Each object (xmin, ymin, xmax, ymax[, difficult]) as its own (x, y, w, h) box, the convention of the union
+    in Split.boxes; the pointing metrics fill each one (spec §7.1), not their bounding rectangle."""
+    a = np.array([b[:4] for b in objects], dtype=np.float32).reshape(-1, 4)
+    difficult = np.array([len(b) > 4 and b[4] == 1 for b in objects], dtype=bool)
+    return ObjectBoxes(np.concatenate([a[:, :2], a[:, 2:] - a[:, :2]], axis=1), difficult)
+
+
+NO_OBJECTS = ObjectBoxes(np.zeros((0, 4), dtype=np.float32), np.zeros(0, dtype=bool))
+
+
+def _boxes(paths: list[str], wnids: list[str], box_dir: Path | None,
+           flat: bool) -> tuple[np.ndarray | None, list[ObjectBoxes] | None]:
+    """Union box and objects per image from `box_dir/<path stem>.xml`, or `box_dir/<file name stem>.xml` if
+    `flat` (the val boxes also of a val re-sorted into class folders); NaN and no objects where there is none;
+    None, None without a box folder. One listing per folder, not one stat per image."""
     if box_dir is None:
-        return None
+        return None, None
     boxes = np.full((len(paths), 4), np.nan, dtype=np.float32)
+    objects = [NO_OBJECTS] * len(paths)
     listed: dict[str, set[str]] = {}
     for i, (path, wnid) in enumerate(zip(paths, wnids)):
         folder, _, name = path.rpartition("/")
@@ -150,8 +170,9 @@ def _boxes(paths: list[str], wnids: list[str], box_dir: Path | None, flat: bool)
         xml = f"{_stem(name)}.xml"
         if xml in listed[folder]:
             source = box_dir / folder / xml
-            boxes[i] = _union(_xml_objects(source, wnid), source)
-    return boxes
+            found = _xml_objects(source, wnid)
+            boxes[i], objects[i] = _union(found, source), _objects(found)
+    return boxes, objects
 
 
 def _class_folder_split(split_dir: Path, classes: list[str], box_dir: Path | None, flat_boxes: bool) -> Split:
@@ -163,7 +184,8 @@ def _class_folder_split(split_dir: Path, classes: list[str], box_dir: Path | Non
         paths += [f"{wnid}/{n}" for n in names]
         labels += [label] * len(names)
     wnids = [p.split("/")[0] for p in paths]
-    return Split(split_dir, paths, np.array(labels, dtype=np.int64), _boxes(paths, wnids, box_dir, flat_boxes))
+    boxes, objects = _boxes(paths, wnids, box_dir, flat_boxes)
+    return Split(split_dir, paths, np.array(labels, dtype=np.int64), boxes, object_boxes=objects)
 
 
 def _devkit_files(root: Path) -> tuple[bytes, bytes] | None:
@@ -204,8 +226,9 @@ def devkit_val_wnids(meta_mat: bytes, ground_truth: bytes, source: str) -> list[
     return [id_to_wnid[i] for i in ids]
 
 
-def kaggle_val_solution(path: Path) -> dict[str, tuple[str, list[float]]]:
-    """ImageId -> (wnid, union box (x, y, w, h)) from LOC_val_solution.csv."""
+def kaggle_val_solution(path: Path) -> dict[str, tuple[str, list[float], ObjectBoxes]]:
+    """ImageId -> (wnid, union box (x, y, w, h), each object's box) from LOC_val_solution.csv (no difficult
+    flags: the file has none)."""
     if not path.is_file():
         raise FileNotFoundError(f"the flat Kaggle validation folder is labelled by {path}, which is missing")
     solution = {}
@@ -226,7 +249,7 @@ def kaggle_val_solution(path: Path) -> dict[str, tuple[str, list[float]]]:
                 objects = [tuple(float(t) for t in tokens[k + 1:k + 5]) for k in range(0, len(tokens), 5)]
             except ValueError:
                 raise ValueError(f"{where}: box coordinates must be numbers, found {row[1]!r}") from None
-            solution[row[0].strip()] = (tokens[0], _union(objects, where))
+            solution[row[0].strip()] = (tokens[0], _union(objects, where), _objects(objects))
     return solution
 
 
@@ -246,11 +269,11 @@ def _words(root: Path, layout: _Layout, devkit: tuple[bytes, bytes] | None, clas
 def _flat_val_split(layout: _Layout, root: Path, devkit, classes: list[str], val_classes: str) -> Split:
     """The flat val folder, labelled by the devkit (official) or LOC_val_solution.csv (Kaggle)."""
     val_dir = layout.val_dir
-    boxes_of: dict[str, list[float]] = {}
+    boxes_of: dict[str, tuple[list[float], ObjectBoxes]] = {}
     if layout.kaggle:
         solution = kaggle_val_solution(root / KAGGLE_VAL)
-        wnid_of = {image_id: wnid for image_id, (wnid, _) in solution.items()}
-        boxes_of = {image_id: box for image_id, (_, box) in solution.items()}
+        wnid_of = {image_id: wnid for image_id, (wnid, _, _) in solution.items()}
+        boxes_of = {image_id: (box, objects) for image_id, (_, box, objects) in solution.items()}
         labelled_by = str(root / KAGGLE_VAL)
     else:
         if devkit is None:
@@ -279,10 +302,11 @@ def _flat_val_split(layout: _Layout, root: Path, devkit, classes: list[str], val
         labels.append(index[wnid])
         image_wnids.append(wnid)
     if layout.kaggle:
-        boxes = np.array([boxes_of[_stem(p)] for p in paths], dtype=np.float32).reshape(-1, 4)
+        boxes = np.array([boxes_of[_stem(p)][0] for p in paths], dtype=np.float32).reshape(-1, 4)
+        objects = [boxes_of[_stem(p)][1] for p in paths]
     else:
-        boxes = _boxes(paths, image_wnids, layout.val_boxes, flat=True)
-    return Split(val_dir, paths, np.array(labels, dtype=np.int64), boxes)
+        boxes, objects = _boxes(paths, image_wnids, layout.val_boxes, flat=True)
+    return Split(val_dir, paths, np.array(labels, dtype=np.int64), boxes, object_boxes=objects)
 
 
 def read_imagenet(root: Path, val_classes: str = "all", train_boxes: bool = False) -> ImageNet:

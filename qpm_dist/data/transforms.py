@@ -70,6 +70,12 @@ def test_transform(cfg: DataConfig) -> v2.Compose:
     return v2.Compose(geometry + _finish(cfg))
 
 
+def full_image_transform(cfg: DataConfig, shorter: int) -> v2.Compose:
+    """The pointing metrics' reference input (specs/gc_consistency.md §7.1): the whole image, its shorter side
+    resized to `shorter` (aspect kept, antialiased bilinear), no crop; so the map covers the whole original."""
+    return v2.Compose([v2.Resize(shorter, antialias=True)] + _finish(cfg))
+
+
 def test_point_to_source(cfg: DataConfig, width: int, height: int, x: float, y: float) -> tuple[float, float]:
     """The point of the original width x height image that the test transform moves to (x, y) of its output
     (continuous pixel coordinates), for metrics that compare map positions with boxes drawn on the original."""

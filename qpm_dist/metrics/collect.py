@@ -5,6 +5,8 @@ uniform subsample of training feature rows for the contrastiveness GMMs:
 * test set: top-1/top-5, diversity@k and SID@k (needs the feature maps, processed batch by batch — the
   reference kept all test maps in RAM, ~320 GB for a dense ResNet-50 on ImageNet);
 * training set: feature sums (class independence), XᵀX (correlation), dependence, the GMM subsample.
+Then, where the dataset has boxes, the pointing game, SPG and CH of the true class's Grad-CAM (metrics.pointing;
+its own pass, the reference's whole-image input with eval.pointing_resize) and the synthetic part localisation.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from qpm_dist.dist import DistInfo
 from qpm_dist.engine.evaluate import accuracy_terms
 from qpm_dist.engine.streaming import model_outputs
 from qpm_dist.metrics import interpretability as M
-from qpm_dist.metrics.objects import object_boxes_available, object_pointing
 from qpm_dist.metrics.parts import part_boxes_available, part_localisation
+from qpm_dist.metrics.pointing import pointing_metrics
 from qpm_dist.stats.accumulate import FeatureSums
 
 def _ks(n_per_class: int) -> range:
@@ -108,8 +110,8 @@ def evaluate_model(model: torch.nn.Module, data, info: DistInfo, cfg: EvalConfig
     result = _test_pass(model, test_loader, info, autocast, weights, _ks(n_per_class))
     result.update(_train_pass(model, train_loader, info, autocast, weights, data.num_classes,
                               data.num_samples("train"), cfg, seed))
-    if object_boxes_available(data):  # folder backend, boxes known, images not cropped to them
-        result.update(object_pointing(model, data, info, autocast, per_rank))
+    # PG, SPG, CH on the object boxes, for every dataset that has boxes (read from data.root on converted data)
+    result.update(pointing_metrics(model, data, info, autocast, per_rank, cfg.pointing_resize, seed=seed))
     w = weights.cpu().numpy()
     result.update(M.sparsity(w))
     if gt_similarity is not None:

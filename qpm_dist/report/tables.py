@@ -26,13 +26,14 @@ METRIC_ROWS = [
     ("part_localisation_chance", "... for a peak at a random position"),
     ("parts_covered", "Distinct parts the features localise"),
     ("part_links_by_localisation", "Class-part links recovered (features matched by localisation)"),
-    ("object_pointing", "Class evidence peaks inside the object box (pointing game; test images with a box)"),
-    ("object_pointing_chance", "... for a peak at a random position"),
+    ("pointing_game", "Pointing game: Grad-CAM peak within 15 px of the object boxes (mean over classes)"),
+    ("stochastic_pointing", "Stochastic pointing game: Grad-CAM mass within 15 px of the boxes (exact)"),
+    ("stochastic_pointing_sampled", "... sampled (100 points per image)"),
+    ("content_heatmap", "Content heatmap: Grad-CAM mass inside the object boxes"),
 ]
 
 # metric -> the value it must beat: what the same score gives by chance
-BASELINES = {"part_recovery": "part_recovery_random", "part_localisation": "part_localisation_chance",
-             "object_pointing": "object_pointing_chance"}
+BASELINES = {"part_recovery": "part_recovery_random", "part_localisation": "part_localisation_chance"}
 
 # short names for figure axes
 SHORT_LABELS = {
@@ -41,7 +42,8 @@ SHORT_LABELS = {
     "correlation": "correlation (lower is better)", "dependence": "dependence (lower is better)",
     "structural_grounding": "structural grounding", "part_recovery": "class-part links recovered",
     "part_precision": "link precision", "part_coverage": "parts covered (share)",
-    "part_localisation": "peaks inside the part's box", "object_pointing": "peaks inside the object box",
+    "part_localisation": "peaks inside the part's box", "pointing_game": "pointing game",
+    "stochastic_pointing": "stochastic pointing game", "content_heatmap": "content heatmap",
 }
 
 
