@@ -52,15 +52,15 @@ class GCConfig:
     # the model (e.g. backbone.layer3), whose map takes the autograd path (double backward).
     layer: Optional[str] = None
     # The map's closed form (§10.4, no double backward; exact for the dense head's avg or max pooling, taking the
-    # head's dropout as the identity, i.e. the eval-mode map): "auto" wherever it applies (layer null), "on"
-    # requires it, "off" always takes the autograd path.
-    closed_form: Literal["auto", "on", "off"] = "auto"
+    # head's dropout as the identity, i.e. the eval-mode map): "auto" wherever it applies (layer null), "always"
+    # requires it, "never" takes the autograd path (the reference's computation) also where it applies.
+    closed_form: Literal["auto", "always", "never"] = "auto"
 
     def check(self, key: str) -> None:
         if self.layer is not None and not self.layer.strip():
             raise ConfigError(f"{key}.layer: expected null (the head's feature maps) or a module name, got ''")
-        if self.closed_form == "on" and self.layer is not None:
-            raise ConfigError(f"{key}.closed_form: 'on' needs {key}.layer=null (the closed form is the map of the "
+        if self.closed_form == "always" and self.layer is not None:
+            raise ConfigError(f"{key}.closed_form: 'always' needs {key}.layer=null (the closed form is the map of the "
                               f"maps the head pools), got {key}.layer={self.layer!r}")
 
 
@@ -74,7 +74,7 @@ class ConsistencyTask(ClassificationTask):
         super().__init__(phase)
         self.gc = gc
         self.composites = gc.negatives  # the trainer then builds the composite loader (data.composites)
-        self.closed = {"auto": None, "on": True, "off": False}[gc.closed_form]
+        self.closed = {"auto": None, "always": True, "never": False}[gc.closed_form]
 
     def class_maps(self, strategy, images: torch.Tensor, targets: torch.Tensor) -> gradcam.GradCam:
         return gradcam.class_maps(strategy.module, strategy.prepare(images), targets, self.gc.layer, self.closed,
