@@ -24,7 +24,7 @@ from qpm_dist.config import ModelConfig, PhaseConfig
 from qpm_dist.data.batch import Batch
 from qpm_dist.data.composites import in_batch_negatives, quadrants, tile
 from qpm_dist.losses.consistency import consistency_loss
-from qpm_dist.methods.gc import ConsistencyTask, GCConfig
+from qpm_dist.methods.gc import ConsistencyTask, GCConfig, _negatives_loaders_exist
 from qpm_dist.models.net import DenseHead, build_model
 
 CLASSES = 5
@@ -179,7 +179,8 @@ GC_RUN = dict(model={"arch": "tiny_resnet", "tiny_width": 8, "norm": "group", "d
                      "reduced_strides": False},
               dense={"epochs": 2, "batch_size": 16, "eval_batch_size": 32, "fdl_beta": 0.0,
                      "optim": {"lr": 0.05}},
-              gc={"lam": 25.0, "negatives": "in_batch"}, eval={"batch_size": 32})
+              gc={"lam": 25.0, "negatives": "dataset" if _negatives_loaders_exist() else "in_batch"},
+              eval={"batch_size": 32})
 STEPS_PER_EPOCH = 128 // 16
 
 
@@ -221,3 +222,90 @@ def test_max_pooling_is_refused_for_methods_whose_heads_average():
             load_config(None, [f"method={method}", "model.pooling=max"])
     load_config(None, ["method=gc", "model.pooling=max", "gc.negatives=in_batch", "data.img_size=64",
                        "model.reduced_strides=false"])
+
+
+# ---------------------------------------------------------------------------------------------- distributed runs
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_data):
+    """gc_train in this process (1 rank, 1 thread: bitwise a 1-process `qpm-dist run`)."""
+    config = gc_config(tmp_path_factory.mktemp("gc") / "one.yaml", tiny_data)
+    records, ctx = run_in_process(config, stage="gc_train")
+    return config, stage_dir(ctx.cfg.run.out_dir, "gc_train")
+
+
+@pytest.fixture(scope="module")
+def launch(tmp_path_factory, tiny_data):
+    """One torchrun launch with 2 processes (tests/gc_ddp_probe.py): the step-level DDP check, then gc_train under
+    DDP and under DeepSpeed ZeRO-1. Returns (probe result, {strategy: gc_train folder})."""
+    from helpers import BASE_CONFIG
+
+    tmp = tmp_path_factory.mktemp("gc-launch")
+    engines = {"ddp": dict(BASE_CONFIG["engine"], strategy="ddp"),
+               "zero1": dict(BASE_CONFIG["engine"], strategy="deepspeed",
+                             deepspeed_config=str(REPO / "configs" / "deepspeed" / "zero1.json"))}
+    configs = {name: gc_config(tmp / f"{name}.yaml", tiny_data, engine=engine) for name, engine in engines.items()}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               str(REPO / "tests" / "gc_ddp_probe.py"), str(tmp / "probe.json"),
+               *(f"{config} --stage gc_train" for config in configs.values())]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=900, env=clean_env(), cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return (json.loads((tmp / "probe.json").read_text()),
+            {name: stage_dir(tmp / f"runs-{name}", "gc_train") for name in configs})
+
+
+def test_one_ddp_step_with_two_forwards_equals_one_process(launch):
+    """Positives and composites through the DDP module, one backward: the averaged gradient is the one-process
+    gradient of the two halves, on every rank, for the closed form and for double backward, GAP and GMP."""
+    probe, _ = launch
+    assert set(probe) == {"always-avg", "always-max", "never-avg", "never-max"}
+    for name, diff in probe.items():
+        assert diff["gradient_norm"] > 1e-3, name
+        assert diff["vs_one_process"] < 1e-6 * max(1.0, diff["gradient_norm"]), (name, diff)
+        assert diff["across_ranks"] == 0.0, (name, diff)
+
+
+def test_a_two_process_gc_run_equals_the_one_process_run(launch, reference):
+    _, runs = launch
+    config, one = reference
+    negatives = yaml.safe_load(config.read_text())["gc"]["negatives"]
+    if negatives == "in_batch":
+        pytest.skip("in-batch negatives come from each rank's micro-batch, so they depend on the world size; the "
+                    "step-level check above covers DDP with them")
+    assert_same_weights(load_weights(one / "model.pt"), load_weights(runs["ddp"] / "model.pt"), atol=1e-5)
+
+
+def test_deepspeed_zero1_gc_run_equals_ddp(launch):
+    """Bitwise, as every method's training under ZeRO-1 (test_deepspeed_methods.py: gloo, fp32, 2 ranks)."""
+    _, runs = launch
+    assert_same_weights(load_weights(runs["ddp"] / "model.pt"), load_weights(runs["zero1"] / "model.pt"))
+    ddp, ds = (json.loads((runs[name] / "result.json").read_text()) for name in ("ddp", "zero1"))
+    assert (ddp["strategy"], ds["strategy"], ds["world_size"], ds["global_step"]) == ("ddp", "deepspeed", 2,
+                                                                                       2 * STEPS_PER_EPOCH)
+    assert ddp["test"] == ds["test"]
+    records = [json.loads(x) for x in (runs["zero1"] / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if r.get("event") == "epoch"]
+    assert len(epochs) == 2 and all(0 < r["train_gc"] < 2 / 16 for r in epochs)  # the loss was on: 2/(4 h w) at most
+
+
+@pytest.mark.slow
+def test_a_resumed_gc_run_is_bitwise_the_uninterrupted_one(reference, tiny_data, tmp_path):
+    """Stopped by SIGTERM inside epoch 1 (after the quadrants and negatives of epoch 0), resumed: the same model."""
+    _, one = reference
+    config = gc_config(tmp_path / "stopped.yaml", tiny_data)
+    command = qpm_command(1, "run", str(config), "--stage", "gc_train")
+    proc = subprocess.Popen(command, cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    wait_for_step(tmp_path / "runs-stopped", "gc_train", STEPS_PER_EPOCH + 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 75, stderr[-3000:]
+    run = stage_dir(tmp_path / "runs-stopped", "gc_train")
+    ckpt = max((run / "checkpoints").glob("step_*"))
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["epoch"] == 1 and 0 < meta["step_in_epoch"] < STEPS_PER_EPOCH, meta
+    resumed = subprocess.run(command, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed gc_train from {ckpt}" in resumed.stderr
+    assert_same_weights(load_weights(one / "model.pt"), load_weights(run / "model.pt"))
