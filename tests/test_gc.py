@@ -309,3 +309,20 @@ def test_a_resumed_gc_run_is_bitwise_the_uninterrupted_one(reference, tiny_data,
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed gc_train from {ckpt}" in resumed.stderr
     assert_same_weights(load_weights(one / "model.pt"), load_weights(run / "model.pt"))
+
+
+def test_stage_keys_pooling_changes_the_baseline_lambda_only_the_gc_model():
+    """GMP is a different baseline; λ is not (the dense stage is the λ-free baseline, shared with QPM)."""
+    from qpm_dist.stages.train import model_key
+    from qpm_dist.config import load_config
+    from test_stage_keys import keys
+
+    extra = () if _negatives_loaders_exist() else ("gc.negatives=in_batch",)
+    base = keys("gc", *extra)
+    assert keys("qpm")["dense"] == base["dense"]
+    assert "pooling" not in model_key(load_config(None, ["method=gc", *extra]))  # avg keys are those of before
+    gmp = keys("gc", *extra, "model.pooling=max")
+    assert all(gmp[name] != base[name] for name in base)
+    lam = keys("gc", *extra, "gc.lam=1")
+    assert lam["dense"] == base["dense"] and lam["gc_train"] != base["gc_train"]
+    assert keys("gc", *extra, "gc.closed_form=never")["gc_train"] != base["gc_train"]
