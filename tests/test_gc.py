@@ -106,16 +106,14 @@ def test_the_loss_gradient_reaches_fc_weight_through_the_inner_gradient_and_the_
     gradient (the second-order term), without it (G detached) none; the closed form gives the same gradient.
     Neither branch is detached: the positives' and the composites' images both get gradients."""
     batch = composite_batch()
-    weight = None
     grads = {}
     for path in ("closed", "autograd", "detached"):
         model = tiny_model(pooling).train()
         positives, composites = batch.images.clone().requires_grad_(), batch["composites"].clone().requires_grad_()
-        maps = [gradcam.class_maps(model, x, batch.targets, closed=path == "closed", create_graph=path != "detached").maps
-                for x in (positives, composites)]
+        maps = [gradcam.class_maps(model, x, batch.targets, closed=path == "closed",
+                                   create_graph=path != "detached").maps for x in (positives, composites)]
         consistency_loss(*maps, batch["quadrant"]).backward()
-        weight = model.head.linear.weight.grad
-        grads[path] = weight
+        grads[path] = model.head.linear.weight.grad
         if path != "detached":
             assert positives.grad.abs().sum() > 0 and composites.grad.abs().sum() > 0
     assert grads["autograd"].abs().max() > 1e-6
