@@ -176,6 +176,9 @@ class ModelConfig:
     norm: Literal["batch", "sync_batch", "group"] = "batch"
     dropout: float = bounded(0.2, ge=0, lt=1)
     tiny_width: int = bounded(16, ge=1)
+    # Global pooling of the dense head: "avg" (GAP), or "max" (GMP, the GC paper's variant, in training and
+    # evaluation). Only methods whose final head is the dense one (gc) take "max": a sparse head averages.
+    pooling: Literal["avg", "max"] = "avg"
 
 
 @dataclass
@@ -319,6 +322,10 @@ class Config:
                               f"got {self.method!r}")
         if self.finetune.epochs == 0:
             raise ConfigError("finetune.epochs: expected a positive integer, got 0")
+        head = getattr(methods.get(self.method).head, "kind", None)
+        if self.model.pooling != "avg" and head != "dense":
+            raise ConfigError(f"model.pooling: {self.model.pooling!r} pools the dense head only, but method "
+                              f"{self.method}'s final head is {head!r}, which averages; use model.pooling=avg")
         if self.dense.epochs == 0 and not self.model.weights:
             raise ConfigError("dense.epochs=0 skips dense training, so model.weights must name the dense model's weights")
 

@@ -18,7 +18,7 @@ Both compute in fp32 whatever the autocast (1e-8 underflows in fp16 and cells ar
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,7 @@ class LinearForm(NamedTuple):
 
 
 def _dense_form(head: nn.Module) -> LinearForm:
-    return LinearForm(head.linear.weight, "avg")
+    return LinearForm(head.linear.weight, head.pooling)
 
 
 def _sparse_form(head: nn.Module) -> LinearForm:
@@ -96,15 +96,19 @@ def autograd_map(logits: torch.Tensor, activations: torch.Tensor, labels: torch.
 class GradCam(NamedTuple):
     logits: torch.Tensor  # B x C
     maps: torch.Tensor  # B x h x w, fp32, not normalised (see `normalise`)
+    output: Any = None  # the model's whole output (models.net.ModelOutput), for losses that need more than logits
 
 
 def class_maps(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, layer: str | None = None,
-               closed: bool | None = None, create_graph: bool = True) -> GradCam:
+               closed: bool | None = None, create_graph: bool = True,
+               forward: Callable[[torch.Tensor], Any] | None = None) -> GradCam:
     """Run `model` (a models.net.Classifier) on `images` and return its logits and the Grad-CAM of `labels`.
 
     `layer`: a module name of `model` (its output is the layer's activations), or None for the head's
     feature maps (ModelOutput.feature_maps, what the head pools). `closed`: use the closed form (only for
     layer=None and a head with a linear form), the autograd path, or (None) the closed form where it applies.
+    `forward`: what runs the images, if not `model` itself: in training the strategy's wrapper of it (DDP,
+    DeepSpeed), whose gradient hooks must see the forward pass.
     Runs under whatever autocast the caller opened; the Grad-CAM math is fp32."""
     form = linear_form(model.head) if layer is None else None
     if closed and form is None:
@@ -120,11 +124,11 @@ def class_maps(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, lay
             raise ValueError(f"layer {layer!r} is not a module of the model")
         hook = module.register_forward_hook(lambda _module, _inputs, output: captured.append(output))
     try:
-        output = model(images)
+        output = (forward or model)(images)
     finally:
         if hook is not None:
             hook.remove()
     if closed:
-        return GradCam(output.logits, closed_form(output.feature_maps, form.weights, labels, form.pooling))
+        return GradCam(output.logits, closed_form(output.feature_maps, form.weights, labels, form.pooling), output)
     activations = captured[-1] if layer is not None else output.feature_maps
-    return GradCam(output.logits, autograd_map(output.logits, activations, labels, create_graph))
+    return GradCam(output.logits, autograd_map(output.logits, activations, labels, create_graph), output)

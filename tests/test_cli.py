@@ -90,10 +90,10 @@ def test_overrides_before_and_after_options_are_both_applied(write_config, capsy
 def test_demo_runs_qpm_then_sldd_and_qsenn_on_sibling_configs():
     from qpm_dist.cli import demo_configs, demo_methods
 
-    assert demo_methods() == ["qpm", "sldd", "qsenn"]  # the registry's order
+    assert demo_methods() == ["qpm", "sldd", "qsenn", "gc"]  # the registry's order
     runs = demo_configs("configs/demo.yaml", "")
     assert [(m, str(p)) for m, p in runs] == [("qpm", "configs/demo.yaml"), ("sldd", "configs/demo_sldd.yaml"),
-                                              ("qsenn", "configs/demo_qsenn.yaml")]
+                                              ("qsenn", "configs/demo_qsenn.yaml"), ("gc", "configs/demo_gc.yaml")]
     for _, path in runs:
         assert (REPO / path).is_file()
     with pytest.raises(ValueError, match="unknown method 'pixpnet'"):

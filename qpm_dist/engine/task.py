@@ -101,6 +101,10 @@ class ClassificationTask(TrainingTask):
         with strategy.autocast():
             output = strategy.forward(images)
             loss, parts = self.criterion(output, targets, strategy.module)
+        return loss, self.logs(output, targets, loss, parts)
+
+    @staticmethod
+    def logs(output, targets: torch.Tensor, loss: torch.Tensor, parts: dict) -> dict[str, torch.Tensor]:
+        """The classification logs of a step (ce, fdl, acc); tasks that add to the objective extend them."""
         accuracy = (output.logits.argmax(1) == targets).double().mean() * 100.0
-        return loss, {"ce": parts["ce"], "fdl": parts.get("fdl", torch.zeros((), device=loss.device)),
-                      "acc": accuracy}
+        return {"ce": parts["ce"], "fdl": parts.get("fdl", torch.zeros((), device=loss.device)), "acc": accuracy}

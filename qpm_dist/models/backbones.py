@@ -113,6 +113,13 @@ def num_features(arch: str, tiny_width: int = 16) -> int:
     return 512 * block.expansion
 
 
+def output_stride(arch: str, reduced_strides: bool) -> int:
+    """The backbone's total stride (input pixels per feature-map cell), without building it."""
+    if arch == "tiny_resnet":
+        return 4 if reduced_strides else 8
+    return 8 if reduced_strides else 32
+
+
 def check_feature_count(n: int, key: str, model_cfg: ModelConfig) -> None:
     """A method's feature count cannot exceed the backbone's (a config check, before any work)."""
     available = num_features(model_cfg.arch, model_cfg.tiny_width)

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple, TypeVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from qpm_dist.config import ModelConfig
@@ -46,18 +47,28 @@ def register_head(kind: str):
     return register
 
 
+POOLINGS = ("avg", "max")
+
+
 @register_head("dense")
 class DenseHead(nn.Module):
-    """Global average pooling -> dropout -> linear layer with bias (the reference's dense configuration)."""
+    """Global pooling -> dropout -> linear layer with bias (the reference's dense configuration).
 
-    def __init__(self, num_features: int, num_classes: int, dropout: float = 0.2) -> None:
+    `pooling` "avg" is the usual global average; "max" is the GC paper's GMP variant (specs/gc_consistency.md
+    §1), global max pooling in training and evaluation. A model file saved before the option existed has no
+    `pooling` among its head options and loads as "avg", which is what it was trained with."""
+
+    def __init__(self, num_features: int, num_classes: int, dropout: float = 0.2, pooling: str = "avg") -> None:
         super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        self.pooling = pooling
         self.dropout = nn.Dropout(dropout)
         self.linear = nn.Linear(num_features, num_classes)
 
     def options(self) -> dict[str, Any]:
         return {"num_features": self.linear.in_features, "num_classes": self.linear.out_features,
-                "dropout": self.dropout.p}
+                "dropout": self.dropout.p, "pooling": self.pooling}
 
     @classmethod
     def from_state(cls, options: dict[str, Any], state: dict[str, torch.Tensor]) -> "DenseHead":
@@ -67,7 +78,11 @@ class DenseHead(nn.Module):
         return self.linear.weight
 
     def forward(self, feature_maps: torch.Tensor) -> ModelOutput:
-        features = self.dropout(feature_maps.mean(dim=(2, 3)))
+        if self.pooling == "max":  # torchvision's AdaptiveMaxPool2d: the gradient goes to one arg-max cell (gradcam)
+            pooled = F.adaptive_max_pool2d(feature_maps, 1).flatten(1)
+        else:
+            pooled = feature_maps.mean(dim=(2, 3))
+        features = self.dropout(pooled)
         return ModelOutput(self.linear(features), feature_maps, features)
 
 
@@ -98,7 +113,7 @@ def build_model(cfg: ModelConfig, num_classes: int, require_head: bool = False) 
     given) then raises WeightsHeadMismatch, e.g. for a subset of ImageNet's classes, whose accuracy would be chance.
     """
     backbone = build_backbone(cfg.arch, cfg.reduced_strides, cfg.norm, cfg.tiny_width)
-    head = DenseHead(backbone.num_features, num_classes, cfg.dropout)
+    head = DenseHead(backbone.num_features, num_classes, cfg.dropout, cfg.pooling)
     if cfg.weights:
         state = read_state_dict(cfg.weights, cfg.weights_key)
         load_backbone_weights(backbone, state, cfg.weights, cfg.arch)

@@ -46,11 +46,14 @@ def data_key(cfg: Config) -> dict[str, Any]:
 
 def model_key(cfg: Config) -> dict[str, Any]:
     """Model settings that change results. The weights file enters by content (`weights_sha256` of the dense
-    stage), not by path; which state dict of it is read (`weights_key`) only when there is a file."""
+    stage), not by path; which state dict of it is read (`weights_key`) only when there is a file; the head's
+    pooling only when it is not the average every model had before the option existed (their keys stay)."""
     d = to_dict(cfg.model)
     d.pop("weights")
     if cfg.model.weights is None:
         d.pop("weights_key")
+    if cfg.model.pooling == "avg":
+        d.pop("pooling")
     return d
 
 
