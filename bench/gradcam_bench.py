@@ -184,9 +184,9 @@ def main() -> None:
                     f"{row['head_closed_ms']:.2f} vs {row['head_autograd_ms']:.2f} ms, {row['head_speedup']:.2f}x; "
                     f"saved for backward {row['closed_saved_mb']:.1f} vs {row['autograd_saved_mb']:.1f} MB")
             if args.rss:
-                line += (f"; peak RSS closed {row['closed_peak_rss_mb']:.0f} MB ({row['closed_peak_above_setup_mb']:.0f}"
-                         f" above setup), autograd {row['autograd_peak_rss_mb']:.0f} MB "
-                         f"({row['autograd_peak_above_setup_mb']:.0f})")
+                line += (f"; peak RSS closed {row['closed_peak_rss_mb']:.1f} MB "
+                         f"({row['closed_peak_above_setup_mb']:.1f} above setup), autograd "
+                         f"{row['autograd_peak_rss_mb']:.1f} MB ({row['autograd_peak_above_setup_mb']:.1f})")
             print(line, flush=True)
     after = machine()
     print(f"load average after {after['load_average']}")

@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from gc_bench import machine
 from qpm_dist.metrics import pointing as P
