@@ -17,3 +17,9 @@ echo "== sparse GLM solvers: fast vs glm-saga on the same standardised features 
 # glm-saga's full path (100 + 100 λ, up to 2000 epochs each) takes hours on a CPU; the path is shortened for
 # BOTH solvers identically (docs/BENCHMARKS.md "Sparse solvers"). Without these options: the reference's path.
 python bench/sparse_bench.py --selection-points 10 --fit-points 20 --max-epochs 10 --out bench/out/sparse.json
+echo "== Grad-CAM consistency: GC training step vs plain step (ResNet-18/50, 128 and 224 px) =="
+python bench/gc_bench.py --out bench/out/gc_step.json
+echo "== Grad-CAM: closed form vs double backward in the GC step (GAP and GMP heads, ResNet-18/50, 128 px) =="
+python bench/gradcam_bench.py --out bench/out/gradcam.json
+echo "== pointing metrics: SPG by distance transform vs the reference's per-sample meshgrids; the whole pass =="
+python bench/pointing_bench.py --out bench/out/pointing.json
