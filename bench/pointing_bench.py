@@ -156,8 +156,8 @@ def metric_pass(root: Path, rounds: int) -> dict:
     forward, pointing = (images / statistics.median(times[k]) for k in ("forward", "pointing"))
     return {"images": images, "forward_images_per_s": forward, "pointing_images_per_s": pointing,
             "pointing_vs_forward_time": forward / pointing, "times_s": times,
-            "metrics": {k: result[k] for k in ("pointing_game", "stochastic_pointing_game",
-                                               "stochastic_pointing_game_sampled", "content_heatmap",
+            "metrics": {k: result[k] for k in ("pointing_game", "stochastic_pointing",
+                                               "stochastic_pointing_sampled", "content_heatmap",
                                                "pointing_images")}}
 
 

@@ -94,11 +94,7 @@ def test_every_shipped_config_loads(path):
     known = typing.get_args(typing.get_type_hints(DataConfig)["dataset"])
     if dataset not in known:
         pytest.skip(f"data.dataset={dataset!r} is not known to this branch's config (knows {known})")
-    from qpm_dist.methods.gc import _negatives_loaders_exist
-
     overrides = ["model.weights=/somewhere/resnet50.pth"]
-    if yaml.safe_load(path.read_text())["method"] == "gc" and not _negatives_loaders_exist():
-        overrides.append("gc.negatives=in_batch")  # until the backends build dataset-drawn negatives
     cfg = load_config(path, overrides)
     section = getattr(cfg, cfg.method)
     if hasattr(section, "n_per_class"):

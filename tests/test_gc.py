@@ -24,7 +24,7 @@ from qpm_dist.config import ModelConfig, PhaseConfig
 from qpm_dist.data.batch import Batch
 from qpm_dist.data.composites import in_batch_negatives, quadrants, tile
 from qpm_dist.losses.consistency import consistency_loss
-from qpm_dist.methods.gc import ConsistencyTask, GCConfig, _negatives_loaders_exist
+from qpm_dist.methods.gc import ConsistencyTask, GCConfig
 from qpm_dist.models.net import DenseHead, build_model
 
 CLASSES = 5
@@ -180,7 +180,7 @@ GC_RUN = dict(model={"arch": "tiny_resnet", "tiny_width": 8, "norm": "group", "d
               # between grad_accum 1 and 2 in one process, 9e-8 with λ 0), and no tolerance separates it from a bug
               dense={"epochs": 2, "batch_size": 16, "eval_batch_size": 32, "fdl_beta": 0.0,
                      "optim": {"lr": 0.01}},
-              gc={"lam": 25.0, "negatives": "dataset" if _negatives_loaders_exist() else "in_batch"},
+              gc={"lam": 25.0, "negatives": "dataset"},
               eval={"batch_size": 32})
 STEPS_PER_EPOCH = 128 // 16
 
@@ -318,7 +318,7 @@ def test_stage_keys_pooling_changes_the_baseline_lambda_only_the_gc_model():
     from qpm_dist.config import load_config
     from test_stage_keys import keys
 
-    extra = () if _negatives_loaders_exist() else ("gc.negatives=in_batch",)
+    extra = ()
     base = keys("gc", *extra)
     assert keys("qpm")["dense"] == base["dense"]
     assert "pooling" not in model_key(load_config(None, ["method=gc", *extra]))  # avg keys are those of before

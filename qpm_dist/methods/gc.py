@@ -106,13 +106,6 @@ def stages(cfg: Config) -> list[Stage]:
             ReportStage("gc", "gc_train", k)]
 
 
-def _negatives_loaders_exist() -> bool:
-    """Whether the data backends build dataset-drawn negatives (`negatives_loader`, data.composites)."""
-    from qpm_dist.data.datasets import DatasetBundle
-
-    return hasattr(DatasetBundle, "negatives_loader")
-
-
 def validate(cfg: Config) -> None:
     model, size = cfg.model, cfg.data.img_size
     stride = output_stride(model.arch, model.reduced_strides)
@@ -122,9 +115,6 @@ def validate(cfg: Config) -> None:
                           f"is not twice the image's; use {size - size % stride} or {size - size % stride + stride}")
     if cfg.dense.epochs == 0:
         raise ConfigError("dense.epochs: GC trains the model with the dense phase, so it needs epochs > 0, got 0")
-    if cfg.gc.negatives == "dataset" and not _negatives_loaders_exist():
-        raise ConfigError("gc.negatives: 'dataset' needs the data backends' negatives loaders, which this version "
-                          "does not have; use gc.negatives=in_batch")
     if cfg.gc.layer is not None:
         with torch.device("meta"):  # module names only: no memory, no initialisation cost
             backbone = build_backbone(model.arch, model.reduced_strides, model.norm, model.tiny_width)
