@@ -89,6 +89,27 @@ def wait_for_step(out_dir: Path, stage: str, step: int, proc, timeout: float = 3
     raise TimeoutError(f"step {step} not reached")
 
 
+def stop_inside_epoch_1_then_resume(command: list[str], env: dict[str, str], out_dir: Path, stage: str,
+                                    steps_per_epoch: int) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """Run `command`, SIGTERM it 3 steps into epoch 1 (after epoch 0's end hooks and checkpoint), check that it
+    stopped with exit 75 at a checkpoint inside that epoch, and run it again to the end.
+    Returns (the stage folder, the stop's checkpoint, the resumed run)."""
+    import signal
+
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step(out_dir, stage, steps_per_epoch + 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 75, stderr[-3000:]
+    run = stage_dir(out_dir, stage)
+    ckpt = max((run / "checkpoints").glob("step_*"))  # the stop's (the end of epoch 0 is kept too)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["epoch"] == 1 and 0 < meta["step_in_epoch"] < steps_per_epoch, meta
+    resumed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return run, ckpt, resumed
+
+
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
     """The state dict of a model file (qpm_dist.models.io), or a plain dict of tensors as saved."""
     saved = torch.load(path, map_location="cpu", weights_only=True)

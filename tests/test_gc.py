@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import signal
 import subprocess
 import sys
 
@@ -17,7 +16,7 @@ import torch.nn.functional as F
 import yaml
 
 from helpers import (REPO, assert_same_weights, clean_env, load_weights, qpm_command, run_in_process, stage_dir,
-                     wait_for_step, write_test_config)
+                     stop_inside_epoch_1_then_resume, write_test_config)
 
 from qpm_dist import gradcam
 from qpm_dist.config import ModelConfig, PhaseConfig
@@ -296,18 +295,8 @@ def test_a_resumed_gc_run_is_bitwise_the_uninterrupted_one(reference, tiny_data,
     _, one = reference
     config = gc_config(tmp_path / "stopped.yaml", tiny_data)
     command = qpm_command(1, "run", str(config), "--stage", "gc_train")
-    proc = subprocess.Popen(command, cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    wait_for_step(tmp_path / "runs-stopped", "gc_train", STEPS_PER_EPOCH + 3, proc)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 75, stderr[-3000:]
-    run = stage_dir(tmp_path / "runs-stopped", "gc_train")
-    ckpt = max((run / "checkpoints").glob("step_*"))
-    meta = json.loads((ckpt / "meta.json").read_text())
-    assert meta["epoch"] == 1 and 0 < meta["step_in_epoch"] < STEPS_PER_EPOCH, meta
-    resumed = subprocess.run(command, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    run, ckpt, resumed = stop_inside_epoch_1_then_resume(command, clean_env(), tmp_path / "runs-stopped", "gc_train",
+                                                         STEPS_PER_EPOCH)
     assert f"resumed gc_train from {ckpt}" in resumed.stderr
     assert_same_weights(load_weights(one / "model.pt"), load_weights(run / "model.pt"))
 

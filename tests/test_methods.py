@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 from dataclasses import dataclass
 
@@ -13,7 +12,7 @@ import yaml
 
 import toy_method
 from helpers import (REPO, assert_same_weights, clean_env, load_weights, qpm_command, run_in_process, stage_dir,
-                     wait_for_step, write_test_config)
+                     stop_inside_epoch_1_then_resume, write_test_config)
 
 TOY = dict(method="toy", model={"arch": "tiny_resnet", "tiny_width": 8, "norm": "group", "dropout": 0.0},
            dense={"batch_size": 16, "optim": {"lr": 0.02, "head_lr": 0.05}}, toy={"epochs": 3, "shrink": 0.5},
@@ -112,18 +111,9 @@ def test_resume_after_a_stop_in_the_epoch_after_the_hook_is_bitwise_identical(to
     _, _, ctx = toy_reference
     config = toy_config(tmp_path / "stopped.yaml", tiny_data)
     command = qpm_command(1, "run", str(config), "--plugin", "toy_method", "--stage", "toy_train")
-    proc = subprocess.Popen(command, cwd=REPO, env=plugin_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    wait_for_step(tmp_path / "runs-stopped", "toy_train", STEPS_PER_EPOCH + 3, proc)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 75, stderr[-3000:]
-    run = stage_dir(tmp_path / "runs-stopped", "toy_train")
-    ckpt = max((run / "checkpoints").glob("step_*"))  # the stop's (the end of epoch 0 is kept too)
-    meta = json.loads((ckpt / "meta.json").read_text())
-    assert meta["epoch"] == 1 and 0 < meta["step_in_epoch"] < STEPS_PER_EPOCH, meta  # inside the epoch after the hook
-    resumed = subprocess.run(command, cwd=REPO, env=plugin_env(), capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # stopped inside the epoch after the hook
+    run, ckpt, resumed = stop_inside_epoch_1_then_resume(command, plugin_env(), tmp_path / "runs-stopped", "toy_train",
+                                                         STEPS_PER_EPOCH)
     assert f"resumed toy_train from {ckpt}" in resumed.stderr
     assert json.loads((run / "result.json").read_text())["task"] == {"ended": [0, 1, 2]}
     assert_same_weights(load_weights(ctx.outputs["toy_train"] / "model.pt"), load_weights(run / "model.pt"))
