@@ -1,0 +1,1 @@
+"""IIS, the inherent interpretability score of a backbone (specs/iis.md): concepts, heads, the score."""
