@@ -4,9 +4,11 @@ The spec (specs/gc_consistency.md §10.1) estimates a GC step at about 5x a plai
 costs one s px pass plus one 2s px pass (4x the pixels), forward and backward; the Grad-CAM itself (closed form,
 or a double backward that only crosses pool + fc) should add little. Measured here:
 
-* plain step: forward + cross-entropy + backward + SGD step on B positives of s x s px;
-* GC step (`gc_step`): forward of the positives (s px) and of their 2x2 composites (2s px), CE on the positives,
-  Grad-CAM of the label class on both, the consistency loss, CE + 25 L_GC, backward, SGD step.
+* plain step: the dense phase's `ClassificationTask.step` (forward, cross-entropy) + backward + SGD step on B
+  positives of s x s px;
+* GC step (`gc_step`): `methods.gc.ConsistencyTask.step` — forward of the positives (s px) and of their 2x2
+  composites (2s px), CE on the positives, Grad-CAM of the label class on both, the consistency loss, CE + 25
+  L_GC — then backward, SGD step.
 
 Both on torchvision-layout ResNets of our `qpm_dist.models` (random init, no dropout, 1000 classes, train mode);
 each variant has its own copy of the same initial weights and the same batch. Steps of the two alternate in ABBA
@@ -20,6 +22,7 @@ Crop sizes must be multiples of the total stride 32 (quadrant borders on map cel
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import json
@@ -31,13 +34,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
-from qpm_dist import gradcam
-from qpm_dist.config import ModelConfig
+from qpm_dist.config import ModelConfig, PhaseConfig
+from qpm_dist.data.batch import Batch
 from qpm_dist.data.composites import in_batch_negatives, quadrants, tile
-from qpm_dist.losses.consistency import consistency_loss
-from qpm_dist.models.net import Classifier, build_model
+from qpm_dist.engine.task import ClassificationTask
+from qpm_dist.methods.gc import ConsistencyTask, GCConfig
+from qpm_dist.models.net import Classifier, ModelOutput, build_model
 
 LAMBDA = 25.0  # the ImageNet README's λ (spec §5.7)
 CLASSES = 1000
@@ -46,40 +49,62 @@ SPEC_ESTIMATE = 5.0  # spec §10.1: one s px plus one 2s px pass, forward and ba
 CONFIGS = [("resnet18", 128, 8), ("resnet18", 224, 8), ("resnet50", 128, 4), ("resnet50", 224, 4)]
 
 
-def plain_step(model: Classifier, optimizer: torch.optim.Optimizer, images: torch.Tensor,
-               targets: torch.Tensor) -> torch.Tensor:
-    """The baseline: forward, CE, backward, SGD step."""
-    loss = F.cross_entropy(model(images).logits, targets)
+class OneProcess:
+    """The strategy interface the training tasks use (module, device, prepare, autocast, forward), as
+    `engine.strategy.DDPStrategy` provides it on one CPU process in fp32: no wrapper, no casts."""
+
+    def __init__(self, model: Classifier) -> None:
+        self.module, self.device = model, torch.device("cpu")
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        return images
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def forward(self, images: torch.Tensor) -> ModelOutput:
+        return self.module(images)
+
+
+PLAIN = ClassificationTask(PhaseConfig(fdl_beta=0.0))  # cross-entropy only, as the reference
+
+
+def consistency_task(closed: bool = True, lam: float = LAMBDA) -> ConsistencyTask:
+    """The production GC task (`methods.gc`), with the closed form or the double-backward autograd path."""
+    return ConsistencyTask(GCConfig(lam=lam, negatives="in_batch", closed_form="always" if closed else "never"),
+                           PhaseConfig(fdl_beta=0.0))
+
+
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Tensor:
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     return loss.detach()
 
 
+def plain_step(model: Classifier, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+               targets: torch.Tensor) -> torch.Tensor:
+    """The baseline: the dense phase's task step (forward, CE), backward, SGD step."""
+    loss, _ = PLAIN.step(Batch(images=images, targets=targets), OneProcess(model))
+    return optimizer_step(loss, optimizer)
+
+
 def gc_loss(model: Classifier, images: torch.Tensor, targets: torch.Tensor, composites: torch.Tensor,
             quadrant: torch.Tensor, closed: bool = True, lam: float = LAMBDA) -> torch.Tensor:
-    """CE on the positives + lam * L_GC, from the library calls the production task uses: `gradcam.class_maps`
-    (the head's closed form, or with closed=False the double-backward autograd path) on the positives and on
-    their composites, and `losses.consistency.consistency_loss`. Two separate forward passes in train mode, as
-    the reference (BN statistics per pass)."""
-    positive = gradcam.class_maps(model, images, targets, closed=closed)
-    composite = gradcam.class_maps(model, composites, targets, closed=closed)
-    return F.cross_entropy(positive.logits, targets) + lam * consistency_loss(positive.maps, composite.maps, quadrant)
+    """CE on the positives + lam * L_GC, computed by `ConsistencyTask.step` as training does: Grad-CAM of the label
+    class on the positives and on their composites (two forward passes in train mode, BN statistics per pass, as
+    the reference), by the head's closed form or (closed=False) the double-backward autograd path."""
+    batch = Batch(images=images, targets=targets, composites=composites, quadrant=quadrant,
+                  same_class_negatives=torch.zeros_like(targets, dtype=torch.bool))
+    loss, _ = consistency_task(closed, lam).step(batch, OneProcess(model))
+    return loss
 
 
 def gc_step(model: Classifier, optimizer: torch.optim.Optimizer, images: torch.Tensor, targets: torch.Tensor,
             composites: torch.Tensor, quadrant: torch.Tensor, closed: bool = True,
             lam: float = LAMBDA) -> torch.Tensor:
-    """One GC training step: `gc_loss`, backward, SGD step.
-
-    A stand-in for `qpm_dist.methods.gc.ConsistencyTask`, written at the same time by another helper: once that
-    is merged, this function is to be replaced by the task's step on the same batch, so that the bench times the
-    production code."""
-    loss = gc_loss(model, images, targets, composites, quadrant, closed, lam)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach()
+    """One GC training step: `gc_loss` (the production task's step), backward, SGD step."""
+    return optimizer_step(gc_loss(model, images, targets, composites, quadrant, closed, lam), optimizer)
 
 
 def make_model(arch: str, seed: int = 0) -> Classifier:
