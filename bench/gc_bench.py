@@ -107,11 +107,11 @@ def gc_step(model: Classifier, optimizer: torch.optim.Optimizer, images: torch.T
     return optimizer_step(gc_loss(model, images, targets, composites, quadrant, closed, lam), optimizer)
 
 
-def make_model(arch: str, seed: int = 0) -> Classifier:
+def make_model(arch: str, seed: int = 0, pooling: str = "avg") -> Classifier:
     """torchvision layout (output stride 32: 7 x 7 maps at 224 px), no dropout (the reference has none, and the
     closed form is then also the train-mode map), random init; train mode."""
     torch.manual_seed(seed)
-    return build_model(ModelConfig(arch=arch, reduced_strides=False, dropout=0.0), CLASSES).train()
+    return build_model(ModelConfig(arch=arch, reduced_strides=False, dropout=0.0, pooling=pooling), CLASSES).train()
 
 
 def make_batch(batch: int, size: int, seed: int = 0) -> dict[str, torch.Tensor]:

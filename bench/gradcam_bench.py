@@ -34,46 +34,19 @@ from pathlib import Path
 
 import psutil
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from gc_bench import abba, gc_loss, gc_step, machine, make_batch, make_model, sgd
-from qpm_dist import gradcam
-from qpm_dist.models.net import Classifier, ModelOutput
+from qpm_dist.models.net import Classifier
 
 CONFIGS = [("resnet18", 8), ("resnet50", 4)]  # (arch, batch), as in gc_bench
 HEADS = ("gap", "gmp")
 
 
-class MaxPoolHead(nn.Module):
-    """The GMP head of the GC paper's `--maxpool` models (spec §1): global max pooling -> linear layer.
-
-    Built here because main has no max-pooled head option yet (DenseHead pools by mean). It plugs in as any head
-    kind does: its linear form is registered in `gradcam.LINEAR_FORMS` below, so `class_maps` takes the closed
-    form for it (pooling "max") unless told to use autograd."""
-
-    kind = "gmp-bench"
-
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        self.linear = linear
-
-    def class_weights(self) -> torch.Tensor:
-        return self.linear.weight
-
-    def forward(self, feature_maps: torch.Tensor) -> ModelOutput:
-        features = F.adaptive_max_pool2d(feature_maps, 1).flatten(1)
-        return ModelOutput(self.linear(features), feature_maps, features)
-
-
-gradcam.LINEAR_FORMS.setdefault(MaxPoolHead.kind, lambda head: gradcam.LinearForm(head.linear.weight, "max"))
-
-
 def make_head_model(arch: str, head: str) -> Classifier:
-    model = make_model(arch)
-    if head == "gmp":
-        model.head = MaxPoolHead(model.head.linear)
-    return model
+    """The dense model with global average (GAP) or max (GMP: `model.pooling=max`, the GC paper's `--maxpool`)
+    pooling."""
+    return make_model(arch, pooling="max" if head == "gmp" else "avg")
 
 
 def variants(model: Classifier, data: dict[str, torch.Tensor], repeats: int = 1):
