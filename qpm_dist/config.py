@@ -257,6 +257,9 @@ class EvalConfig:
     # Pointing game, SPG and CH input: null scores the test transform's view (batches); N the reference's
     # (specs/gc_consistency.md §7.1): the whole image, shorter side resized to N px, no crop, one image per batch.
     pointing_resize: Optional[int] = bounded(None, ge=1)
+    # PG/SPG hit radius in pixels of the original image (strict): 15, the reference's and TorchRay's; scale it for
+    # images far from ImageNet's size (on the demo's 64-96 px images 15 px is a fifth of the side, PG saturates).
+    pointing_tolerance: float = bounded(15.0, ge=0)
 
 
 @dataclass

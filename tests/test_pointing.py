@@ -40,6 +40,16 @@ def test_tolerance_is_15_px_strict(direction):
     assert not at(15).hit and at(15).spg == 0.0
 
 
+@pytest.mark.parametrize("tolerance,hits", [(0.0, (True, False, False)), (5.0, (True, True, False))])
+def test_tolerance_is_a_parameter_and_zero_means_inside_the_box(tolerance, hits):
+    """eval.pointing_tolerance: 0 counts only points inside the box (the box itself, not an empty set)."""
+    box = np.array([[40, 40, 10, 10.0]])  # rows and cols 40..49
+    scored = [P.score_image(_delta(100, 120, 45, col), box, np.random.default_rng(0), tolerance=tolerance)
+              for col in (49, 53, 54)]  # inside, 4 px right, 5 px right
+    assert tuple(s.hit for s in scored) == hits
+    assert tuple(s.spg == 1.0 for s in scored) == hits
+
+
 def test_uniform_map_scores_the_box_area_fraction():
     heatmap = np.full((30, 70), 1.0 / (30 * 70))
     scores = _scores(heatmap, [[10, 5, 20, 10], [60, 0, 5, 4]])  # union of two boxes: 200 + 20 pixels

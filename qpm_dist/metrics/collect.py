@@ -111,7 +111,8 @@ def evaluate_model(model: torch.nn.Module, data, info: DistInfo, cfg: EvalConfig
     result.update(_train_pass(model, train_loader, info, autocast, weights, data.num_classes,
                               data.num_samples("train"), cfg, seed))
     # PG, SPG, CH on the object boxes, for every dataset that has boxes (read from data.root on converted data)
-    result.update(pointing_metrics(model, data, info, autocast, per_rank, cfg.pointing_resize, seed=seed))
+    result.update(pointing_metrics(model, data, info, autocast, per_rank, cfg.pointing_resize,
+                                   tolerance=cfg.pointing_tolerance, seed=seed))
     w = weights.cpu().numpy()
     result.update(M.sparsity(w))
     if gt_similarity is not None:

@@ -71,8 +71,9 @@ def box_mask(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def near_mask(mask: np.ndarray, tolerance: float = TOLERANCE) -> np.ndarray:
-    """Pixels closer than `tolerance` (Euclidean, strict) to a pixel of the non-empty `mask`."""
-    return distance_transform_edt(~mask) < tolerance
+    """The non-empty `mask` and the pixels closer than `tolerance` (Euclidean, strict) to one of its pixels
+    (tolerance 0: the mask itself)."""
+    return mask | (distance_transform_edt(~mask) < tolerance)
 
 
 def peak(heatmap: np.ndarray) -> tuple[int, int]:
