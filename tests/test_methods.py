@@ -145,7 +145,7 @@ def test_registry_refuses_clashes_and_names_unknown_methods():
         methods.register(methods.MethodSpec(name="clash", label="Clash", sections={"glm": OtherGLM},
                                             stages=lambda cfg: [], head=object))
     assert "clash" not in methods.names()
-    with pytest.raises(ConfigError, match=r"method: expected one of 'qpm', 'sldd', 'qsenn'.*got 'pixpnet'"):
-        load_config(None, ["method=pixpnet"])
+    with pytest.raises(ConfigError, match=r"method: expected one of 'qpm', 'sldd', 'qsenn'.*got 'no_such_method'"):
+        load_config(None, ["method=no_such_method"])
     with pytest.raises(ImportError, match="--plugin no_such_module: cannot import it"):
         methods.load_plugins(["no_such_module"])

@@ -45,7 +45,9 @@ _discovered = False
 
 
 def register(spec: MethodSpec) -> MethodSpec:
-    """Add `spec` to the registry (idempotent for the same spec); returns it."""
+    """Add `spec` to the registry (idempotent for the same spec); returns it. The built-in methods are registered
+    first, so a plugin that clashes with one of them is refused here, naming both, and not later at discovery."""
+    _discover()  # a no-op during discovery itself (the built-ins' own register calls)
     if spec.name in _REGISTRY and _REGISTRY[spec.name] is not spec:
         raise ValueError(f"method {spec.name!r} is already registered")
     for section, cls in spec.sections.items():
