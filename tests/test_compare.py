@@ -27,14 +27,36 @@ def test_the_newest_evaluation_of_each_method_in_registry_order_and_the_reports_
     assert [(c.name, c.label, c.metrics["accuracy"]) for c in columns] == [
         ("dense", "dense", 81.0), ("qpm", "QPM", 71.0), ("sldd", "SLDD", 75.0), ("zzz", "zzz", 60.0)]
     own = [Column("dense", "dense", {"accuracy": 90.0}), Column("sldd", "SLDD", {"accuracy": 91.0, "dependence": 0.3})]
-    columns = method_columns(tmp_path, own=own)
-    assert [(c.name, c.metrics["accuracy"]) for c in columns] == [("dense", 90.0), ("qpm", 71.0), ("sldd", 91.0),
-                                                                 ("zzz", 60.0)]
+    columns = method_columns(tmp_path, own=own)  # the own dense model differs from QPM's: one column each
+    assert [(c.label, c.metrics["accuracy"]) for c in columns] == [
+        ("dense (QPM)", 81.0), ("dense (SLDD)", 90.0), ("QPM", 71.0), ("SLDD", 91.0), ("zzz", 60.0)]
     # plotted: headline metrics of the compared methods that at least two models report
     assert headline_metrics(columns) == []  # part_recovery only for QPM, dependence only for the own SLDD
     columns[0].metrics["part_recovery"] = 0.3
     assert headline_metrics(columns) == ["part_recovery"]
     assert comparison_figures(columns).count('alt="comparison figure"') == 2  # accuracy scatter, bars vs chance
+
+
+def test_methods_with_different_dense_baselines_get_one_dense_column_each(tmp_path):
+    """The demo: QPM and SLDD compare against one dense model, GC against its own baseline. Each distinct dense
+    stage (stage.json's upstream key) is one column named after the methods it is the baseline of."""
+    def evaluation(run, method, dense_acc, dense_key, age):
+        path = write_metrics(tmp_path, run, f"{method}_evaluate", {"dense": {"accuracy": dense_acc},
+                                                                    method: {"accuracy": dense_acc + 1}}, age)
+        (path.parent / "stage.json").write_text(json.dumps({"upstream": {"dense": dense_key, method: "x"}}))
+
+    evaluation("demo", "qpm", 86.3, "k1", age=1)
+    evaluation("demo", "gc", 77.0, "k2", age=3)
+    evaluation("demo", "sldd", 86.3, "k1", age=2)
+    columns = method_columns(tmp_path)
+    assert [(c.label, c.metrics["accuracy"]) for c in columns] == [
+        ("dense (QPM, SLDD)", 86.3), ("dense (GC)", 77.0), ("QPM", 87.3), ("SLDD", 87.3), ("GC", 78.0)]
+    # a report's own run: its dense model is the baseline its key names
+    own = [Column("dense", "dense", {"accuracy": 77.0}), Column("gc", "GC", {"accuracy": 78.5})]
+    columns = method_columns(tmp_path, own=own, own_dense_key="k2")
+    assert [(c.label, c.metrics["accuracy"]) for c in columns] == [
+        ("dense (QPM, SLDD)", 86.3), ("dense (GC)", 77.0), ("QPM", 87.3), ("SLDD", 87.3), ("GC", 78.5)]
+    assert "dense (QPM, SLDD)" in table_text(columns).splitlines()[0]
 
 
 def test_models_with_fewer_than_five_features_per_class_get_their_own_sid_rows():

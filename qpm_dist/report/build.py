@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from qpm_dist.report.compare import comparison_section, method_columns
+from qpm_dist.report.compare import baseline_key, comparison_section, method_columns
 from qpm_dist.report.tables import Column, fmt
 from qpm_dist.stages.artifacts import RECORD
 from qpm_dist.utils import atomic_write_text, log
@@ -60,7 +60,8 @@ def render_report(inputs: ReportInputs, sections, path: Path) -> None:
     inputs.fig_dir.mkdir(exist_ok=True)
     own = [Column(name, "dense" if name == "dense" else inputs.label, metrics)
            for name, metrics in inputs.metrics.items()]
-    columns = method_columns(Path(cfg.run.out_dir), own=own)
+    own_dense_key = baseline_key(inputs.ctx.outputs[f"{inputs.method}_evaluate"])
+    columns = method_columns(Path(cfg.run.out_dir), own=own, own_dense_key=own_dense_key)
     intro = (f"This run's models ({html.escape(', '.join(c.label for c in own))}) and the newest evaluation of "
              f"every other method under {html.escape(cfg.run.out_dir)}.")
     log.info("report: rendering figures into %s", inputs.fig_dir)

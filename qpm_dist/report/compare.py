@@ -21,8 +21,23 @@ from qpm_dist.report.tables import BASELINES, SHORT_LABELS, Column, table_html, 
 from qpm_dist.utils import atomic_write_text
 
 
+def baseline_key(evaluation: Path) -> str | None:
+    """The key of the dense stage an evaluate stage folder compared against (its stage.json), or None."""
+    try:
+        record = json.loads((Path(evaluation) / "stage.json").read_text())
+        key = record.get("upstream", {}).get("dense")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return key if isinstance(key, str) else None
+
+
+def _content_key(metrics) -> str:
+    return "metrics:" + json.dumps(metrics, sort_keys=True, default=str)
+
+
 def find_metrics(out_dir: Path) -> dict[str, dict]:
-    """method -> {"metrics", "dense", "path", "run"} of the newest evaluation of that method under out_dir."""
+    """method -> {"metrics", "dense", "dense_key", "path", "run"} of the newest evaluation of that method under
+    out_dir; "dense_key" identifies its baseline (the dense stage's key; its metrics if stage.json is missing)."""
     found: dict[str, tuple[float, dict]] = {}
     for path in Path(out_dir).glob("*/*/metrics.json"):
         if "evaluate-" not in path.parent.name:
@@ -39,26 +54,43 @@ def find_metrics(out_dir: Path) -> dict[str, dict]:
                 continue
             if method not in found or mtime > found[method][0]:
                 found[method] = (mtime, {"metrics": metrics, "dense": data.get("dense"), "path": str(path),
+                                         "dense_key": baseline_key(path.parent) or _content_key(data.get("dense")),
                                          "run": path.parent.parent.name})
     return {m: v for m, (_, v) in found.items()}
 
 
-def method_columns(out_dir: Path, own: list[Column] | None = None) -> list[Column]:
-    """The dense model, then each method in registry order (unknown ones last): the models of `own` (a report's
-    own run) first, the newest evaluation under `out_dir` for every other method."""
+def method_columns(out_dir: Path, own: list[Column] | None = None, own_dense_key: str | None = None) -> list[Column]:
+    """The dense baselines, then each method in registry order (unknown ones last): the models of `own` (a
+    report's own run, whose baseline is the dense stage `own_dense_key`) first, the newest evaluation under
+    `out_dir` for every other method.
+
+    Methods may compare against different dense models (the demo: QPM, SLDD and Q-SENN share one, GC trains its
+    own baseline). Each distinct baseline is one column, labelled with the methods it is the baseline of when
+    there are several, so no method is shown next to another's baseline under the name "dense"."""
     found = find_metrics(out_dir)
     own = own or []
     taken = {c.name for c in own}
     order = {name: i for i, name in enumerate(methods.names())}
-    others = [m for m in found if m not in taken]
+    rank = lambda name: (order.get(name, len(order)), name)  # noqa: E731
+    others = sorted((m for m in found if m not in taken), key=rank)
     columns = [Column(m, methods.label(m), found[m]["metrics"], found[m]["path"]) for m in others]
-    dense = [c for c in own if c.name == "dense"]
-    with_dense = [m for m in others if found[m]["dense"] is not None]
-    if not dense and with_dense:  # the dense model of the newest evaluation that has one
-        newest = max(with_dense, key=lambda m: Path(found[m]["path"]).stat().st_mtime)
-        dense = [Column("dense", "dense", found[newest]["dense"], found[newest]["path"])]
+    # baseline key -> (metrics, source, methods using it), in the order of the first method using it
+    baselines: dict[str, tuple[dict, str, list[str]]] = {}
+    own_dense = [c for c in own if c.name == "dense"]
+    own_methods = sorted((c.name for c in own if c.name != "dense"), key=rank)
+    if own_dense:
+        baselines[own_dense_key or "own"] = (own_dense[0].metrics, own_dense[0].source, own_methods)
+    for m in sorted(others, key=lambda m: -Path(found[m]["path"]).stat().st_mtime):  # newest first wins a key
+        if found[m]["dense"] is not None:
+            metrics, source, users = baselines.setdefault(found[m]["dense_key"],
+                                                          (found[m]["dense"], found[m]["path"], []))
+            users.append(m)
+    groups = sorted(baselines.values(), key=lambda b: min((rank(m) for m in b[2]), default=(-1, "")))
+    dense = [Column("dense", "dense" if len(groups) == 1 else
+                    f"dense ({', '.join(methods.label(m) for m in sorted(users, key=rank))})", metrics, source)
+             for metrics, source, users in groups]
     merged = [c for c in own if c.name != "dense"] + columns
-    merged.sort(key=lambda c: (order.get(c.name, len(order)), c.name))
+    merged.sort(key=lambda c: rank(c.name))
     return dense + merged
 
 
@@ -108,8 +140,8 @@ def write_comparison(out_dir: Path, html_path: Path | None = None) -> tuple[str,
     if not columns:
         return f"no <method>_evaluate-*/metrics.json under {out_dir}", None
     html_path = Path(html_path) if html_path else Path(out_dir) / "compare.html"
-    intro = (f"The newest evaluation of each method under {html.escape(str(out_dir))}; dense: the dense model of "
-             f"the newest one.")
+    intro = (f"The newest evaluation of each method under {html.escape(str(out_dir))}, and the dense model each "
+             f"compares against (one column per distinct dense model).")
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>Methods compared</title><style>"
             "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
             "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}img{max-width:100%}</style></head><body>"

@@ -92,7 +92,8 @@ def table_html(columns: list[Column]) -> str:
 def table_text(columns: list[Column]) -> str:
     found = rows(columns)
     width = max([len(label) for label, _ in found] + [6])
-    lines = [f"{'metric':<{width}}  " + "  ".join(f"{c.label:>10}" for c in columns)]
+    widths = [max(10, len(c.label)) for c in columns]
+    lines = [f"{'metric':<{width}}  " + "  ".join(f"{c.label:>{w}}" for c, w in zip(columns, widths))]
     for label, values in found:
-        lines.append(f"{label:<{width}}  " + "  ".join(f"{fmt(v):>10}" for v in values))
+        lines.append(f"{label:<{width}}  " + "  ".join(f"{fmt(v):>{w}}" for v, w in zip(values, widths)))
     return "\n".join(lines)
