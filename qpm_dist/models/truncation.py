@@ -33,8 +33,9 @@ from qpm_dist.models.backbones import _mismatch, _shapes, build_backbone, load_b
 from qpm_dist.models.weight_files import BadWeightsFile
 
 RESNET_ARCHS = ("resnet18", "resnet34", "resnet50")
-VGG_ARCHS = {name: getattr(vgg, name) for name in
-             ("vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn")}
+# torchvision's VGG configurations ("A" = VGG-11 ... "E" = VGG-19); the `_bn` variants add BatchNorm after each conv.
+VGG_ARCHS = {f"vgg{depth}{bn}": (cfg, bool(bn)) for depth, cfg in ((11, "A"), (13, "B"), (16, "D"), (19, "E"))
+             for bn in ("", "_bn")}
 _RESNET_LAYERS = ("conv1", "maxpool", "layer1", "layer2", "layer3", "layer4")
 _TINY_LAYERS = ("conv1", "layer1", "layer2", "layer3")
 _VGG_LAYERS = ("conv1", "maxpool1", "maxpool2", "maxpool3", "maxpool4", "maxpool5")
@@ -100,11 +101,21 @@ def _cut_vgg(features: nn.Sequential, layer: str) -> OrderedDict[str, nn.Module]
 
 
 def _vgg_features(arch: str, norm: str) -> nn.Sequential:
-    """torchvision's VGG without avgpool/classifier, as a module whose keys are `features.*` (torchvision's)."""
+    """torchvision's VGG `features` (its `make_layers`, initialised as its VGG class does), without avgpool and the
+    classifier (120 M parameters that a truncated model never uses), as a module whose keys are `features.*`."""
     if norm not in ("batch", "sync_batch"):
         raise ValueError(f"model.norm={norm!r} is not available for {arch} (torchvision's VGG-BN uses BatchNorm); "
                          f"expected 'batch' or 'sync_batch'")
-    return nn.Sequential(OrderedDict(features=VGG_ARCHS[arch](weights=None).features))
+    cfg, batch_norm = VGG_ARCHS[arch]
+    features = vgg.make_layers(vgg.cfgs[cfg], batch_norm=batch_norm)
+    for m in features.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return nn.Sequential(OrderedDict(features=features))
 
 
 def _load_vgg_weights(full: nn.Module, state: dict[str, torch.Tensor], source: str, arch: str) -> None:
