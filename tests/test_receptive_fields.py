@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.nn import functional as F
 from torchvision.models import resnet18, resnet50, vgg11
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.models.vgg import cfgs, make_layers
@@ -139,7 +138,8 @@ def test_rf_of_real_truncated_backbones_equals_brute_force(arch, layer, size):
         meta = truncated_backbone(arch, layer, reduced_strides=True, tiny_width=4)
     module = truncated_backbone(arch, layer, reduced_strides=True, tiny_width=4)
     rf = assert_matches_brute_force(module, *size)
-    assert receptive_fields(meta, *size).bounds.tolist() == rf.bounds.tolist()  # tracing never needs weights: the meta module gives the same
+    # tracing never needs weights: the meta module gives the same
+    assert receptive_fields(meta, *size).bounds.tolist() == rf.bounds.tolist()
     assert backbone_receptive_fields(arch, layer, True, *size).bounds.tolist() == rf.bounds.tolist()
 
 
@@ -342,10 +342,11 @@ def test_heat_maps_on_a_hand_built_rf():
     # Two rows of cells with RF rows [0,4), [2,6) and two columns with cols [0,3), [2,5) of a 6 x 5 image: no
     # clipping, L = 4 (rows, even: peak on the two middle pixels) and 3 (columns), k = 4, sigma = 4.
     rf = _rf((6, 5), [[0, 4], [2, 6]], [[0, 3], [2, 5]])
-    e16, e32 = math.exp(-1 / 16), math.exp(-1 / 32)  # exp(-((1.5^2 - 0.5^2) / (2 * 16)) and exp(-(1^2 - 0) / (2 * 16))
+    e16, e32 = math.exp(-1 / 16), math.exp(-1 / 32)  # exp(-(1.5^2 - 0.5^2) / (2 * 16)), exp(-(1^2 - 0) / (2 * 16))
     rows, cols = rf_kernel(rf, 1.0, torch.float64)
-    torch.testing.assert_close(rows, torch.tensor([[e16, 1, 1, e16, 0, 0], [0, 0, e16, 1, 1, e16]], dtype=torch.float64))
-    torch.testing.assert_close(cols, torch.tensor([[e32, 1, e32, 0, 0], [0, 0, e32, 1, e32]], dtype=torch.float64))
+    f64 = torch.float64
+    torch.testing.assert_close(rows, torch.tensor([[e16, 1, 1, e16, 0, 0], [0, 0, e16, 1, 1, e16]], dtype=f64))
+    torch.testing.assert_close(cols, torch.tensor([[e32, 1, e32, 0, 0], [0, 0, e32, 1, e32]], dtype=f64))
     sims = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64)
     maps = rf_heat_maps(sims, rf)
     # pixel (0, 0): only cell (0, 0); pixel (2, 2): all four cells, each with one row and one column weight
@@ -356,6 +357,9 @@ def test_heat_maps_on_a_hand_built_rf():
     # pixel (3, 4): cells (0, 1) (row weight e16) and (1, 1) (row weight 1), column weight e32 for both
     assert maps.max[3, 4] == pytest.approx(4 * e32) and maps.sum[3, 4] == pytest.approx((2 * e16 + 4) * e32)
     assert maps.avg[3, 4] == pytest.approx((2 * e16 + 4) * e32 / 2)
+    # negative similarities: the max map starts from 0 as the reference's (pixel (2, 2) is covered by every cell)
+    negative = rf_heat_maps(-sims, rf)
+    assert negative.max[2, 2] == 0 and negative.sum[2, 2] == pytest.approx(-maps.sum[2, 2])
 
 
 def test_clipped_border_kernel_stays_centred_on_the_unclipped_rf():
