@@ -392,6 +392,17 @@ def test_super_100_percent_rf_centres_cells_on_the_uniform_grid():
     assert rows[0].argmax().item() == 1 and rows[2].argmax().item() == 7  # not the ordinary case's shared centre
 
 
+def test_super_100_percent_on_resnet50_layer3_peaks_on_the_grid_midpoints():
+    # every row of cells of resnet50 layer3 at 224 has an RF reaching 224 in some column: the super-100 % branch;
+    # pad = round(111.5 - 8) = 104 -> L = 224 + 208 = 432 (even): each row's peak is shared by pixels m - 1 and m.
+    rf = backbone_receptive_fields("resnet50", "layer3", False, 224, 224)
+    rows, cols = rf_kernel(rf, 1.0, torch.float64)
+    midpoints = [8 + 16 * i for i in range(14)]
+    assert [int(r.argmax()) for r in rows] == [m - 1 for m in midpoints]
+    assert [round(float(r[m]), 12) for r, m in zip(rows, midpoints)] == [1.0] * 14
+    torch.testing.assert_close(rows, cols)
+
+
 def test_heat_maps_equal_the_cell_by_cell_definition_and_respect_leading_dims(monkeypatch):
     # The separable products / two-stage max against the reference's loop over cells (contribution s * kernel
     # written into the RF rectangle; max from 0, sum, sum / count), on a real non-square RF with clipped borders.

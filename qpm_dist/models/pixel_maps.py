@@ -35,9 +35,11 @@ of the window's central pixel(s) (1/2 for even L, else 0) so that the maximum is
 Deviations from the reference, all where the reference is inconsistent (read, not run):
 * non-square RFs (L_rows != L_cols, e.g. a non-square image): the reference crops a k x k kernel by L-based amounts
   and fails with a shape error (spec B12); here each axis uses its own L (sigma is still k x sigma_factor).
-* super-100 % case, cells whose RF is clipped only at the bottom/right and whose grid window starts inside the image
-  (e.g. resnet50 layer4 at 224, last row: m = 208, window start 32): the reference's crop arithmetic drops that
-  start, which centres their Gaussian at 176 instead of 208; here it is centred on the window as intended.
+* super-100 % case, a cell whose grid window starts inside the image (m - L // 2 > 0) and whose RF does not start
+  at 0: the reference's crop arithmetic drops that start (its kernel row 0 lands on pixel 0, not on m - L // 2),
+  shifting the Gaussian towards the image centre; here it is centred on the window as intended. For every
+  super-100 % layer of spec §1.4's backbones (vgg19_bn maxpool5, resnet18 layer4, resnet50 layer3/layer4 at 224)
+  no cell is in that situation and the centres equal the reference's (checked by re-deriving its crop offsets).
 * pixels no cell covers: mean 0 (the reference divides by a zero count: NaN). The max map starts from 0 as the
   reference's does (only matters for negative similarities).
 """
