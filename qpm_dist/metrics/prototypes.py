@@ -581,6 +581,9 @@ def relevance_ordering_test(
         _fail("ROT samples", len(images), f"at most {MAX_ROT_SAMPLES}")
     if prototype_ids.shape[1] > MAX_ROT_PROTOTYPES_PER_IMAGE:
         _fail("ROT prototypes per image", prototype_ids.shape[1], f"at most {MAX_ROT_PROTOTYPES_PER_IMAGE}")
+    for ids in prototype_ids:  # before any forward
+        if ((ids < 0) | (ids >= num_prototypes)).any() or len(torch.unique(ids)) != len(ids):
+            _fail("ROT prototype_ids", ids.tolist(), f"distinct ids in 0..{num_prototypes - 1} per image")
     input_hw = tuple(images.shape[2:])
     counts = rot_pixel_counts(input_hw, step_fraction, prop_pixels, max_steps)
     baseline = rot_baseline(tuple(images.shape[1:])) if baseline is None else baseline
