@@ -125,20 +125,25 @@ def test_centres_and_patches_of_the_three_mappings():
     # round((i + 0.5) * 224 / 2): 56 and 168; on a 7 x 7 grid cell 3: round(3.5 * 32) = 112
     assert PM.upsample_centres(cells, (2, 2), (224, 224)).tolist() == [[[56, 168], [168, 56]]]
     assert PM.upsample_centres(torch.tensor([[3, 0]]), (7, 7), (224, 224)).tolist() == [[112, 16]]
+    # 7 x 7 at 32 px: 6.5 * 32 / 7 = 29.71 -> 30, 0.5 * 32 / 7 = 2.29 -> 2; 4 cells at 20 px: 2.5 -> 2, 7.5 -> 8
+    assert PM.upsample_centres(torch.tensor([[6, 0]]), (7, 7), (32, 32)).tolist() == [[30, 2]]
+    assert PM.upsample_centres(torch.tensor([[0, 1]]), (4, 4), (20, 20)).tolist() == [[2, 8]]
     assert PM.half_size((224, 224)) == (36, 36) and PM.half_size((32, 64)) == pytest.approx((36 / 7, 72 / 7))
     assert PM.patch_boxes(torch.tensor([[20.0, 162.0], [187, 30]]), (224, 224)).tolist() == [
         [0, 56, 126, 198], [151, 223, 0, 66]]
     a = PM.random_centres([5, 6], 3, (224, 100), seed=1)
     assert a.shape == (2, 3, 2) and (a[..., 0] < 224).all() and (a[..., 1] < 100).all() and (a >= 0).all()
     assert torch.equal(a[1], PM.random_centres([6], 3, (224, 100), seed=1)[0])  # per image, not per batch
+    assert not torch.equal(a[0], a[1])
     assert not torch.equal(a, PM.random_centres([5, 6], 3, (224, 100), seed=1, stream=1))
 
 
 def test_a_part_counts_once_and_only_with_a_positive_area_overlap():
     parts = PM.ImageParts(np.array([0, 0, 2]), np.array([[10, 11, 10, 11], [50, 51, 50, 51], [30, 31, 40, 41.]]))
-    patches = torch.tensor([[0, 60, 0, 60], [11, 30, 11, 40], [0, 10, 0, 100.]])  # touches part 0 / 2 at an edge only
+    # the last four touch part 0 or part 2 at an edge only (in y, in x, or both)
+    patches = torch.tensor([[0, 60, 0, 60], [11, 30, 11, 40], [0, 10, 0, 100], [0, 60, 11, 30], [11, 30, 0, 60.]])
     hits, visible = PM.part_hits(patches, parts, 3)
-    assert hits.tolist() == [[True, False, True], [False, False, False], [False, False, False]]
+    assert hits.tolist() == [[True, False, True]] + [[False, False, False]] * 4
     assert visible.tolist() == [True, False, True]
 
 
@@ -212,6 +217,7 @@ def test_stability_noise_is_seeded_per_image_not_per_batch():
     noisy = PM.stability_noise(images, [4, 5, 6], seed=2)
     assert torch.equal(noisy[1:], PM.stability_noise(images[1:], [5, 6], seed=2))
     assert noisy.std().item() == pytest.approx(0.2, rel=0.15)
+    assert not torch.equal(noisy[0], noisy[1])
     assert not torch.equal(noisy, PM.stability_noise(images, [4, 5, 6], seed=3))
 
 
