@@ -100,8 +100,9 @@ ROT_PROTOTYPES = torch.tensor([[0, 1], [0, 2], [3, 1], [2, 0]])  # mixed "classe
 def rot_scores(rank: int = 0, world: int = 1) -> dict:
     mine = [i for i in range(len(ROT_VALUES)) if i % world == rank]
     images = ROT_VALUES[mine].view(-1, 1, 1, 1).expand(-1, 1, ROT_HW, ROT_HW).contiguous()
-    return PM.relevance_ordering_test(images, ROT_PROTOTYPES[mine], mine, region_similarity, region_relevance(),
-                                      num_prototypes=4, baseline=torch.zeros(1, ROT_HW, ROT_HW),
+    batches = [(images[:1], ROT_PROTOTYPES[mine[:1]], mine[:1]), (images[1:], ROT_PROTOTYPES[mine[1:]], mine[1:])]
+    return PM.relevance_ordering_test(batches, region_similarity, region_relevance(), num_prototypes=4,
+                                      input_shape=(1, ROT_HW, ROT_HW), baseline=torch.zeros(1, ROT_HW, ROT_HW),
                                       step_fraction=0.05, batch_size=8)
 
 

@@ -90,23 +90,29 @@ def test_cub_part_locs_keep_visible_rows_and_merge_left_and_right(tmp_path):
         PM.load_cub_parts(tmp_path)
 
 
-def test_synthetic_part_boxes_become_input_boxes(tiny_data):
+def test_split_parts_gives_the_synthetic_part_boxes_in_input_pixels(tiny_data):
+    """split_parts joins parts/part_boxes.txt on the test split's image ids and squashes the boxes like the
+    synthetic data's test transform (32 x 32)."""
     from PIL import Image
 
-    from qpm_dist.data.cub import load_cub_metadata, load_part_boxes
+    from qpm_dist.data.cub import load_part_boxes
+    from qpm_dist.data.sources import read_splits
 
-    meta = load_cub_metadata(tiny_data)
-    source = PM.load_synthetic_parts(tiny_data, num_parts=len(meta.part_names))
+    cfg = DataConfig(dataset="synthetic", root=str(tiny_data), img_size=32)
+    split = read_splits(cfg).test_split
+    num_parts, parts_of = PM.split_parts(cfg, split)
+    assert num_parts == 6
     raw = load_part_boxes(tiny_data)
-    image_id = sorted(source)[0]
-    row = raw[image_id][0]
-    width, height = Image.open(meta.image_dir / meta.paths[list(meta.image_ids).index(image_id)]).size
-    parts = PM.InputGeometry.of(DataConfig(dataset="synthetic", img_size=32)).parts_to_input(
-        source[image_id], width, height)
-    assert parts.parts[0] == int(row[0]) - 1
-    x, y, w, h = (float(v) for v in row[1:5])
-    assert parts.boxes[0].tolist() == pytest.approx([y * 32 / height, (y + h) * 32 / height,
-                                                     x * 32 / width, (x + w) * 32 / width], abs=1e-5)
+    index = 3
+    rows = raw[int(split.image_ids[index])]
+    width, height = Image.open(split.image_dir / split.paths[index]).size
+    parts = parts_of(index)
+    assert parts.parts.tolist() == (rows[:, 0] - 1).astype(int).tolist()
+    x, y, w, h = (rows[:, c].astype(np.float64) for c in (1, 2, 3, 4))
+    expected = np.stack([y * 32 / height, (y + h) * 32 / height, x * 32 / width, (x + w) * 32 / width], axis=1)
+    np.testing.assert_allclose(parts.boxes, np.clip(expected, 0, 32), atol=1e-4)
+    with pytest.raises(PM.PrototypeMetricError, match="data.dataset: imagenet has no part annotations"):
+        PM.split_parts(DataConfig(dataset="imagenet"), split)
 
 
 def test_pre_cropped_images_are_refused_by_name():
@@ -247,8 +253,9 @@ def rot_of(relevance, **kw):
     from prototype_metrics_probe import ROT_HW, region_similarity
 
     image = torch.full((1, 1, ROT_HW, ROT_HW), 3.0)
-    return PM.relevance_ordering_test(image, torch.tensor([[0]]), [0], region_similarity, relevance,
-                                      num_prototypes=4, **{"step_fraction": 0.05, **kw})
+    return PM.relevance_ordering_test([(image, torch.tensor([[0]]), [0])], region_similarity, relevance,
+                                      num_prototypes=4, input_shape=(1, ROT_HW, ROT_HW),
+                                      **{"step_fraction": 0.05, **kw})
 
 
 def test_rot_area_is_near_1_for_the_right_order_near_0_reversed_and_between_for_random():
@@ -313,20 +320,36 @@ def test_rot_shape_mismatches_and_too_much_work_are_refused():
     from prototype_metrics_probe import region_relevance, region_similarity
 
     image = torch.zeros(1, 1, 20, 20)
-    wrong_maps = lambda image, ids, index: torch.zeros(len(ids), 10, 10)
+
+    def rot(prototype_ids, similarity=region_similarity, relevance=region_relevance(), images=image, **kw):
+        return PM.relevance_ordering_test([(images, prototype_ids, [0])], similarity, relevance, 4, (1, 20, 20),
+                                          **{"step_fraction": 0.05, **kw})
+
     with pytest.raises(PM.PrototypeMetricError, match=r"ROT relevance maps shape: got \(1, 10, 10\), expected"):
-        PM.relevance_ordering_test(image, torch.tensor([[0]]), [0], region_similarity, wrong_maps, 4)
+        rot(torch.tensor([[0]]), relevance=lambda image, ids, index: torch.zeros(len(ids), 10, 10))
     with pytest.raises(PM.PrototypeMetricError, match=r"ROT similarity output shape: got \(21, 2\)"):
-        PM.relevance_ordering_test(image, torch.tensor([[0]]), [0], lambda x, ids: torch.zeros(len(x), 2),
-                                   region_relevance(), 4, step_fraction=0.05)
-    with pytest.raises(PM.PrototypeMetricError, match="ROT inputs"):
-        PM.relevance_ordering_test(image, torch.tensor([[0], [1]]), [0], region_similarity, region_relevance(), 4)
+        rot(torch.tensor([[0]]), similarity=lambda x, ids: torch.zeros(len(x), 2))
+    with pytest.raises(PM.PrototypeMetricError, match=r"ROT batch: got \(\(1, 1, 20, 20\), \(2, 1\), 1\)"):
+        rot(torch.tensor([[0], [1]]))
+    with pytest.raises(PM.PrototypeMetricError, match=r"ROT batch: got \(\(1, 3, 20, 20\)"):
+        rot(torch.tensor([[0]]), images=torch.zeros(1, 3, 20, 20))
     with pytest.raises(PM.PrototypeMetricError, match="ROT prototypes per image: got 101, expected at most 100"):
-        PM.relevance_ordering_test(image, torch.zeros(1, 101, dtype=torch.long), [0], region_similarity,
-                                   region_relevance(), 4)
-    with pytest.raises(PM.PrototypeMetricError, match="ROT prototype_ids"):
-        PM.relevance_ordering_test(image, torch.tensor([[7]]), [0], region_similarity, lambda *a: torch.zeros(1, 20, 20),
-                                   4, step_fraction=0.5)
+        rot(torch.zeros(1, 101, dtype=torch.long))
+    with pytest.raises(PM.PrototypeMetricError, match=r"ROT prototype_ids: got \[7\]"):
+        rot(torch.tensor([[7]]))
+    with pytest.raises(PM.PrototypeMetricError, match="ROT num_samples: got 0, expected 1..10000"):
+        rot(torch.tensor([[0]]), num_samples=0)
+
+
+def test_rot_reads_at_most_num_samples_images():
+    from prototype_metrics_probe import region_relevance, region_similarity
+
+    images = torch.full((3, 1, 20, 20), 3.0)
+    batches = [(images, torch.tensor([[0], [1], [2]]), [0, 1, 2]), (images, torch.tensor([[3]] * 3), [3, 4, 5])]
+    region_similarity.images = 0
+    result = PM.relevance_ordering_test(batches, region_similarity, region_relevance(), 4, (1, 20, 20),
+                                        num_samples=2, step_fraction=0.5)
+    assert result["rot_pairs"] == 2 and region_similarity.images == 2 * 3  # 0, 200 and 400 pixels
 
 
 def test_bad_cells_bounds_patches_and_threshold_are_refused():

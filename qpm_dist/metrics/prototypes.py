@@ -55,10 +55,12 @@ from typing import Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
 from qpm_dist import dist
 from qpm_dist.config import DataConfig
-from qpm_dist.data.cub import _int_column, _load_numeric, _resolve_root, load_part_boxes
+from qpm_dist.data.cub import _int_column, _load_numeric, _resolve_root, load_cub_metadata, load_part_boxes
+from qpm_dist.data.datasets import Split
 from qpm_dist.data.transforms import eval_crop_ratio, eval_squashes
 from qpm_dist.errors import BadInput
 
@@ -195,6 +197,39 @@ def load_synthetic_parts(root: str | Path, num_parts: int) -> dict[int, SourcePa
         x, y, w, h = (rows[:, c].astype(np.float64) for c in (1, 2, 3, 4))
         result[image_id] = SourceParts(parts, np.stack([x, y, x + w, y + h], axis=1), points=False)
     return result
+
+
+def split_parts(cfg: DataConfig, split: Split) -> tuple[int, Callable[[int], ImageParts | None]]:
+    """(number of parts, parts_of) for a test split: parts_of(index) = the part annotations of image `index` of
+    `split` in model-input pixels (None: no annotation), for `prototype_part_scores`. CUB (and TravelingBirds,
+    whose images are CUB's: keypoints from data.cub_root) has 12 merged parts; the synthetic data the parts of its
+    parts/parts.txt. The original size is read from the image header when an image is first asked for."""
+    if cfg.dataset in ("cub", "travelingbirds"):
+        root = cfg.root if cfg.dataset == "cub" else cfg.cub_root
+        num_parts, source = len(CUB_MERGED_PARTS), load_cub_parts(root)
+    elif cfg.dataset == "synthetic":
+        names = load_cub_metadata(cfg.root).part_names
+        if names is None:
+            raise PrototypeMetricError(f"data.root: {cfg.root} has no parts/parts.txt, so its part boxes cannot be "
+                                       f"read (regenerate it with python -m data_prep make-synthetic)")
+        num_parts, source = len(names), load_synthetic_parts(cfg.root, len(names))
+    else:
+        raise PrototypeMetricError(f"data.dataset: {cfg.dataset} has no part annotations; consistency and stability "
+                                   f"need CUB keypoints or the synthetic data's part boxes (spec §4.1)")
+    if split.image_ids is None:
+        raise PrototypeMetricError(f"data.dataset: the {cfg.dataset} test split has no image ids to join parts on")
+    geometry = InputGeometry.of(cfg)
+
+    def parts_of(index: int) -> ImageParts | None:
+        found = source.get(int(split.image_ids[index]))
+        if found is None:
+            return None
+        with Image.open(split.image_dir / split.paths[index]) as image:  # reads the header only
+            width, height = image.size
+        box = split.boxes[index] if cfg.crop_to_box else None
+        return geometry.parts_to_input(found, width, height, box)
+
+    return num_parts, parts_of
 
 
 def _group(image_ids: np.ndarray, parts: np.ndarray, boxes: np.ndarray, points: bool) -> dict[int, SourceParts]:
@@ -554,12 +589,12 @@ class RotTables:
 
 
 def relevance_ordering_test(
-    images: torch.Tensor,
-    prototype_ids: torch.Tensor,
-    indices: Sequence[int],
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor, Sequence[int]]],
     similarity: Callable[[torch.Tensor, list[int]], torch.Tensor],
     relevance: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor],
     num_prototypes: int,
+    input_shape: tuple[int, int, int],
+    num_samples: int = 50,
     baseline: torch.Tensor | None = None,
     step_fraction: float = 0.01,
     prop_pixels: float = 1.0,
@@ -569,26 +604,36 @@ def relevance_ordering_test(
 ) -> dict:
     """ROT of one mapping over this rank's samples, combined over ranks (§4.5); every rank must call it.
 
-    images: N x C x H x W (normalised) with their dataset indices; prototype_ids: N x P' the prototypes evaluated
-    per image (e.g. its class's); relevance(image, ids, index) -> P' x H x W maps of the mapping;
-    similarity(images, ids) -> B x len(ids) max similarities; baseline: C x H x W (default rot_baseline(seed 4)).
-    Bounded work: N <= MAX_ROT_SAMPLES, P' <= MAX_ROT_PROTOTYPES_PER_IMAGE, steps <= max_steps."""
-    prototype_ids = torch.as_tensor(prototype_ids, dtype=torch.long)
-    if images.ndim != 4 or prototype_ids.ndim != 2 or len(prototype_ids) != len(images) or len(indices) != len(images):
-        _fail("ROT inputs", (tuple(images.shape), tuple(prototype_ids.shape), len(indices)),
-              "N x C x H x W images, N x P' prototype ids, N indices")
-    if len(images) > MAX_ROT_SAMPLES:
-        _fail("ROT samples", len(images), f"at most {MAX_ROT_SAMPLES}")
-    if prototype_ids.shape[1] > MAX_ROT_PROTOTYPES_PER_IMAGE:
-        _fail("ROT prototypes per image", prototype_ids.shape[1], f"at most {MAX_ROT_PROTOTYPES_PER_IMAGE}")
-    for ids in prototype_ids:  # before any forward
-        if ((ids < 0) | (ids >= num_prototypes)).any() or len(torch.unique(ids)) != len(ids):
-            _fail("ROT prototype_ids", ids.tolist(), f"distinct ids in 0..{num_prototypes - 1} per image")
-    input_hw = tuple(images.shape[2:])
-    counts = rot_pixel_counts(input_hw, step_fraction, prop_pixels, max_steps)
-    baseline = rot_baseline(tuple(images.shape[1:])) if baseline is None else baseline
-    tables = RotTables(num_prototypes, counts, input_hw[0] * input_hw[1])
-    for image, ids, index in zip(images, prototype_ids, indices):
-        maps = relevance(image, ids, int(index))
-        tables.add(ids, rot_curves(image, ids, maps, similarity, baseline, counts, batch_size))
+    batches: (images B x C x H x W normalised, prototype_ids B x P' evaluated per image (e.g. its class's),
+    dataset indices B) of this rank's share of the samples; read until `num_samples` images (this rank's cap);
+    relevance(image, ids, index) -> P' x H x W maps of the mapping; similarity(images, ids) -> B x len(ids) max
+    similarities; baseline: C x H x W (default rot_baseline(): seed 4). Bounded work: num_samples <=
+    MAX_ROT_SAMPLES, P' <= MAX_ROT_PROTOTYPES_PER_IMAGE, steps <= max_steps: at most num_samples x P' x
+    (steps + 1) images through `similarity`, batch_size at a time."""
+    if not 1 <= num_samples <= MAX_ROT_SAMPLES:
+        _fail("ROT num_samples", num_samples, f"1..{MAX_ROT_SAMPLES}")
+    input_shape = tuple(int(v) for v in input_shape)
+    if len(input_shape) != 3:
+        _fail("ROT input_shape", input_shape, "(C, H, W)")
+    counts = rot_pixel_counts(input_shape[1:], step_fraction, prop_pixels, max_steps)
+    baseline = rot_baseline(input_shape) if baseline is None else baseline
+    tables = RotTables(num_prototypes, counts, input_shape[1] * input_shape[2])
+    done = 0
+    for images, prototype_ids, indices in batches:
+        if done == num_samples:
+            break
+        prototype_ids = torch.as_tensor(prototype_ids, dtype=torch.long)
+        if (tuple(images.shape[1:]) != input_shape or prototype_ids.ndim != 2 or len(prototype_ids) != len(images)
+                or len(indices) != len(images)):
+            _fail("ROT batch", (tuple(images.shape), tuple(prototype_ids.shape), len(indices)),
+                  f"B x {' x '.join(map(str, input_shape))} images, B x P' prototype ids, B indices")
+        if prototype_ids.shape[1] > MAX_ROT_PROTOTYPES_PER_IMAGE:
+            _fail("ROT prototypes per image", prototype_ids.shape[1], f"at most {MAX_ROT_PROTOTYPES_PER_IMAGE}")
+        for ids in prototype_ids:  # before any forward
+            if ((ids < 0) | (ids >= num_prototypes)).any() or len(torch.unique(ids)) != len(ids):
+                _fail("ROT prototype_ids", ids.tolist(), f"distinct ids in 0..{num_prototypes - 1} per image")
+        for image, ids, index in list(zip(images, prototype_ids, indices))[:num_samples - done]:
+            maps = relevance(image, ids, int(index))
+            tables.add(ids, rot_curves(image, ids, maps, similarity, baseline, counts, batch_size))
+            done += 1
     return tables.reduce(device).summary()
