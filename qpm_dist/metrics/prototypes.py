@@ -467,7 +467,8 @@ def prototype_part_scores(
     tables = PrototypePartTables(int(class_prototypes.max()) + 1, num_parts)
     for images, labels, indices in batches:
         if not (len(images) == len(labels) == len(indices)) or images.ndim != 4:
-            _fail("batch", (tuple(images.shape), len(labels), len(indices)), "B x C x H x W images, B labels, B indices")
+            _fail("batch", (tuple(images.shape), len(labels), len(indices)),
+                  "B x C x H x W images, B labels, B indices")
         input_hw = tuple(images.shape[2:])
         indices = [int(i) for i in indices]
         ids = class_prototypes[labels.long().cpu()]
