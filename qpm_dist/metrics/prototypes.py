@@ -14,6 +14,7 @@ covers [r, r+1) x [c, c+1)), the convention of the receptive-field bounds.
    ratio. CUB keypoints (parts/part_locs.txt, visible rows, 15 parts merged into the spec's 12) become 1x1
    boxes at the mapped point and are dropped when the point leaves the crop; the synthetic data's part boxes
    (parts/part_boxes.txt) are mapped corner by corner and clipped to the input, dropped when nothing is left.
+   `split_parts(cfg, test_split)` gives (num_parts, parts_of(index)) for a dataset's test split.
 2. The prototype patch (§4.2): a box of half-size 36 px at 224 px input around a centre, scaled per axis with
    the input (half = 36 * side / 224, so it covers the same share of the input at any size: 5.14 px at 32 px),
    clipped at the image. Centres: "ours" = centre of the argmin cell's receptive field (`rf_centres`),
@@ -44,6 +45,11 @@ covers [r, r+1) x [c, c+1)), the convention of the receptive-field bounds.
    and then over prototypes. Summary: area = trapezoid of (C(t) - C(0)) / (C(end) - C(0)) over t = k / k_end
    in [0, 1] (the spec's integral when prop_pixels = 1), and pct@orig.sim = the smallest % of pixels at which
    C >= C(end). Work is bounded: samples, prototypes per image and steps have upper limits.
+
+Entry points for a method module (each ends with a collective: every rank calls it with its shard):
+`prototype_part_scores(batches, locate, class_prototypes, rf_bounds, parts_of, num_parts, seed)` and, per mapping,
+`relevance_ordering_test(batches, similarity, relevance, num_prototypes, input_shape, ...)`; the pieces
+(`PrototypePartTables`, `RotTables`, `rot_curves`, the centre and patch functions) for a loop of its own.
 """
 
 from __future__ import annotations
