@@ -140,11 +140,16 @@ class Representations:
             self._open[(split, s)] = (x, y)
         return self._open[(split, s)]
 
+    def owned_mask(self, split: str, rank: int, world_size: int) -> np.ndarray:
+        """Flags over the samples of `split`: those whose rows rank `rank` of `world_size` reads (1 B/sample)."""
+        mask = np.zeros(self.num_rows(split), dtype=bool)
+        for s in shards_for(self.world_size_written, rank, world_size):
+            mask[s::self.world_size_written] = True
+        return mask
+
     def owned(self, split: str, rank: int, world_size: int) -> np.ndarray:
         """The sorted sample indices of `split` whose rows rank `rank` of `world_size` reads."""
-        shards = shards_for(self.world_size_written, rank, world_size)
-        n, w = self.num_rows(split), self.world_size_written
-        return np.sort(np.concatenate([np.arange(s, n, w) for s in shards] or [np.zeros(0, dtype=np.int64)]))
+        return np.flatnonzero(self.owned_mask(split, rank, world_size))
 
     def rows(self, split: str, samples: np.ndarray, device: torch.device | str = "cpu"
              ) -> tuple[torch.Tensor, torch.Tensor]:
