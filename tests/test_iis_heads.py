@@ -1,5 +1,6 @@
 """The IIS heads over representation shards (specs/iis.md §3.2, §3.3, §4; reference bug 13)."""
 
+import json
 import math
 
 import numpy as np
@@ -8,7 +9,7 @@ import torch
 
 from qpm_dist.glm.shards import ShardWriter, write_meta
 from qpm_dist.iis.heads import HeadJob, HeadOptions, LinearProbe, PrototypeHead, build_head, split_train, train_head
-from qpm_dist.iis.representations import ORDER, REPRESENTATION, BadShards, Representations
+from qpm_dist.iis.representations import ORDER, REPRESENTATION, BadShards, Representations, iis_features
 from qpm_dist.iis.score import score
 
 
@@ -116,6 +117,16 @@ def test_planted_concepts_retention(tmp_path):
     assert int(correct) == round(dense.record["accuracy"] * 400)
 
 
+def test_every_reader_world_size_reads_every_row_once(tmp_path):
+    X = np.arange(7 * 3, dtype=np.float32).reshape(7, 3)
+    reps = write_representations(tmp_path, {"train": (X, np.arange(7) % 2)}, world_size=2)
+    for world in (1, 2, 3):
+        owned = [reps.owned("train", r, world) for r in range(world)]
+        assert sorted(np.concatenate(owned).tolist()) == list(range(7))  # a partition of the samples
+    x, y = reps.rows("train", np.array([5, 0, 6, 3]))
+    assert torch.equal(x, torch.from_numpy(X[[5, 0, 6, 3]])) and y.tolist() == [1, 0, 0, 1]
+
+
 def test_bad_shards_are_named(tmp_path):
     with pytest.raises(BadShards, match="feature shards missing"):
         Representations(tmp_path)
@@ -125,3 +136,20 @@ def test_bad_shards_are_named(tmp_path):
     with pytest.raises(BadShards, match=r"train-r0001-x.npy: float16 \(2, 4\) with 2 labels; meta.json expects "
                                         r"float16 \(2, 3\)"):
         reps.rows("train", np.arange(5))
+    meta = json.loads((tmp_path / "shards" / "meta.json").read_text())
+    meta["rows"]["train"] = [2, 3]
+    (tmp_path / "shards" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(BadShards, match=r"train rows per shard \[2, 3\]; a strided split of 5 rows over 2 ranks has "
+                                        r"\[3, 2\]"):
+        Representations(tmp_path)
+
+
+def test_float16_shards_refuse_values_beyond_its_range(tmp_path):
+    writer = ShardWriter(tmp_path, "train", 0, 2, 2, "float16")
+    with pytest.raises(ValueError, match=r"train-r0000-x.npy: a feature of magnitude 7e\+04 exceeds float16's range"):
+        writer.add(torch.tensor([[1.0, 2.0], [-7e4, 0.0]]), torch.zeros(2, dtype=torch.long))
+    writer = ShardWriter(tmp_path, "test", 0, 2, 2, "float32")
+    writer.add(torch.tensor([[1.0, 2.0], [-7e4, 0.0]]), torch.zeros(2, dtype=torch.long))
+    assert writer.close() == 2
+    with pytest.raises(ValueError, match="dtype 'bfloat16'"):
+        iis_features("iis_features", "dense", batch_size=lambda cfg: 8, dtype="bfloat16")

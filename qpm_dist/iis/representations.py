@@ -101,6 +101,10 @@ class Representations:
         except FileNotFoundError as exc:
             raise BadShards(str(exc)) from None
         where = f"{self.folder / 'shards' / 'meta.json'}"
+        if not (isinstance(meta.get("world_size"), int) and isinstance(meta.get("dim"), int) and
+                isinstance(meta.get("rows"), dict)):
+            raise BadShards(f"{where}: expected integers world_size and dim and a rows table, found keys "
+                            f"{sorted(meta)}")
         if meta.get("order", ORDER) != ORDER or meta.get("dtype") not in DTYPES:
             raise BadShards(f"{where}: order {meta.get('order')!r}, dtype {meta.get('dtype')!r}; expected "
                             f"{ORDER!r} and one of {', '.join(DTYPES)}")
