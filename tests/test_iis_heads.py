@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from qpm_dist.glm.shards import ShardWriter, write_meta
-from qpm_dist.iis.heads import HeadJob, HeadOptions, LinearProbe, PrototypeHead, build_head, split_train, train_head
+from qpm_dist.iis.heads import (HeadJob, HeadOptions, LinearProbe, PrototypeHead, build_head, grid, split_train,
+                                train_head)
 from qpm_dist.iis.representations import ORDER, REPRESENTATION, BadShards, Representations, iis_features
-from qpm_dist.iis.score import score
+from qpm_dist.iis.score import score_manifest, write_manifest
 
 
 @pytest.fixture(autouse=True)
@@ -64,6 +65,17 @@ def test_initialisation_is_seeded_truncated_normal():
         build_head(HeadJob("proto", 0.5, 0.01), 200, 50, torch.ones(4, 3), "exact", seed=3)
 
 
+def test_the_grid_in_sweep_order():
+    assert grid(["a", "b"], [0.0, 0.5], [0.1, 0.01]) == [
+        HeadJob("dense", None, 0.1), HeadJob("a", 0.0, 0.1), HeadJob("a", 0.5, 0.1), HeadJob("b", 0.0, 0.1),
+        HeadJob("b", 0.5, 0.1), HeadJob("dense", None, 0.01), HeadJob("a", 0.0, 0.01), HeadJob("a", 0.5, 0.01),
+        HeadJob("b", 0.0, 0.01), HeadJob("b", 0.5, 0.01)]
+    with pytest.raises(ValueError, match="expected distinct names other than 'dense'"):
+        grid(["dense"], [0.5], [0.1])
+    with pytest.raises(ValueError, match="sparsity ratio 1.5"):
+        grid(["a"], [1.5], [0.1])
+
+
 def test_holdout_is_seeded_and_independent_of_shards():
     flags = split_train(100, 0.1, seed=0)
     assert flags.sum() == 10 and np.array_equal(flags, split_train(100, 0.1, seed=0))
@@ -90,10 +102,11 @@ def test_planted_concepts_retention(tmp_path):
     options = HeadOptions(epochs=12, batch_size=64, seed=0)
     prototypes = torch.tensor(basis, dtype=torch.float32) * torch.tensor([1.0, 2, 3, 4, 5, 6, 7, 8])[:, None]
     ratios = [0.0, 0.25, 0.5, 0.75, 0.875]  # K = 8: 8, 6, 4, 2, 1 concepts kept per sample
-    dense = train_head(reps, HeadJob("dense", None, 0.05), options)
-    records = [dense.record]
-    records += [train_head(reps, HeadJob("planted", s, 0.05), options, prototypes).record for s in ratios]
-    result = score(records, "planted")
+    jobs = grid(["planted"], ratios, [0.05])
+    results = [train_head(reps, job, options, None if job.ratio is None else prototypes) for job in jobs]
+    dense, records = results[0], [r.record for r in results]
+    write_manifest(tmp_path / "manifest.json", records)
+    result = score_manifest(tmp_path / "manifest.json", "planted")
     arr = result.arr
     print("dense", result.dense_accuracy, "ARR", [round(a, 3) for a in arr], "IIS", result.iis)
     assert 0.8 < result.dense_accuracy < 0.99  # not trivially separable

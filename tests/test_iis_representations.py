@@ -57,8 +57,8 @@ def test_the_rows_are_the_pooled_backbone_maps(passes, tiny_data):
     from qpm_dist.data.sources import build_datasets
     from qpm_dist.models.io import load_classifier
 
-    cfg = load_config(None, ["model.arch=tiny_resnet", "model.tiny_width=8", "qpm.n_features=6", f"data.root={tiny_data}",
-                             "data.img_size=32", "data.num_workers=0"])
+    cfg = load_config(None, ["model.arch=tiny_resnet", "model.tiny_width=8", "qpm.n_features=6",
+                             f"data.root={tiny_data}", "data.img_size=32", "data.num_workers=0"])
     model = load_classifier(passes[0] / "model" / "model.pt", cfg.model).eval()
     images, labels = next(iter(build_datasets(cfg.data, seed=0).eval_loader("test", 32, 0, 1)))
     with torch.no_grad():

@@ -95,6 +95,23 @@ class HeadJob:
     lr: float
 
 
+def grid(libraries: list[str], ratios: list[float], lrs: list[float]) -> list[HeadJob]:
+    """Every job of an IIS sweep in a fixed order (index i = SLURM array task i): for each lr the dense probe,
+    then every library at every ratio (spec §3.3's loop order). One ratio grid serves every library (spec §4)."""
+    if not lrs or not ratios or not libraries:
+        raise ValueError(f"IIS grid: libraries {libraries}, ratios {ratios}, lrs {lrs}; expected each non-empty")
+    if DENSE in libraries or len(set(libraries)) != len(libraries):
+        raise ValueError(f"IIS grid: libraries {libraries}; expected distinct names other than {DENSE!r}")
+    if len(set(ratios)) != len(ratios) or len(set(lrs)) != len(lrs):
+        raise ValueError(f"IIS grid: ratios {ratios} and lrs {lrs} must not repeat a value")
+    if not all(isinstance(lr, (int, float)) and 0 < lr < math.inf for lr in lrs):
+        raise ValueError(f"IIS grid: lrs {lrs}; expected positive numbers")
+    for ratio in ratios:
+        kept(1, ratio)  # checks 0 <= ratio <= 1
+    return [job for lr in lrs for job in (HeadJob(DENSE, None, lr), *(HeadJob(library, ratio, lr)
+                                                                      for library in libraries for ratio in ratios))]
+
+
 @dataclass(frozen=True)
 class HeadOptions:
     epochs: int = 30

@@ -32,8 +32,8 @@ PER_RANK_BATCH = 8  # the same per-rank batches with 1 and 2 processes
 def main(root: str, out: Path) -> None:
     torch.set_num_threads(1)
     info = dist.init("cpu")
-    cfg = load_config(None, ["model.arch=tiny_resnet", "model.tiny_width=8", "qpm.n_features=6", f"data.root={root}", "data.img_size=32",
-                             "data.num_workers=0", "engine.precision=fp32", "engine.progress=false"])
+    cfg = load_config(None, ["model.arch=tiny_resnet", "model.tiny_width=8", "qpm.n_features=6", f"data.root={root}",
+                             "data.img_size=32", "data.num_workers=0", "engine.precision=fp32", "engine.progress=false"])
     data = build_datasets(cfg.data, seed=0)
     dense = build_dense_model(cfg, data.num_classes)  # seeded: the same on every rank and in every run
     generator = torch.Generator().manual_seed(1)
