@@ -19,6 +19,7 @@ from qpm_dist.glm.problem import standardise
 from qpm_dist.utils import atomic_write_text
 
 CHUNK_ROWS = 65536
+FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
 def shard_paths(folder: Path, split: str, rank: int) -> tuple[Path, Path]:
@@ -44,7 +45,12 @@ class ShardWriter:
 
     def add(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         m = features.shape[0]
-        self.x[self.pos:self.pos + m] = features.detach().float().cpu().numpy()
+        values = features.detach().float().cpu().numpy()
+        if self.x.dtype == np.float16 and m and (peak := float(np.abs(values).max())) > FLOAT16_MAX:
+            # numpy would store inf without a word; every later reader would see it
+            raise ValueError(f"{self.x_path}: a feature of magnitude {peak:.4g} exceeds float16's range "
+                             f"({FLOAT16_MAX:g}); write these shards as float32")
+        self.x[self.pos:self.pos + m] = values
         self.y[self.pos:self.pos + m] = labels.cpu().numpy()
         self.pos += m
 

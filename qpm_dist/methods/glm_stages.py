@@ -81,17 +81,21 @@ def raw_features(out: ModelOutput) -> torch.Tensor:
 
 
 class FeatureShards(Accumulator):
-    """Every row's raw pooled features, in this rank's shard file of each split (glm.shards)."""
+    """Every row's feature vector, in this rank's shard file of each split (glm.shards). `features` picks the
+    vector from a model output (default: `raw_features`, what the glm-based layers fit; IIS passes the full
+    backbone representation, iis.representations); `meta` adds entries to the shards' meta.json."""
 
-    def __init__(self, out_dir: Path, rank: int, dim: int, dtype: str) -> None:
+    def __init__(self, out_dir: Path, rank: int, dim: int, dtype: str,
+                 features: Callable[[ModelOutput], torch.Tensor] = raw_features, meta: dict | None = None) -> None:
         self.out_dir, self.rank, self.dim, self.dtype = out_dir, rank, dim, dtype
+        self.features, self.meta = features, meta or {}
         self.rows: dict[str, int] = {}
 
     def start(self, split: str, rows: int) -> None:
         self.writer = ShardWriter(self.out_dir, split, self.rank, rows, self.dim, self.dtype)
 
     def update(self, split: str, output: ModelOutput, labels: torch.Tensor) -> None:
-        self.writer.add(raw_features(output), labels)
+        self.writer.add(self.features(output), labels)
 
     def end(self, split: str) -> None:
         self.rows[split] = self.writer.close()
@@ -99,7 +103,7 @@ class FeatureShards(Accumulator):
     def finish(self, out_dir: Path) -> dict[str, Any]:
         every = dist.all_gather_object(self.rows)
         meta = {"world_size": len(every), "dim": self.dim, "dtype": self.dtype,
-                "rows": {split: [r[split] for r in every] for split in self.rows}}
+                "rows": {split: [r[split] for r in every] for split in self.rows}, **self.meta}
         on_main(write_meta, out_dir, meta)
         return {f"{split}_rows": sum(counts) for split, counts in meta["rows"].items()} | {"features": self.dim}
 
