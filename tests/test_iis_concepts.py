@@ -3,20 +3,27 @@ choice of concept images, the sharded resumable element-vector pass and the prot
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from helpers import REPO, clean_env
 from iis_concepts_probe import CHUNK_IMAGES, IMAGES_PER_CLASS, concept_pass
+from qpm_dist.config import DataConfig
+from qpm_dist.data.sources import read_splits
 from qpm_dist.dist import DistInfo
 from qpm_dist.iis import concepts
 from qpm_dist.iis.concepts import BadConceptInput, balanced_choice, concept_images
 from qpm_dist.iis.elements import (BadElementInput, ElementConfig, jaccard, patch_elements, render_segment,
-                                   segment_crop, segment_elements, select_masks, slic_label_maps)
+                                   save_elements, segment_crop, segment_elements, select_masks, slic_label_maps)
 from qpm_dist.iis.library import (cluster_library, element_index, prototype_library, read_elements,
                                   stratified_draw)
 
@@ -85,7 +92,7 @@ def quadrants(h: int = 48, w: int = 64) -> np.ndarray:
     return image
 
 
-def test_slic_segments_of_flat_regions():
+def test_slic_segments_of_flat_regions(tmp_path):
     image = quadrants()
     maps = slic_label_maps(image, CFG)
     assert len(maps) == 3 and all(m.shape == image.shape[:2] for m in maps)
@@ -101,6 +108,9 @@ def test_slic_segments_of_flat_regions():
     elements = segment_elements(image, CFG)
     assert len(elements) == len(masks)
     assert all(np.array_equal(e, render_segment(image, m, 117)) for e, m in zip(elements, masks))
+    paths = save_elements(elements[:2], tmp_path / "examples", "quadrants")
+    assert [p.name for p in paths] == ["quadrants_0.png", "quadrants_1.png"]
+    assert np.array_equal(np.array(Image.open(paths[1])), elements[1])
 
 
 def test_segment_crop_fills_outside_the_mask_and_keeps_the_whole_bounding_box():
@@ -178,9 +188,6 @@ def test_balanced_choice_every_class_equally_seeded_and_independent_of_list_orde
 
 
 def test_concept_images_come_from_the_training_split(tiny_data):
-    from qpm_dist.config import DataConfig
-    from qpm_dist.data.sources import read_splits
-
     data = read_splits(DataConfig(dataset="synthetic", root=str(tiny_data), img_size=32))
     chosen = concept_images(data, 2, seed=0)
     train = data.train_split
@@ -215,6 +222,11 @@ def test_concept_pass_rows_by_image_and_element(one_process_pass, tiny_data):
         ids = index.ids[index.ids[:, 0] == image, 1]
         assert 1 <= len(ids) <= 15 and ids.tolist() == list(range(len(ids)))
     assert not (folder / "chunks").exists()
+    record = json.loads((folder / "images.json").read_text())
+    assert (record["split"], record["images_per_class"], record["seed"]) == ("train", IMAGES_PER_CLASS, 0)
+    train = read_splits(DataConfig(dataset="synthetic", root=str(tiny_data), img_size=32)).train_split
+    assert [(r["index"], r["label"]) for r in record["images"]] == [(i, train.labels[i]) for i in images]
+    assert [r["path"] for r in record["images"]] == [train.paths[i] for i in images]
 
 
 def test_concept_pass_on_two_processes_equals_one_process(one_process_pass, tiny_data, tmp_path):
@@ -258,6 +270,33 @@ def test_killed_concept_pass_resumes_to_the_same_result(one_process_pass, tiny_d
     index_2, x_2 = all_rows(folder)
     assert np.array_equal(index_1.ids, index_2.ids) and torch.equal(x_1, x_2)
     assert concept_pass(str(tiny_data), str(folder), ONE_RANK)["computed_chunks"] == 0  # a finished folder
+
+
+@pytest.mark.slow
+def test_concept_pass_killed_on_two_processes_resumes_to_the_same_result(one_process_pass, tiny_data, tmp_path):
+    """The real thing: SIGKILL to both ranks of a torchrun between chunks, then a fresh 2-process run."""
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(REPO / "tests" / "iis_concepts_probe.py"), str(tiny_data), str(out)]
+    proc = subprocess.Popen(cmd + ["30"], env=clean_env(), cwd=REPO, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while len(list((out / "chunks").glob("c*.npz"))) < 2 and proc.poll() is None:
+            assert time.monotonic() < deadline, "no chunk was written"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done = sorted(p.name for p in (out / "chunks").glob("c*.npz"))
+    assert 2 <= len(done) < 4 * IMAGES_PER_CLASS // CHUNK_IMAGES and not (out / "shards" / "meta.json").exists()
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=clean_env(), cwd=REPO)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    summaries = [json.loads(line.split(" ", 1)[1]) for line in rerun.stdout.splitlines() if line.startswith("SUMMARY")]
+    assert sum(s["computed_chunks"] for s in summaries) == 4 * IMAGES_PER_CLASS // CHUNK_IMAGES - len(done)
+    index_1, x_1 = all_rows(one_process_pass[0])
+    index_2, x_2 = all_rows(out)
+    assert np.array_equal(index_1.ids, index_2.ids) and torch.equal(x_1, x_2)
 
 
 def test_concept_pass_refuses_a_folder_of_another_plan(one_process_pass, tiny_data, monkeypatch):

@@ -43,11 +43,12 @@ from qpm_dist.errors import BadInput
 from qpm_dist.glm.shards import ShardWriter, read_meta, shard_paths, write_meta
 from qpm_dist.iis.elements import ElementConfig, image_elements
 from qpm_dist.methods.glm_stages import raw_features
-from qpm_dist.stages.artifacts import on_main
+from qpm_dist.stages.artifacts import on_main, write_json
 from qpm_dist.utils import atomic_open, atomic_write_text
 
 SPLIT = "elements"  # the shard split name of the element vectors
 PLAN = "plan.json"  # chunks/plan.json: what the chunks were computed for (a resume must match it)
+IMAGES = "images.json"  # the recorded choice of concept images (choice_record), next to the shards
 
 
 class BadConceptInput(BadInput, ValueError):
@@ -152,7 +153,7 @@ def element_vectors(model: torch.nn.Module, data: DatasetBundle, indices: np.nda
                     out_dir: Path, info: DistInfo, batch_size: int = 256, chunk_images: int = 64,
                     num_workers: int | None = None,
                     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                    ) -> dict[str, Any]:
+                    record: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the concept vector of every element of the train images `indices` (see the module docstring).
 
     Every rank calls it (collectives inside). `batch_size` bounds the elements of one forward batch (a batch holds
@@ -186,6 +187,8 @@ def element_vectors(model: torch.nn.Module, data: DatasetBundle, indices: np.nda
     rows = _write_shard(out_dir, info.rank, chunks, dim)
     every = dist.all_gather_object(rows)
     meta = {"world_size": info.world_size, "dim": dim, "dtype": "float16", "rows": {SPLIT: every}, "plan": plan}
+    if record is not None:
+        write_json(out_dir / IMAGES, record)
     on_main(write_meta, out_dir, meta)  # every rank waits: the chunks go only once every shard is complete
     if info.is_main:
         shutil.rmtree(out_dir / "chunks", ignore_errors=True)

@@ -29,6 +29,7 @@ amount of CPU and memory. The reference has no such bound; ImageNet-sized images
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -191,3 +192,13 @@ def image_elements(image: np.ndarray, cfg: ElementConfig, patch_size: int, sourc
         _check_image(image, source)
         return patch_elements(bounded(image, cfg.max_side), patch_size, cfg.grid, source)
     return segment_elements(image, cfg, source)
+
+
+def save_elements(elements: list[np.ndarray], folder: Path, stem: str) -> list[Path]:
+    """Write elements as `<folder>/<stem>_<id>.png` (lossless, for reports; the pass itself keeps them in memory)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{stem}_{i}.png" for i in range(len(elements))]
+    for element, path in zip(elements, paths):
+        Image.fromarray(element).save(path)
+    return paths
