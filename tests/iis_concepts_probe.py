@@ -24,9 +24,9 @@ from qpm_dist.models.net import build_model
 IMAGES_PER_CLASS, CHUNK_IMAGES, BATCH_SIZE = 3, 2, 32
 
 
-def concept_pass(root: str, out_dir: str, info, num_workers: int = 0) -> dict:
+def concept_pass(root: str, out_dir: str, info, num_workers: int = 0, model_seed: int = 0) -> dict:
     data = read_splits(DataConfig(dataset="synthetic", root=root, img_size=32, num_workers=num_workers))
-    torch.manual_seed(0)
+    torch.manual_seed(model_seed)
     model = build_model(ModelConfig(arch="tiny_resnet", tiny_width=8), data.num_classes)
     indices = concept_images(data, IMAGES_PER_CLASS, seed=0)
     return element_vectors(model, data, indices, ElementConfig(kind="segments"), out_dir, info,

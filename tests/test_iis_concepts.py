@@ -306,6 +306,9 @@ def test_concept_pass_refuses_a_folder_of_another_plan(one_process_pass, tiny_da
     monkeypatch.setattr(iis_concepts_probe, "CHUNK_IMAGES", 3)
     with pytest.raises(BadConceptInput, match=r"meta.json: element vectors of another plan: chunk_images 2 \(expected"):
         iis_concepts_probe.concept_pass(str(tiny_data), str(one_process_pass[0]), ONE_RANK)
+    monkeypatch.setattr(iis_concepts_probe, "CHUNK_IMAGES", CHUNK_IMAGES)
+    with pytest.raises(BadConceptInput, match=r"another plan: model_sha256 '[0-9a-f]{16}' \(expected '[0-9a-f]+'\);"):
+        iis_concepts_probe.concept_pass(str(tiny_data), str(one_process_pass[0]), ONE_RANK, model_seed=1)
 
 
 # ------------------------------------------------------------------------------------------ the libraries

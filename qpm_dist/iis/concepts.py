@@ -137,10 +137,22 @@ def ids_path(folder: Path, rank: int) -> Path:
     return x_path.with_name(x_path.name.replace("-x.npy", "-ids.npy"))
 
 
-def _plan(indices: np.ndarray, cfg: ElementConfig, patch_size: int, chunk_images: int, dim: int) -> dict[str, Any]:
-    digest = hashlib.sha256(np.ascontiguousarray(indices, dtype=np.int64).tobytes()).hexdigest()[:16]
-    plan = {"images": int(len(indices)), "images_sha256": digest, "elements": asdict(cfg) | {"patch_size": patch_size},
-            "chunk_images": chunk_images, "dim": dim}
+def model_digest(model: torch.nn.Module) -> str:
+    """A digest of the model's parameters and buffers: chunks of one backbone are never mixed with another's."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _plan(model: torch.nn.Module, data: DatasetBundle, indices: np.ndarray, cfg: ElementConfig, chunk_images: int,
+          dim: int) -> dict[str, Any]:
+    """What the chunks and shards are computed from; a folder left by another plan is refused, not mixed."""
+    images = hashlib.sha256(np.ascontiguousarray(indices, dtype=np.int64).tobytes())
+    images.update("\n".join(data.train_split.paths[i] for i in indices).encode())
+    plan = {"images": int(len(indices)), "images_sha256": images.hexdigest()[:16], "model_sha256": model_digest(model),
+            "elements": asdict(cfg) | {"patch_size": data.cfg.img_size}, "chunk_images": chunk_images, "dim": dim}
     return json.loads(json.dumps(plan))  # as read back from JSON (tuples become lists)
 
 
@@ -165,7 +177,7 @@ def element_vectors(model: torch.nn.Module, data: DatasetBundle, indices: np.nda
         raise BadConceptInput(f"iis concept pass: chunk_images {chunk_images}, batch_size {batch_size}; "
                               "expected both >= 1")
     dim = int(model.head.class_weights().shape[1])
-    plan = _plan(indices, cfg, data.cfg.img_size, chunk_images, dim)
+    plan = _plan(model, data, indices, cfg, chunk_images, dim)
     if (out_dir / "shards" / "meta.json").is_file():
         meta = read_meta(out_dir)
         if meta.get("plan") != plan:
