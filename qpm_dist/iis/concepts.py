@@ -221,7 +221,8 @@ def _compute_chunks(model, data, indices, cfg, out_dir, info, chunks, batch_size
     if not batches:
         return 0
     dataset = ElementDataset(data.dataset("train", augment=False), indices, cfg, data.cfg.img_size)
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=collate_elements)
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=collate_elements,
+                        pin_memory=info.device.type == "cuda")
     parts: list[tuple[torch.Tensor, ...]] = []
     outputs = model_outputs(model, loader, info, autocast, desc="iis: element vectors")
     for b, (output, labels, image, element) in enumerate(outputs):
