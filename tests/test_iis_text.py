@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from qpm_dist.errors import BadInput, MissingInput
 from qpm_dist.iis import text_encoders
 from qpm_dist.iis.concept_file import BadConceptFile, read_concepts
-from qpm_dist.iis.text import (NoConceptsLeft, TextHeadConfig, _train_stats, activation_filter,
+from qpm_dist.iis.text import (ConceptSpace, NoConceptsLeft, TextHeadConfig, _train_stats, activation_filter,
                                class_name_image_embeddings, cos_cubed, fit_concept_space, heldout_similarity,
-                               interpretability_filter, planted_image_embeddings, top_k_mean, train_text_head)
+                               interpretability_filter, planted_image_embeddings, text_head_grid, top_k_mean,
+                               train_text_head)
 from tests.helpers import clean_env
 
 HAS_OPEN_CLIP = importlib.util.find_spec("open_clip") is not None
@@ -208,6 +209,51 @@ def test_bad_head_inputs(planted):
         train_text_head(space, x, y, xt, torch.full_like(yt, 4), C, 0.0, 1e-2, CFG)
     with pytest.raises(BadInput, match="holdout_fraction"):
         TextHeadConfig(holdout_fraction=1.0)
+
+
+def test_concept_space_file_round_trip(planted, tmp_path):
+    x, y, xt, yt, img, text, mixing, space = planted
+    path = tmp_path / "space.npz"
+    space.save(path)
+    space.save(path)  # a rerun overwrites (the reference's minute-named folder crashed here, spec bug 18)
+    back = ConceptSpace.load(path)
+    assert back.concepts == space.concepts and back.info == space.info
+    assert torch.equal(back.activations(xt), space.activations(xt))
+    assert np.array_equal(back.holdout_rows, space.holdout_rows)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(BadInput, match="text concept space .*space.npz: unreadable"):
+        ConceptSpace.load(path)
+    with pytest.raises(MissingInput, match="text concept space .*none.npz: not found"):
+        ConceptSpace.load(tmp_path / "none.npz")
+
+
+def test_grid_runs_every_explicit_ratio_and_lr(planted):
+    x, y, xt, yt, img, text, mixing, space = planted
+    cfg = TextHeadConfig(epochs=1)
+    records = text_head_grid(space, x, y, xt, yt, C, ratios=[0.0, 0.5], lrs=[1e-2, 1e-1], cfg=cfg)
+    assert [(r["ratio"], r["lr"]) for r in records] == [(0.0, 1e-2), (0.0, 1e-1), (0.5, 1e-2), (0.5, 1e-1)]
+    with pytest.raises(BadInput, match="0 ratios and 1 lrs"):
+        text_head_grid(space, x, y, xt, yt, C, ratios=[], lrs=[1e-2], cfg=cfg)
+    with pytest.raises(BadInput, match="ratio 1.5, lr 0.01; expected a ratio in"):
+        train_text_head(space, x, y, xt, yt, C, 1.5, 1e-2, cfg)
+
+
+def test_embeddings_cache_is_keyed_by_encoder_and_concepts(tmp_path):
+    calls = []
+
+    def encode(batch):
+        calls.append(list(batch))
+        return torch.tensor([[float(len(c)), 1.0] for c in batch])
+
+    enc = text_encoders.TextEncoder("toy", 2, encode, identity="toy weights=1")
+    first = text_encoders.concept_embeddings(enc, ["ab", "c"], tmp_path)
+    again = text_encoders.concept_embeddings(enc, ["ab", "c"], tmp_path)
+    assert torch.equal(first, again) and calls == [["ab", "c"]]  # the second call read the cache
+    text_encoders.concept_embeddings(enc, ["ab", "d"], tmp_path)  # another list: recomputed (spec bug 17)
+    other = text_encoders.TextEncoder("toy", 2, encode, identity="toy weights=2")
+    text_encoders.concept_embeddings(other, ["ab", "c"], tmp_path)  # other weights: recomputed
+    assert calls == [["ab", "c"], ["ab", "d"], ["ab", "c"]]
+    assert len(list(tmp_path.glob("text-embeddings-*.pt"))) == 3
 
 
 def test_class_name_image_side():

@@ -45,16 +45,20 @@ lets a test check that W_c recovers known concept directions; it says nothing ab
 from __future__ import annotations
 
 import copy
+import json
 import math
+import zipfile
 from dataclasses import asdict, dataclass, field
-from typing import Iterator, Union
+from pathlib import Path
+from typing import Iterator, Sequence, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from qpm_dist.errors import BadInput
+from qpm_dist.errors import BadInput, MissingInput
 from qpm_dist.iis.sparsity import sparsify
+from qpm_dist.utils import atomic_open
 
 Rows = Union[torch.Tensor, np.ndarray]  # N x D, indexable by rows (np.memmap shards included)
 
@@ -207,6 +211,36 @@ class ConceptSpace:
         """Standardised concept activations of a block of representations (B x D -> B x M'')."""
         return (x_rows @ self.projection.T - self.mean) / self.std
 
+    def save(self, path: str | Path) -> None:
+        """One .npz file, written atomically: a rerun overwrites it whole. The caller names it (the reference named
+        its output folder by the minute and crashed on a second run within that minute, spec bug 18)."""
+        arrays = {"projection": self.projection.numpy(), "mean": self.mean.numpy(), "std": self.std.numpy(),
+                  "concepts": np.asarray(self.concepts, dtype=np.int64), "fit_rows": self.fit_rows,
+                  "holdout_rows": self.holdout_rows, "info": np.asarray(json.dumps(self.info))}
+        with atomic_open(Path(path)) as f:
+            np.savez(f, **arrays)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ConceptSpace":
+        """The space `save` wrote; a damaged or inconsistent file stops with one line naming it."""
+        path = Path(path)
+        if not path.is_file():
+            raise MissingInput(f"text concept space {path}: not found")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                a = {k: z[k] for k in z.files}
+            space = cls(torch.from_numpy(a["projection"]), torch.from_numpy(a["mean"]), torch.from_numpy(a["std"]),
+                        a["concepts"].tolist(), a["fit_rows"], a["holdout_rows"], json.loads(str(a["info"])))
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as e:
+            raise BadInput(f"text concept space {path}: unreadable ({type(e).__name__}: {e})") from None
+        m = space.projection.shape[0]
+        if space.projection.dim() != 2 or space.mean.shape != (m,) or space.std.shape != (m,) or len(
+                space.concepts) != m or not bool((space.std > 0).all()):
+            raise BadInput(f"text concept space {path}: projection {tuple(space.projection.shape)}, mean "
+                           f"{tuple(space.mean.shape)}, std {tuple(space.std.shape)}, {len(space.concepts)} concepts; "
+                           f"expected M x D, M, M (positive) and M")
+        return space
+
 
 def split_rows(n: int, cfg: TextHeadConfig) -> tuple[np.ndarray, np.ndarray]:
     """A seeded split of the training rows into a fit part and a held-out part (sorted indices of each)."""
@@ -314,6 +348,8 @@ def train_text_head(space: ConceptSpace, x: Rows, labels: torch.Tensor | np.ndar
     """Fit g = Linear(M'' -> C) (zero init, bias) on S_s(c) of the fit rows with minibatch Adam; keep the epoch
     with the best held-out accuracy; return the IIS grid record {"library": "text", "ratio", "lr", "accuracy"
     (top-1 on x_test, a fraction), ...} with the concept counts of `space`."""
+    if not (0.0 <= ratio <= 1.0 and lr > 0):
+        raise BadInput(f"text head: ratio {ratio}, lr {lr}; expected a ratio in [0, 1] and a positive lr")
     labels_t = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     test_labels_t = torch.as_tensor(np.asarray(test_labels), dtype=torch.long)
     for name, t in (("labels", labels_t), ("test labels", test_labels_t)):
@@ -347,6 +383,18 @@ def train_text_head(space: ConceptSpace, x: Rows, labels: torch.Tensor | np.ndar
     test_acc = _accuracy(space, layer, x_test, test_labels_t, np.arange(x_test.shape[0]), ratio, cfg.max_elements)
     return {"library": "text", "ratio": ratio, "lr": lr, "accuracy": test_acc, "heldout_accuracy": best_acc,
             "best_epoch": best_epoch, **space.info}
+
+
+def text_head_grid(space: ConceptSpace, x: Rows, labels: torch.Tensor | np.ndarray, x_test: Rows,
+                   test_labels: torch.Tensor | np.ndarray, num_classes: int, ratios: Sequence[float],
+                   lrs: Sequence[float], cfg: TextHeadConfig = TextHeadConfig()) -> list[dict]:
+    """`train_text_head` for every (ratio, lr), in that order, in one process (small data); at scale every grid
+    point is an independent job on the saved `ConceptSpace`. Ratios are explicit values: the reference's script
+    passed its ratio flag without a value and so always ran s = 0 (spec bug 7)."""
+    if not ratios or not lrs:
+        raise BadInput(f"text head grid: {len(ratios)} ratios and {len(lrs)} lrs; expected at least one of each")
+    return [train_text_head(space, x, labels, x_test, test_labels, num_classes, s, lr, cfg)
+            for s in ratios for lr in lrs]
 
 
 def _accuracy(space: ConceptSpace, layer: torch.nn.Linear, x: Rows, labels: torch.Tensor, rows: np.ndarray,
@@ -386,4 +434,4 @@ def record_config(cfg: TextHeadConfig) -> dict:
 
 __all__ = ("TextHeadConfig", "ConceptSpace", "NoConceptsLeft", "cos_cubed", "top_k_mean", "activation_filter",
            "interpretability_filter", "split_rows", "fit_concept_space", "heldout_similarity", "train_text_head",
-           "class_name_image_embeddings", "planted_image_embeddings", "record_config")
+           "text_head_grid", "class_name_image_embeddings", "planted_image_embeddings", "record_config")

