@@ -273,29 +273,65 @@ def test_missing_extra_says_what_to_install(monkeypatch):
 
 
 MINILM_PROBE = """
-import json, os, socket
+import json, os, pathlib, socket, sys
 def refuse(*a, **k):
     raise OSError("network use during an offline load")
 socket.socket.connect = refuse
 socket.create_connection = refuse
-from qpm_dist.iis.text_encoders import load_minilm
+import torch, torch.nn.functional as F
+from qpm_dist.iis.concept_file import read_concepts
+from qpm_dist.iis.text import TextHeadConfig, class_name_image_embeddings, fit_concept_space, train_text_head
+from qpm_dist.iis.text_encoders import concept_embeddings, load_minilm
+torch.set_num_threads(1)
+folder = pathlib.Path(sys.argv[1])
+concepts = read_concepts(folder / "concepts.txt")
 enc = load_minilm()
-e = enc.encode_text(["a red bird", "a small dog", "red feathers"])
-print(json.dumps({"shape": list(e.shape), "norms": e.norm(dim=1).tolist(), "sim": (e @ e.T).tolist(),
-                  "offline": os.environ.get("HF_HUB_OFFLINE")}))
+text = concept_embeddings(enc, concepts, folder)
+names = enc.encode_text(["a bird", "a dog", "a fish", "a car"])
+probe = enc.encode_text(["a red bird", "a small dog", "red feathers"])
+g = torch.Generator().manual_seed(0)
+means = 3 * F.normalize(torch.randn(4, 16, generator=g), dim=1)
+def draw(n):
+    y = torch.randint(0, 4, (n,), generator=g)
+    return means[y] + torch.randn(n, 16, generator=g), y
+(x, y), (xt, yt) = draw(600), draw(300)
+cfg = TextHeadConfig(proj_steps=200, proj_lr=1e-2, check_every=25, epochs=10)
+space = fit_concept_space(x, y, class_name_image_embeddings(y, names), text, cfg)
+dense = torch.nn.Linear(16, 4)
+opt = torch.optim.Adam(dense.parameters(), lr=1e-2)
+for _ in range(300):
+    opt.zero_grad()
+    F.cross_entropy(dense(x), y).backward()
+    opt.step()
+print(json.dumps({"concepts": concepts, "shape": list(text.shape), "norms": text.norm(dim=1).tolist(),
+                  "probe": (probe @ probe.T).tolist(), "active": space.info["concepts_active"],
+                  "kept": [concepts[i] for i in space.concepts], "offline": os.environ.get("HF_HUB_OFFLINE"),
+                  "accuracy": train_text_head(space, x, y, xt, yt, 4, 0.0, 1e-2, cfg)["accuracy"],
+                  "dense": (dense(xt).argmax(1) == yt).float().mean().item()}))
 """
 
+CONCEPTS = ("feathers\nwings\na beak\nfur\nbarking\na wagging tail\nfins\nscales\nwheels\nan engine\n"
+            "a steering wheel\n\nfeathers\nquantum chromodynamics\n")
 
-@pytest.mark.slow  # ~7 s: importing transformers and loading the model
+
+@pytest.mark.slow  # ~8 s of CPU: importing transformers and loading the model
 @pytest.mark.skipif(not HAS_MINILM, reason=NO_MINILM)
-def test_minilm_loads_offline_with_the_network_refused():
+def test_minilm_text_head_runs_offline_with_the_network_refused(tmp_path):
+    """The offline MiniLM path end to end (concept file -> MiniLM -> class-name image side -> head), in a process
+    whose sockets refuse to connect and whose environment has no HF_* setting of its own."""
+    (tmp_path / "concepts.txt").write_text(CONCEPTS)
     env = {k: v for k, v in clean_env().items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
-    out = subprocess.run([sys.executable, "-c", MINILM_PROBE], capture_output=True, text=True, env=env, timeout=120)
+    out = subprocess.run([sys.executable, "-c", MINILM_PROBE, str(tmp_path)], capture_output=True, text=True,
+                         env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
-    assert got["shape"] == [3, 384] and got["offline"] == "1"
-    assert got["norms"] == pytest.approx([1, 1, 1], abs=1e-5)
-    assert got["sim"][0][2] > got["sim"][0][1] + 0.2  # "a red bird" is nearer "red feathers" than "a small dog"
+    assert got["offline"] == "1" and got["shape"] == [12, 384] and len(got["concepts"]) == 12
+    assert got["norms"] == pytest.approx([1.0] * 12, abs=1e-5)
+    assert got["probe"][0][2] > got["probe"][0][1] + 0.2  # "a red bird" is nearer "red feathers" than "a small dog"
+    # the activation filter drops at least the unrelated concept (top-5 mean = its best class-name cosine, 0.07)
+    assert got["active"] < 12 and got["kept"] and "quantum chromodynamics" not in got["kept"]
+    assert got["accuracy"] > got["dense"] - 0.1, got
+    assert len(list(tmp_path.glob("text-embeddings-*.pt"))) == 1
 
 
 TINY_CLIP = {"embed_dim": 32, "quick_gelu": True, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64,
