@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from qpm_dist.errors import BadInput, MissingInput
 from qpm_dist.iis import text_encoders
 from qpm_dist.iis.concept_file import BadConceptFile, read_concepts
-from qpm_dist.iis.text import (ConceptSpace, NoConceptsLeft, TextHeadConfig, _train_stats, activation_filter,
-                               class_name_image_embeddings, cos_cubed, fit_concept_space, heldout_similarity,
-                               interpretability_filter, planted_image_embeddings, text_head_grid, top_k_mean,
-                               train_text_head)
+from qpm_dist.iis.text import (ConceptSpace, NoConceptsLeft, StackedRows, TextHeadConfig, _train_stats,
+                               activation_filter, class_name_image_embeddings, cos_cubed, fit_concept_space,
+                               heldout_similarity, interpretability_filter, planted_image_embeddings, text_head_grid,
+                               top_k_mean, train_text_head)
 from tests.helpers import clean_env
 
 HAS_OPEN_CLIP = importlib.util.find_spec("open_clip") is not None
@@ -197,6 +197,26 @@ def test_memory_mapped_fp16_inputs_give_the_tensor_result(planted, tmp_path):
                                      cfg)
     assert from_maps.concepts == from_tensors.concepts
     assert torch.allclose(from_maps.projection, from_tensors.projection, atol=1e-5)
+
+
+def test_stacked_shards_read_as_one_array(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    whole = torch.randn(23, 4, generator=g).half()
+    parts = []
+    for i, (a, b) in enumerate([(0, 7), (7, 8), (8, 23)]):
+        m = np.lib.format.open_memmap(tmp_path / f"r{i}.npy", mode="w+", dtype=np.float16, shape=(b - a, 4))
+        m[:] = whole[a:b].numpy()
+        parts.append(np.load(tmp_path / f"r{i}.npy", mmap_mode="r"))
+    stacked = StackedRows(parts)
+    assert stacked.shape == (23, 4) and len(stacked) == 23
+    rows = np.array([0, 6, 7, 8, 9, 22])
+    assert np.array_equal(stacked[rows], whole.numpy()[rows]) and np.array_equal(stacked[5:20], whole.numpy()[5:20])
+    p = F.normalize(torch.rand(23, 3, generator=g), dim=1)
+    w = torch.randn(3, 4, generator=g)
+    assert torch.allclose(heldout_similarity(stacked, p, torch.eye(3), w, np.arange(23), 1024),
+                          cos_cubed(p, whole.float() @ w.T), atol=1e-5)
+    with pytest.raises(BadInput, match="stacked rows: parts of shapes"):
+        StackedRows([np.zeros((2, 4)), np.zeros((2, 5))])
 
 
 def test_bad_head_inputs(planted):

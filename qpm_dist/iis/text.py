@@ -31,7 +31,7 @@ Deviations from the reference, each for a reason:
 
 Memory: every pass reads x, Ê_img in blocks of rows, so per-process memory is O(block x (D + E + M)) plus the
 parameters, whatever N is. The inputs may be torch tensors or numpy arrays, memory-mapped fp16 shards included
-(rows are read by index, converted to float32 block by block).
+(rows are read by index, converted to float32 block by block); `StackedRows` reads several shards as one.
 
 What is real and what is a test device (docs for issue 17 item 5): the procedure above is the reference's, run
 for real on whatever embeddings it is given. Real embeddings come from CLIP (`text_encoders.load_clip`, the
@@ -60,7 +60,7 @@ from qpm_dist.errors import BadInput, MissingInput
 from qpm_dist.iis.sparsity import sparsify
 from qpm_dist.utils import atomic_open
 
-Rows = Union[torch.Tensor, np.ndarray]  # N x D, indexable by rows (np.memmap shards included)
+Rows = Union[torch.Tensor, np.ndarray, "StackedRows"]  # N x D, indexable by rows (np.memmap shards included)
 
 
 class NoConceptsLeft(BadInput, ValueError):
@@ -154,6 +154,28 @@ def interpretability_filter(similarity: torch.Tensor, cutoff: float) -> torch.Te
 
 # --------------------------------------------------------------------------------------------------------------
 # Reading rows in blocks
+
+
+class StackedRows:
+    """Several row arrays with one width (e.g. the per-rank memory-mapped fp16 shards of a split, in rank order)
+    read as one N x D array: indexing by a slice or by sorted row indices copies only the rows asked for."""
+
+    def __init__(self, parts: Sequence[np.ndarray]) -> None:
+        if not parts or len({p.shape[1:] for p in parts}) != 1 or parts[0].ndim != 2:
+            raise BadInput(f"stacked rows: parts of shapes {[tuple(p.shape) for p in parts]}; expected at least one "
+                           f"N_i x D array, all of one width D")
+        self.parts = list(parts)
+        self.starts = np.cumsum([0] + [p.shape[0] for p in parts])
+        self.shape = (int(self.starts[-1]), int(parts[0].shape[1]))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: np.ndarray | slice) -> np.ndarray:
+        rows = np.arange(self.shape[0])[index] if isinstance(index, slice) else np.asarray(index)
+        part_of = np.searchsorted(self.starts, rows, side="right") - 1
+        pieces = [self.parts[p][rows[part_of == p] - self.starts[p]] for p in np.unique(part_of)]
+        return np.concatenate(pieces) if pieces else np.empty((0, self.shape[1]), dtype=self.parts[0].dtype)
 
 
 def _read(a: Rows, index: np.ndarray | slice) -> torch.Tensor:
@@ -432,6 +454,7 @@ def record_config(cfg: TextHeadConfig) -> dict:
     return asdict(cfg)
 
 
-__all__ = ("TextHeadConfig", "ConceptSpace", "NoConceptsLeft", "cos_cubed", "top_k_mean", "activation_filter",
-           "interpretability_filter", "split_rows", "fit_concept_space", "heldout_similarity", "train_text_head",
-           "text_head_grid", "class_name_image_embeddings", "planted_image_embeddings", "record_config")
+__all__ = ("TextHeadConfig", "ConceptSpace", "NoConceptsLeft", "StackedRows", "cos_cubed", "top_k_mean",
+           "activation_filter", "interpretability_filter", "split_rows", "fit_concept_space", "heldout_similarity",
+           "train_text_head", "text_head_grid", "class_name_image_embeddings", "planted_image_embeddings",
+           "record_config")
