@@ -219,6 +219,29 @@ def test_stacked_shards_read_as_one_array(tmp_path):
         StackedRows([np.zeros((2, 4)), np.zeros((2, 5))])
 
 
+class _LargestRead(StackedRows):
+    """Rows that remember the largest number of rows asked for at once."""
+
+    largest = 0
+
+    def __getitem__(self, index):
+        out = super().__getitem__(index)
+        self.largest = max(self.largest, len(out))
+        return out
+
+
+def test_no_pass_reads_more_rows_than_the_element_budget(planted):
+    x, y, xt, yt, img, text, mixing, space = planted
+    cfg = TextHeadConfig(proj_steps=20, proj_lr=1e-2, check_every=10, epochs=1, max_elements=8192,
+                         interpretability_cutoff=-1.0)
+    x_rows, img_rows = _LargestRead([x.numpy()]), _LargestRead([img.numpy()])
+    small = fit_concept_space(x_rows, y, img_rows, text, cfg)
+    train_text_head(small, x_rows, y, xt, yt, C, 0.5, 1e-2, cfg)
+    # every block of P is computed from at most max_elements / (E + M) rows, never from all 800
+    assert 0 < img_rows.largest <= 8192 // E and 0 < x_rows.largest <= 8192 // D
+    assert small.info["projection_batch"] <= 8192 // (2 * 9 + D + E)
+
+
 def test_bad_head_inputs(planted):
     x, y, xt, yt, img, text, mixing, space = planted
     with pytest.raises(BadInput, match="800 representations, 799 image embeddings"):

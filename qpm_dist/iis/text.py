@@ -15,7 +15,7 @@ embeddings of M concepts Ê_txt (M x E) from one text/image encoder, both L2-nor
    loss here is -mean(cos_cubed), maximising the similarity, as in LF-CBM and the reference's first commit.
 4. Interpretability filter: keep concepts whose held-out cos-cubed similarity exceeds
    `interpretability_cutoff` (0.45): the representation must actually predict what the concept name means.
-5. c = W_c x, standardised per concept with the mean and unbiased std of the training rows.
+5. c = W_c x, standardised per concept with the mean and unbiased std of the training (fit) rows.
 6. The final layer g = Linear(M'' -> C) on S_s(c), trained per (ratio s, lr) grid point (`train_text_head`).
 
 Deviations from the reference, each for a reason:
@@ -281,8 +281,9 @@ def fit_concept_space(x: Rows, labels: torch.Tensor | np.ndarray, image_emb: Row
     fit, held = split_rows(n, cfg)
     all_rows = np.arange(n)
 
-    tops = top_k_mean((_scores(image_emb, text_emb, b) for b in _blocks(all_rows, text_emb.shape[0],
-                                                                           cfg.max_elements)), cfg.top_k)
+    width = text_emb.shape[0] + text_emb.shape[1]  # a block holds image embeddings (E) and P (M) per row
+    tops = top_k_mean((_scores(image_emb, text_emb, b) for b in _blocks(all_rows, width, cfg.max_elements)),
+                      cfg.top_k)
     active = activation_filter(tops, cfg.clip_cutoff)
     text_active = text_emb[active]
 
@@ -291,7 +292,7 @@ def fit_concept_space(x: Rows, labels: torch.Tensor | np.ndarray, image_emb: Row
     with torch.no_grad():  # nn.Linear's default init U(±1/√D), as the reference, but from the seeded generator
         projection.weight.uniform_(-1 / math.sqrt(d), 1 / math.sqrt(d), generator=generator)
     optimizer = torch.optim.Adam(projection.parameters(), lr=cfg.proj_lr)
-    batch = min(cfg.proj_batch, len(fit), max(2, cfg.max_elements // len(active)))
+    batch = min(cfg.proj_batch, len(fit), max(2, cfg.max_elements // (2 * len(active) + d + text_emb.shape[1])))
     best_loss, best_weight, steps = math.inf, projection.weight.detach().clone(), 0
     for step in range(cfg.proj_steps):
         index = np.sort(fit[torch.randperm(len(fit), generator=generator)[:batch].numpy()])
@@ -323,7 +324,7 @@ def heldout_similarity(x: Rows, image_emb: Rows, text_emb: torch.Tensor, weight:
                        max_elements: int) -> torch.Tensor:
     """cos_cubed(P[rows], x[rows] W_cᵀ) per concept, computed in blocks of rows: a first pass for the column means,
     a second for the three sums (Σ a³b³, Σ a⁶, Σ b⁶ of the centred columns), in float64."""
-    blocks = list(_blocks(rows, 2 * weight.shape[0], max_elements))
+    blocks = list(_blocks(rows, 2 * weight.shape[0] + weight.shape[1] + text_emb.shape[1], max_elements))
     with torch.no_grad():
         sum_p = torch.zeros(weight.shape[0], dtype=torch.float64)
         sum_o = torch.zeros_like(sum_p)
@@ -349,7 +350,7 @@ def _train_stats(x: Rows, weight: torch.Tensor, rows: np.ndarray, max_elements: 
     total = torch.zeros(weight.shape[0], dtype=torch.float64)
     squares = torch.zeros_like(total)
     with torch.no_grad():
-        for b in _blocks(rows, weight.shape[0], max_elements):
+        for b in _blocks(rows, weight.shape[0] + weight.shape[1], max_elements):
             c = (_read(x, b) @ weight.T).double()
             total += c.sum(0)
             squares += (c * c).sum(0)
@@ -386,7 +387,7 @@ def train_text_head(space: ConceptSpace, x: Rows, labels: torch.Tensor | np.ndar
     torch.nn.init.zeros_(layer.bias)
     optimizer = torch.optim.Adam(layer.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.lr_decay)
-    batch = max(1, min(cfg.batch_size, cfg.max_elements // max(len(space.concepts), x.shape[1])))
+    batch = max(1, min(cfg.batch_size, cfg.max_elements // (len(space.concepts) + x.shape[1])))
     best_acc, best_state, best_epoch = -1.0, copy.deepcopy(layer.state_dict()), 0
     for epoch in range(cfg.epochs):
         order = space.fit_rows[torch.randperm(len(space.fit_rows), generator=generator).numpy()]
@@ -423,7 +424,7 @@ def _accuracy(space: ConceptSpace, layer: torch.nn.Linear, x: Rows, labels: torc
               ratio: float, max_elements: int) -> float:
     correct = 0
     with torch.no_grad():
-        for b in _blocks(rows, max(len(space.concepts), x.shape[1]), max_elements):
+        for b in _blocks(rows, len(space.concepts) + x.shape[1], max_elements):
             logits = layer(sparsify(space.activations(_read(x, b)), ratio))
             correct += int((logits.argmax(1) == labels[torch.as_tensor(b)]).sum())
     return correct / max(len(rows), 1)
