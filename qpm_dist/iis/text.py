@@ -9,10 +9,11 @@ embeddings of M concepts Ê_txt (M x E) from one text/image encoder, both L2-nor
    `clip_cutoff` (0.25), i.e. the encoder finds at least a few images that show it.
 3. Projection W_c (M' x D, no bias) trained so that every column of x W_cᵀ matches the same column of P under
    the cos-cubed similarity (`cos_cubed`): Adam, at most `proj_steps` steps of `proj_batch` random rows of the
-   fit part; every `check_every` steps (and at the last) the loss on the held-out part; training stops at the
-   first check that does not improve and the best W_c is kept. The reference's HEAD minimised the *similarity*
-   of a distance (`-mean_cubic_loss`), i.e. pushed W_c to anti-correlate with the encoder (spec bug 5); the
-   loss here is -mean(cos_cubed), maximising the similarity, as in LF-CBM and the reference's first commit.
+   fit part; after the first step, then every `check_every` steps and after the last, the loss on the held-out
+   part; training stops at the first check that does not improve and the best W_c is kept (the reference's
+   rule). The reference's HEAD minimised the *similarity* of a distance (`-mean_cubic_loss`), i.e. pushed W_c to
+   anti-correlate with the encoder (spec bug 5); the loss here is -mean(cos_cubed), maximising the similarity,
+   as in LF-CBM and the reference's first commit.
 4. Interpretability filter: keep concepts whose held-out cos-cubed similarity exceeds
    `interpretability_cutoff` (0.45): the representation must actually predict what the concept name means.
 5. c = W_c x, standardised per concept with the mean and unbiased std of the training (fit) rows.
@@ -23,9 +24,12 @@ Deviations from the reference, each for a reason:
   (`holdout_fraction`), never the split the accuracy is reported on (the reference selected on its test split,
   spec §7, bug 13).
 - The final layer is trained with minibatch Adam and an exponential lr decay, like the prototype heads (§3.2),
-  not with GLM-SAGA. In sparsity-ratio mode the reference multiplies SAGA's elastic-net proximal step by 0, so
-  it is plain SAGA on cross-entropy: the optimum is the same, and SAGA's per-example table (N x C floats, 5.1 GB
-  on ImageNet, spec §7) is not needed. Without a proximal term nothing of SAGA is left that Adam lacks.
+  not with GLM-SAGA (spec §7). In sparsity-ratio mode the reference multiplies SAGA's elastic-net proximal step
+  by 0, so it is plain SAGA on cross-entropy: S_s masks fixed inputs, the objective is the same convex one, and
+  SAGA's per-example table (N x C floats, 5.1 GB on ImageNet) is not needed. The two optimisers differ in path
+  and stopping rule (SAGA: update norm <= 1e-4; here: the best of `epochs` epochs on the held-out rows), so
+  accuracies agree with the reference's only to optimisation tolerance. Weight-sparse LF-CBM (the flag off) is
+  not offered: IIS does not use it.
 - The projection's random batch is capped so that a batch of P holds at most `max_elements` floats (the
   reference draws 50,000 rows: 950 MB of P for 4,751 concepts); the cap is in the record.
 
@@ -301,7 +305,7 @@ def fit_concept_space(x: Rows, labels: torch.Tensor | np.ndarray, image_emb: Row
         loss.backward()
         optimizer.step()
         steps = step + 1
-        if steps % cfg.check_every == 0 or steps == cfg.proj_steps:
+        if step % cfg.check_every == 0 or steps == cfg.proj_steps:  # after steps 1, 1 + k, 1 + 2k, ... and the last
             held_loss = -heldout_similarity(x, image_emb, text_active, projection.weight.detach(), held,
                                             cfg.max_elements).mean().item()
             if held_loss >= best_loss:
