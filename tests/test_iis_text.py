@@ -275,6 +275,13 @@ def test_grid_runs_every_explicit_ratio_and_lr(planted):
     cfg = TextHeadConfig(epochs=1)
     records = text_head_grid(space, x, y, xt, yt, C, ratios=[0.0, 0.5], lrs=[1e-2, 1e-1], cfg=cfg)
     assert [(r["ratio"], r["lr"]) for r in records] == [(0.0, 1e-2), (0.0, 1e-1), (0.5, 1e-2), (0.5, 1e-1)]
+    # the reference's count keeps one concept fewer: at s = 7/8 of 8 concepts none is left, only the bias predicts
+    reference_count = TextHeadConfig(epochs=1, sparsity_count="reference")
+    none_left = train_text_head(space, x, y, xt, yt, C, 0.875, 1e-2, reference_count)
+    assert none_left["sparsity_count"] == "reference"
+    assert none_left["accuracy"] <= yt.bincount().max().item() / len(yt) < records[0]["accuracy"]
+    with pytest.raises(BadInput, match="text head setting sparsity_count = 'bad'"):
+        TextHeadConfig(sparsity_count="bad")
     with pytest.raises(BadInput, match="0 ratios and 1 lrs"):
         text_head_grid(space, x, y, xt, yt, C, ratios=[], lrs=[1e-2], cfg=cfg)
     with pytest.raises(BadInput, match="ratio 1.5, lr 0.01; expected a ratio in"):

@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 
 from qpm_dist.errors import BadInput, MissingInput
-from qpm_dist.iis.sparsity import sparsify
+from qpm_dist.iis.sparsity import COUNTS, sparsify
 from qpm_dist.utils import atomic_open
 
 Rows = Union[torch.Tensor, np.ndarray, "StackedRows"]  # N x D, indexable by rows (np.memmap shards included)
@@ -88,6 +88,7 @@ class TextHeadConfig:
     batch_size: int = 256  # the reference's SAGA minibatch
     lr_decay: float = 0.99  # ExponentialLR per epoch, as §3.2
     max_elements: int = 1 << 24  # ours: largest block of P (or of activations) held at once, in floats
+    sparsity_count: str = "exact"  # S_s's count (sparsity.COUNTS): "reference" keeps one fewer, as the reference
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -105,6 +106,7 @@ class TextHeadConfig:
             "batch_size": self.batch_size >= 1,
             "lr_decay": 0.0 < self.lr_decay <= 1.0,
             "max_elements": self.max_elements >= 1024,
+            "sparsity_count": self.sparsity_count in COUNTS,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -397,19 +399,19 @@ def train_text_head(space: ConceptSpace, x: Rows, labels: torch.Tensor | np.ndar
         order = space.fit_rows[torch.randperm(len(space.fit_rows), generator=generator).numpy()]
         for start in range(0, len(order), batch):
             index = np.sort(order[start:start + batch])
-            logits = layer(sparsify(space.activations(_read(x, index)), ratio))
+            logits = layer(sparsify(space.activations(_read(x, index)), ratio, cfg.sparsity_count))
             loss = F.cross_entropy(logits, labels_t[torch.as_tensor(index)])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
         schedule.step()
-        acc = _accuracy(space, layer, x, labels_t, space.holdout_rows, ratio, cfg.max_elements)
+        acc = _accuracy(space, layer, x, labels_t, space.holdout_rows, ratio, cfg)
         if acc > best_acc:
             best_acc, best_state, best_epoch = acc, copy.deepcopy(layer.state_dict()), epoch + 1
     layer.load_state_dict(best_state)
-    test_acc = _accuracy(space, layer, x_test, test_labels_t, np.arange(x_test.shape[0]), ratio, cfg.max_elements)
+    test_acc = _accuracy(space, layer, x_test, test_labels_t, np.arange(x_test.shape[0]), ratio, cfg)
     return {"library": "text", "ratio": ratio, "lr": lr, "accuracy": test_acc, "heldout_accuracy": best_acc,
-            "best_epoch": best_epoch, **space.info}
+            "best_epoch": best_epoch, "sparsity_count": cfg.sparsity_count, **space.info}
 
 
 def text_head_grid(space: ConceptSpace, x: Rows, labels: torch.Tensor | np.ndarray, x_test: Rows,
@@ -425,11 +427,11 @@ def text_head_grid(space: ConceptSpace, x: Rows, labels: torch.Tensor | np.ndarr
 
 
 def _accuracy(space: ConceptSpace, layer: torch.nn.Linear, x: Rows, labels: torch.Tensor, rows: np.ndarray,
-              ratio: float, max_elements: int) -> float:
+              ratio: float, cfg: TextHeadConfig) -> float:
     correct = 0
     with torch.no_grad():
-        for b in _blocks(rows, len(space.concepts) + x.shape[1], max_elements):
-            logits = layer(sparsify(space.activations(_read(x, b)), ratio))
+        for b in _blocks(rows, len(space.concepts) + x.shape[1], cfg.max_elements):
+            logits = layer(sparsify(space.activations(_read(x, b)), ratio, cfg.sparsity_count))
             correct += int((logits.argmax(1) == labels[torch.as_tensor(b)]).sum())
     return correct / max(len(rows), 1)
 
