@@ -13,8 +13,8 @@ Two encoders, each an optional extra (`pip install 'qpm-dist[minilm]'`, `'qpm-di
   TorchScript archive (e.g. ViT-B-16.pt, the reference's default ViT-B/16; its architecture is read from the
   weights' shapes; loading one runs TorchScript, so name only files from a source you trust — a state dict is
   read as tensors only). Text and image tower, CLIP's own preprocessing for images (`preprocess`, on PIL
-  images). open_clip's tokenizer truncates at 77 tokens where OpenAI's raises; concept lines are bounded far
-  below that (`concept_file.MAX_CHARS`).
+  images). open_clip's tokenizer truncates a concept beyond 77 tokens where OpenAI's raises (the shipped
+  concept lists hold a few words per concept; `concept_file.MAX_CHARS` = 300 characters can exceed 77 tokens).
 
 Offline: before either library is imported, HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE / HF_DATASETS_OFFLINE are set to
 1 (and huggingface_hub's constant too, should it have been imported already), so a missing file fails at once
