@@ -27,8 +27,9 @@ Bitwise equality over world sizes: an image's distances must not depend on the b
 Measured on CPU (torch 2.14.1, oneDNN 3.12): a 3x3 convolution of a batch of ONE image takes another algorithm
 than the same image inside a larger batch (outputs differ by ~1e-6), and a batched matmul of B=3 differs from
 B=37 with 2 threads; with the same shapes, results are independent of an image's position in the batch and of
-the thread count. Rule: every forward of the scan has exactly `batch_size` images (the loader's per-rank batch);
-a short last batch is padded by repeating its last image, and the padding's results are dropped. The per-rank
+the thread count; a channels-last batch and the same batch in NCHW memory differ by 1 ulp. Rule: every forward
+of the scan has exactly `batch_size` images (the loader's per-rank batch) in the loader's memory format; a short
+last batch is padded (same format) by repeating its last image, and the padding's results are dropped. The per-rank
 push batch must therefore be the same for every world size (a setting of its own, not global batch / W). On GPU
 the same rule needs deterministic kernels (cudnn.benchmark off): cuDNN's timed algorithm choice may differ
 between processes.
@@ -131,7 +132,7 @@ def scan(model: nn.Module, loader: Iterable, batch_size: int, device: torch.devi
             if labels.min() < 0 or labels.max() >= num_classes:
                 raise ValueError(f"push: labels must lie in [0, {num_classes}), found {labels.min()}..{labels.max()}")
             pad = batch_size - n  # same shapes in every forward: an image's distances do not depend on its batch
-            images = torch.cat([images, images[-1:].expand(pad, *images.shape[1:])]) if pad else images
+            images = _pad(images, pad) if pad else images
             padded_labels = torch.cat([labels, labels[-1:].expand(pad)]) if pad else labels
             with autocast():
                 latent = head.latent(model.backbone(images.to(device)))
@@ -152,6 +153,17 @@ def scan(model: nn.Module, loader: Iterable, batch_size: int, device: torch.devi
         bar.close()
         model.train(was_training)
     return candidates, grid
+
+
+def _pad(images: torch.Tensor, pad: int) -> torch.Tensor:
+    """`images` and `pad` copies of its last image, in the same memory format: a loader's channels-last batch
+    (data.loaders.collate) must stay channels-last, or the convolutions take another algorithm (1 ulp apart)."""
+    channels_last = images.dim() == 4 and images.is_contiguous(memory_format=torch.channels_last)
+    padded = torch.empty((images.shape[0] + pad, *images.shape[1:]), dtype=images.dtype, device=images.device,
+                         memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    padded[:images.shape[0]] = images
+    padded[images.shape[0]:] = images[-1:]
+    return padded
 
 
 def gather_candidates(candidates: PatchCandidates) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
