@@ -48,8 +48,12 @@ def latent_of(model: Classifier, image: torch.Tensor, batch: int = BATCH) -> tor
 
 def test_every_prototype_becomes_the_latent_vector_at_its_recorded_sample_and_cell():
     """§8.4: recompute the latent map of the recorded image: the prototype is its vector at the recorded cell,
-    bitwise; the recorded distance is the old prototype's distance to that cell and the image's minimum."""
+    bitwise; the recorded distance is the old prototype's distance to that cell and the image's minimum. Class 0's
+    three prototypes are equal, so they rank the images alike and the 2nd and 3rd must take their 2nd and 3rd best
+    (vectors from other candidate slots than the first)."""
     model = tiny_model().eval()
+    with torch.no_grad():
+        model.head.prototypes[1:3] = model.head.prototypes[0]
     images, labels = in_memory_data(37, [0, 1] * 18 + [0])  # class 2: no images
     before = model.head.prototypes.detach().clone()
     record = push_prototypes(model, shard_batches(images, labels), BATCH)
@@ -247,3 +251,25 @@ def test_an_images_candidates_do_not_depend_on_the_batch_it_came_in():
     assert alone.samples[0, 0] == batched.samples[0, 0] == 0
     assert torch.equal(alone.vectors[0, 0], batched.vectors[0, 0])
     assert alone.distances[0, 0].item() == batched.distances[0, 0].item()
+
+
+def test_the_assignment_is_the_greedy_over_all_image_prototype_pairs():
+    """An oracle: every image's best cell for each own-class prototype from one forward of all images, then the
+    greedy rule in plain Python over all pairs (ascending distance, sample, prototype; each image once). The
+    push (batches of 8, M = 3 candidates kept per prototype) assigns the same images and cells."""
+    model = tiny_model(classes=2).eval()
+    with torch.no_grad():
+        model.head.prototypes[1] = model.head.prototypes[0]  # a tie between prototypes 0 and 1 on every image
+    images, labels = in_memory_data(21, [0, 1, 1] * 7)
+    with torch.no_grad():
+        best, cells = model.head.own_class_distances(model.head.latent(model.backbone(images)), labels).flatten(2).min(2)
+    pairs = sorted((best[i, k].item(), i, cells[i, k].item(), int(labels[i]) * 3 + k) for i in range(21) for k in range(3))
+    expected, used = {}, set()
+    for distance, i, cell, j in pairs:
+        if j not in expected and i not in used:
+            expected[j] = (i, cell)
+            used.add(i)
+    record = push_prototypes(model, shard_batches(images, labels), BATCH)
+    assert [(int(record.sample[j]), int(record.cell[j, 0] * 8 + record.cell[j, 1])) for j in range(6)] == [
+        expected[j] for j in range(6)]
+    assert record.distance.tolist() == pytest.approx([best[expected[j][0], j % 3].item() for j in range(6)], abs=1e-6)
