@@ -93,6 +93,9 @@ def test_each_image_is_used_at_most_once_and_a_class_short_of_images_keeps_the_r
     assert torch.isnan(record.distance[record.kept]).all()
     assert model.head.source_sample[record.kept].tolist() == [-1] * 4
     assert "4 of 9 prototypes found no training image" in caplog.text and f"{kept}" in caplog.text
+    summary = record.summary()
+    assert summary["pushed"] == 5 and summary["kept"] == kept and summary["distance"][6] is None
+    assert summary["sample"] == record.sample.tolist() and summary["cell"][8] == [-1, -1]
     assert model.training  # its mode restored
 
 

@@ -259,6 +259,12 @@ class PushRecord(NamedTuple):
     def kept(self) -> list[int]:
         return torch.nonzero(~self.updated).flatten().tolist()
 
+    def summary(self) -> dict:
+        """JSON-ready lists per prototype (a stage record, the report): sample, [h, w], distance (None: kept)."""
+        return {"pushed": int(self.updated.sum()), "kept": self.kept, "sample": self.sample.tolist(),
+                "cell": self.cell.tolist(),
+                "distance": [None if math.isnan(d) else d for d in self.distance.tolist()]}
+
 
 def push_prototypes(model: nn.Module, loader: Iterable, batch_size: int, device: torch.device | str = "cpu",
                     autocast: Autocast = contextlib.nullcontext, desc: str = "push") -> PushRecord:
