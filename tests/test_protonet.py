@@ -73,6 +73,9 @@ def test_linear_readout_starts_at_plus_one_own_class_and_minus_half_others():
     assert torch.equal(model.head.class_weights(), expected)
     out = model(torch.randn(2, 3, 32, 32))
     assert torch.allclose(out.logits, out.features @ expected.T, rtol=0, atol=1e-6)
+    sets = model.head.parameter_sets()
+    assert sum(len(v) for v in sets.values()) == len(list(model.head.parameters()))  # each parameter in one set
+    assert sets["readout"] == [model.head.linear.weight] and tiny_classifier().head.parameter_sets()["readout"] == []
 
 
 def test_argmin_cell_and_distances_on_a_hand_built_map():

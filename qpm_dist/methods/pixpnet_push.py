@@ -23,6 +23,15 @@ Distributed, every rank does 1/W of the work and memory does not grow with the d
 A prototype without any eligible patch (its class has fewer training images than M, or none) keeps its previous
 vector and is reported (the reference zeroes it and keeps a stale index: B9).
 
+Use (a training task's epoch-end hook, every rank; the bare module, not its DDP/DeepSpeed wrapper):
+
+    loader = data.eval_loader("train", push_batch, info.rank, info.world_size, return_index=True)
+    record = push_prototypes(module, loader, push_batch, info.device, autocast)   # PushRecord
+    record.summary()  # JSON-ready per-prototype sample / cell / distance, `kept` prototypes
+
+The optimiser's state of the prototypes (Adam moments) is left as it is, as in the reference; the trainer tells the
+strategy that parameters were edited (engine.task), so DeepSpeed's fp32 copy follows.
+
 Bitwise equality over world sizes: an image's distances must not depend on the batch it was computed in.
 Measured on CPU (torch 2.14.1, oneDNN 3.12): a 3x3 convolution of a batch of ONE image takes another algorithm
 than the same image inside a larger batch (outputs differ by ~1e-6), and a batched matmul of B=3 differs from

@@ -182,6 +182,12 @@ class PrototypeHead(nn.Module):
         """C x P: logits = features @ class_weights().T (the one-hot identity for the `proto` read-out)."""
         return self.class_identity.T if self.linear is None else self.linear.weight
 
+    def parameter_sets(self) -> dict[str, list[nn.Parameter]]:
+        """The head's parameters by the optimiser groups of spec §2.3 (add-on: lr 3e-3, wd 1e-3; prototypes:
+        lr 3e-3, wd 0; readout: lr 1e-4, wd 0, empty for the `proto` read-out); the backbone's are the fourth."""
+        return {"add_on": list(self.add_on.parameters()), "prototypes": [self.prototypes],
+                "readout": [] if self.linear is None else [self.linear.weight]}
+
     def prototype_classes(self) -> torch.Tensor:
         """P int64: the class of every prototype."""
         return torch.arange(self.num_prototypes, device=self.prototypes.device) // self.per_class
