@@ -15,7 +15,8 @@ Every measurement runs in a fresh process group started by this script (`torchru
   process's high-water mark before it (ru_maxrss after the warm-up push of a 1-batch dataset), and the exact
   bytes of the per-rank candidate buffers (P x M x (D + 3) numbers).
 
-    OMP_NUM_THREADS=1 python bench/pixpnet_push_bench.py [--images 2000] [--rounds 3] [--out bench/out/pixpnet_push.json]
+    OMP_NUM_THREADS=1 python bench/pixpnet_push_bench.py [--images 2000] [--rounds 3]
+        [--out bench/out/pixpnet_push.json]
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ def worker(args: argparse.Namespace) -> None:
         peaks = dist.all_gather_object(max_rss_mb() - before_mb)
         digest = hashlib.sha256(model.head.prototypes.detach().numpy().tobytes()).hexdigest()
         item_bytes = {"distances": 4, "samples": 8, "cells": 8, "vectors": 4}  # fp32, int64, int64, fp32
-        buffer_bytes = sum(item_bytes[name] * torch.Size(shape).numel() for name, shape in record.candidate_shapes.items())
+        buffer_bytes = sum(item_bytes[name] * torch.Size(shape).numel()
+                           for name, shape in record.candidate_shapes.items())
         if info.rank == 0:
             Path(args.out).write_text(json.dumps({
                 "world_size": info.world_size, "images": args.images, "batch_per_rank": args.batch,

@@ -265,8 +265,10 @@ def test_the_assignment_is_the_greedy_over_all_image_prototype_pairs():
         model.head.prototypes[1] = model.head.prototypes[0]  # a tie between prototypes 0 and 1 on every image
     images, labels = in_memory_data(21, [0, 1, 1] * 7)
     with torch.no_grad():
-        best, cells = model.head.own_class_distances(model.head.latent(model.backbone(images)), labels).flatten(2).min(2)
-    pairs = sorted((best[i, k].item(), i, cells[i, k].item(), int(labels[i]) * 3 + k) for i in range(21) for k in range(3))
+        latent = model.head.latent(model.backbone(images))
+        best, cells = model.head.own_class_distances(latent, labels).flatten(2).min(2)
+    pairs = sorted((best[i, k].item(), i, cells[i, k].item(), int(labels[i]) * 3 + k)
+                   for i in range(21) for k in range(3))
     expected, used = {}, set()
     for distance, i, cell, j in pairs:
         if j not in expected and i not in used:

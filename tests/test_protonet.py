@@ -51,7 +51,8 @@ def test_similarity_is_fp32_even_for_fp16_distances_under_fp16_autocast():
 
 
 def test_proto_logits_are_the_per_class_sums_of_the_max_similarities_exactly():
-    """§8.2: logit_c = sum over class c's prototypes of max over cells of sim; the max is the sim at the argmin cell."""
+    """§8.2: logit_c = sum over class c's prototypes of their max similarity over the cells, which is the
+    similarity at the argmin cell of the distances."""
     model = tiny_classifier()
     torch.manual_seed(1)
     out = model(torch.randn(4, 3, 32, 32))

@@ -147,7 +147,8 @@ class PrototypeHead(nn.Module):
         if num_classes < 1 or prototypes_per_class < 1 or dim < 1:
             raise ValueError(f"prototype head: num_classes ({num_classes}), prototypes_per_class "
                              f"({prototypes_per_class}) and dim ({dim}) must be positive")
-        self.num_features, self.num_classes, self.per_class, self.dim = num_features, num_classes, prototypes_per_class, dim
+        self.num_features, self.num_classes, self.dim = num_features, num_classes, dim
+        self.per_class = prototypes_per_class
         self.add_on_kind, self.distance, self.activation, self.readout_kind = add_on, distance, activation, readout
         self.init_weights = init_weights
         self.add_on = add_on_layers(add_on, num_features, dim, init_weights)
