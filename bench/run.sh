@@ -23,3 +23,5 @@ echo "== Grad-CAM: closed form vs double backward in the GC step (GAP and GMP he
 python bench/gradcam_bench.py --out bench/out/gradcam.json
 echo "== pointing metrics: SPG by distance transform vs the reference's per-sample meshgrids; the whole pass =="
 python bench/pointing_bench.py --out bench/out/pointing.json
+echo "== PixPNet push: 2 processes vs 1 on demo-sized data; peak memory at 2000 and 8000 training images =="
+python bench/pixpnet_push_bench.py --out bench/out/pixpnet_push.json

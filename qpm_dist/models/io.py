@@ -22,11 +22,12 @@ from torch import nn
 from qpm_dist.config import ModelConfig
 from qpm_dist.models.backbones import build_backbone
 from qpm_dist.models.net import HEAD_TYPES, Classifier
+from qpm_dist.models.protonet import PrototypeHead
 from qpm_dist.models.sparse import SparseHead
 from qpm_dist.utils import atomic_open
 
 FORMAT, VERSION = "qpm-dist/classifier", 1
-BUILTIN_HEADS = (SparseHead,)  # imported here so that their type names are registered wherever models are read
+BUILTIN_HEADS = (SparseHead, PrototypeHead)  # imported here so that their type names are registered wherever models are read
 
 
 def classifier_file(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:

@@ -28,6 +28,9 @@ class ModelOutput(NamedTuple):
     logits: torch.Tensor  # B x C
     feature_maps: torch.Tensor  # B x F' x H x W, post-ReLU, in the head's feature space
     features: torch.Tensor  # B x F', the vector the final linear layer reads
+    # what a head computes besides these, for its own losses and tools (a prototype head's distances and argmin
+    # cells: models.protonet.PrototypeMatch); None for the dense and sparse heads
+    prototypes: Any = None
 
 
 HEAD_TYPES: dict[str, type[nn.Module]] = {}
