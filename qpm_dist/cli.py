@@ -260,8 +260,14 @@ def demo_environment(current: dict) -> dict[str, str]:
     return {key: current.get(key, value) for key, value in pinned.items()}
 
 
+POINTING_HEADLINE = ("pointing_game", "stochastic_pointing", "content_heatmap")
+POINTING_NAMES = {"pointing_game": "pointing game", "stochastic_pointing": "stochastic pointing game",
+                  "content_heatmap": "content heatmap"}
+
+
 def demo_summary(run_dir: Path) -> str:
-    """Per method: dense vs method accuracy, part recovery vs a random assignment, and the report's path."""
+    """Per method: dense vs method accuracy, then its headline interpretability numbers (part recovery vs a random
+    assignment; the pointing games and content heatmap), and the report's path."""
     import json
 
     from qpm_dist import methods
@@ -280,10 +286,15 @@ def demo_summary(run_dir: Path) -> str:
             dense = f"dense {d['accuracy']:.1f}% -> " if d else ""
             lines.append(f"  {label}: test top-1 {dense}{label} {q['accuracy']:.1f}%  "
                          f"({q['NFfeatures']} features, {q['PerClass']:.1f} per class)")
-            if q.get("part_recovery") is not None:
+            if "part_recovery" in spec.headline and q.get("part_recovery") is not None:
                 lines.append(f"    ground-truth class-part links recovered by {label}'s assignment: "
                              f"{100 * q['part_recovery']:.1f}% (a random head with the same links per class: "
                              f"{100 * q['part_recovery_random']:.1f}%), precision {100 * q['part_precision']:.1f}%")
+            pointing = [k for k in POINTING_HEADLINE if k in spec.headline and q.get(k) is not None]
+            if pointing:
+                scores = lambda model: " / ".join(f"{model[k]:.3f}" for k in pointing)  # noqa: E731
+                before = f"dense {scores(d)} -> " if d and all(d.get(k) is not None for k in pointing) else ""
+                lines.append(f"    {' / '.join(POINTING_NAMES[k] for k in pointing)}: {before}{label} {scores(q)}")
         if report:
             lines.append(f"    report: {report.resolve()}")
     return "\n".join(lines)

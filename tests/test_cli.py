@@ -96,8 +96,31 @@ def test_demo_runs_qpm_then_sldd_and_qsenn_on_sibling_configs():
                                               ("qsenn", "configs/demo_qsenn.yaml"), ("gc", "configs/demo_gc.yaml")]
     for _, path in runs:
         assert (REPO / path).is_file()
-    with pytest.raises(ValueError, match="unknown method 'pixpnet'"):
-        demo_configs("configs/demo.yaml", "qpm,pixpnet")
+    with pytest.raises(ValueError, match="unknown method 'no_such_method'"):
+        demo_configs("configs/demo.yaml", "qpm,no_such_method")
+
+
+def test_the_demo_summary_prints_each_methods_headline_numbers(tmp_path):
+    """Part recovery for the sparse-head methods, the pointing games and content heatmap for GC (its dense head
+    has no 'assignment' to recover links from)."""
+    import json
+
+    from qpm_dist.cli import demo_summary
+
+    common = {"NFfeatures": 64, "PerClass": 64.0, "part_recovery": 0.5, "part_recovery_random": 0.4,
+              "part_precision": 0.9}
+    scores = lambda acc, pg, spg, ch: {**common, "accuracy": acc, "pointing_game": pg,  # noqa: E731
+                                       "stochastic_pointing": spg, "content_heatmap": ch}
+    for stage, metrics in (("gc_evaluate", {"dense": scores(77.0, 1.0, 0.962, 0.709), "gc": scores(79.0, 0.997, 0.974,
+                                                                                                     0.742)}),
+                           ("qpm_evaluate", {"dense": scores(86.3, 1, 1, 1), "qpm": scores(84.5, 1, 1, 1)})):
+        (tmp_path / f"{stage}-0").mkdir()
+        (tmp_path / f"{stage}-0" / "metrics.json").write_text(json.dumps(metrics))
+    lines = demo_summary(tmp_path).splitlines()
+    assert "  GC: test top-1 dense 77.0% -> GC 79.0%  (64 features, 64.0 per class)" in lines
+    assert ("    pointing game / stochastic pointing game / content heatmap: dense 1.000 / 0.962 / 0.709 -> "
+            "GC 0.997 / 0.974 / 0.742") in lines
+    assert sum("class-part links recovered by" in line for line in lines) == 1  # QPM's, not GC's
 
 
 def test_the_demo_pins_threads_and_kernels_unless_the_user_chose(monkeypatch):
