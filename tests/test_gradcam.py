@@ -8,7 +8,7 @@ from torch import nn
 
 from qpm_dist import gradcam as G
 from qpm_dist.config import ModelConfig
-from qpm_dist.models.net import Classifier, ModelOutput, build_model
+from qpm_dist.models.net import Classifier, build_model
 from qpm_dist.models.sparse import SparseHead
 
 SIZES = [(7, 7), (14, 14), (14, 19), (3, 10)]
@@ -39,31 +39,11 @@ def test_closed_form_equals_autograd(pooling, h, w):
         assert int((got[0] > 0).sum()) <= maps.shape[1]
 
 
-class MaxHead(nn.Module):
-    """A GMP head (global max pooling -> linear), as the GC paper's GMP models."""
-
-    kind = "gmp-test"
-
-    def __init__(self, num_features, num_classes):
-        super().__init__()
-        self.linear = nn.Linear(num_features, num_classes)
-
-    def forward(self, feature_maps):
-        features = F.adaptive_max_pool2d(feature_maps, 1).flatten(1)
-        return ModelOutput(self.linear(features), feature_maps, features)
-
-
-@pytest.fixture
-def gmp_form(monkeypatch):
-    monkeypatch.setitem(G.LINEAR_FORMS, "gmp-test", lambda head: G.LinearForm(head.linear.weight, "max"))
-
-
 def _model(head: str = "dense", seed: int = 0) -> Classifier:
     torch.manual_seed(seed)
-    model = build_model(ModelConfig(arch="tiny_resnet", tiny_width=8), num_classes=5)
-    if head == "gmp":
-        model.head = MaxHead(model.num_features, 5)
-    elif head == "sparse":
+    pooling = "max" if head == "gmp" else "avg"  # gmp: the GC paper's global max pooling (model.pooling=max)
+    model = build_model(ModelConfig(arch="tiny_resnet", tiny_width=8, pooling=pooling), num_classes=5)
+    if head == "sparse":
         k = model.num_features
         model.head = SparseHead(torch.tensor([3, 0, 7, 12]), torch.randn(5, 4), torch.rand(k), torch.rand(k) + 0.5,
                                 bias=torch.randn(5))
@@ -75,7 +55,7 @@ def _images(h=32, w=40, b=3):
 
 
 @pytest.mark.parametrize("head", ["dense", "sparse", "gmp"])
-def test_model_maps_closed_form_equal_autograd(head, gmp_form):
+def test_model_maps_closed_form_equal_autograd(head):
     model = _model(head)
     images, labels = _images()
     closed = G.class_maps(model, images, labels, closed=True)
@@ -97,7 +77,7 @@ def test_closed_form_refused_where_it_does_not_apply():
 
 
 @pytest.mark.parametrize("head", ["dense", "gmp"])
-def test_loss_on_map_reaches_fc_weight_through_closed_form_as_through_double_backward(head, gmp_form):
+def test_loss_on_map_reaches_fc_weight_through_closed_form_as_through_double_backward(head):
     images, labels = _images()
     grads = []
     for closed in (True, False):
@@ -160,7 +140,7 @@ def _package_map(cam_class, model, images, labels):
 
 
 @pytest.mark.parametrize("head", ["dense", "gmp"])
-def test_against_pytorch_grad_cam(head, gmp_form):
+def test_against_pytorch_grad_cam(head):
     model = _model(head)
     images, labels = _images()
     ours = G.normalise(G.class_maps(model, images, labels).maps.detach())
