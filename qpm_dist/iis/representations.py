@@ -4,7 +4,7 @@ per-rank fp16 shards (specs/iis.md §0, §2.5, §7; issue 17 item 2).
 The representation is the input of the head's final linear layer BEFORE anything the head does to the channels:
 the backbone's feature maps (what the head receives), pooled the way the head pools them (`pooling` of the head,
 "avg" when it has none). For the dense model that is exactly the final Linear's input (spec §2.4's rule); for a
-sparse QPM/SLDD/Q-SENN model it is the FULL backbone vector, every channel, not the n selected ones the sparse
+sparse-head model it is the FULL backbone vector, every channel, not the n selected ones the sparse
 head reads (`ModelOutput.feature_maps` of a sparse head holds only those, so it cannot serve): IIS scores the
 representation the fine-tuning produced, not the sparse layer. A GC model with global max pooling
 (`DenseHead(pooling="max")`) is represented by its max-pooled vector, the input its Linear was trained on.

@@ -64,7 +64,7 @@ def method_columns(out_dir: Path, own: list[Column] | None = None, own_dense_key
     report's own run, whose baseline is the dense stage `own_dense_key`) first, the newest evaluation under
     `out_dir` for every other method.
 
-    Methods may compare against different dense models (the demo: QPM, SLDD and Q-SENN share one, GC trains its
+    Methods may compare against different dense models (the demo: the sparse-head methods share one, GC trains its
     own baseline). Each distinct baseline is one column, labelled with the methods it is the baseline of when
     there are several, so no method is shown next to another's baseline under the name "dense"."""
     found = find_metrics(out_dir)
