@@ -225,7 +225,8 @@ def mapping_relevance(model: nn.Module, rf: ReceptiveFields, mapping: str, sigma
 
 def _test_batches(loader: Iterable, device: torch.device, limit: int | None = None) -> Iterator[tuple]:
     """(images on the device, labels, indices) of a loader with return_index; with `limit`, only the images whose
-    index is below it (the first `limit` test images in loader order), stopping after the last of them."""
+    index is below it (the first `limit` test images in loader order), stopping at the first batch without one (a
+    rank's shard comes in ascending index order: eval_loader's rank::world)."""
     for images, labels, indices in loader:
         if limit is not None:
             keep = indices < limit
@@ -278,9 +279,8 @@ def prototype_metrics(model: nn.Module, data, info: DistInfo, data_cfg: DataConf
 
 def rot_metrics(model: nn.Module, data, info: DistInfo, rf: ReceptiveFields, classes: torch.Tensor,
                 settings: PixPNetEvalConfig, autocast: Autocast, seed: int = 0) -> dict[str, Any]:
-    """ROT of every mapping on the first rot_samples test images, each rank its share (indices rank::world)."""
+    """ROT of every mapping on the first rot_samples test images, each rank those of its shard."""
     n = min(settings.rot_samples, data.num_samples("test"))
-    mine = len(range(info.rank, n, info.world_size))
     shape = (3, *rf.input_size)
     baseline = PM.rot_baseline(shape, settings.rot_seed)
     similarity = rot_similarity(model, autocast)
@@ -292,7 +292,7 @@ def rot_metrics(model: nn.Module, data, info: DistInfo, rf: ReceptiveFields, cla
                    for images, labels, indices in _test_batches(loader, info.device, limit=n))
         summary = PM.relevance_ordering_test(
             batches, similarity, mapping_relevance(model, rf, mapping, settings.sigma_factor, seed, autocast),
-            prototype_head(model).num_prototypes, shape, num_samples=max(1, mine), baseline=baseline,
+            prototype_head(model).num_prototypes, shape, num_samples=max(1, n), baseline=baseline,
             step_fraction=settings.rot_step_fraction, prop_pixels=settings.rot_prop_pixels,
             batch_size=settings.rot_batch_size, device=info.device)
         result[f"rot_area_{mapping}"] = finite_or_none(summary["rot_area"])
