@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import html
 import json
 import re
 import subprocess
@@ -18,6 +19,7 @@ from qpm_dist import dist
 from qpm_dist.metrics import prototypes as PM
 from qpm_dist.methods import pixpnet_eval as PE
 from qpm_dist.models.receptive_fields import backbone_receptive_fields
+from qpm_dist.report.tables import fmt
 
 MAPPED = [f"{metric}_{m}" for m in PM.MAPPINGS
           for metric in ("consistency_soft", "consistency_hard", "stability_soft", "stability_hard")]
@@ -121,21 +123,28 @@ def test_a_model_without_a_prototype_head_is_refused_by_name(one_process):
 
 
 def test_report_shows_each_prototype_with_its_source_rf_box(one_process, tmp_path):
-    from qpm_dist.report.build import ReportInputs
-
+    """The whole report page (PixPNetReportStage.render): the comparison table with the prototype rows, the metrics
+    by mapping with the ROT curves, and one figure per shown prototype (report.max_classes bounds the classes)
+    whose caption names the push source and the RF box of its cell, inside the input."""
     _, metrics, model, ctx = one_process
-    ctx = dataclasses.replace(ctx, cfg=copy.deepcopy(ctx.cfg))
+    spec = SimpleNamespace(label="PixPNet", report_sections=PE.pixpnet_report_sections)
+    ctx = dataclasses.replace(ctx, cfg=copy.deepcopy(ctx.cfg), method=spec,
+                              outputs={"pixpnet_evaluate": ctx.run_dir})  # run_stage's folder holds metrics.json
     ctx.cfg.report.max_classes = 3  # bounded: 3 of the 4 classes
-    inputs = ReportInputs(ctx=ctx, method="pixpnet", label="PixPNet", metrics=metrics, model=model, k=2,
-                          fig_dir=tmp_path)
-    sections = dict(PE.pixpnet_report_sections(inputs))
-    assert set(sections) == {"Prototype metrics by pixel-space mapping", "Prototypes"}
-    assert sections["Prototype metrics by pixel-space mapping"].count("<img") == 1  # the ROT curves
-    html = sections["Prototypes"]
+    ctx.cfg.run.out_dir = str(tmp_path / "runs")  # no other method to compare with
+    PE.PixPNetReportStage("pixpnet_train", lambda c: 2, load=lambda c, s: model).render(ctx, tmp_path,
+                                                                                      tmp_path / "report.html")
+    page = (tmp_path / "report.html").read_text()
+    assert "src=\"http" not in page and page.count("<img") == page.count("src=\"data:image/png;base64,")
+    own = metrics["pixpnet"]
+    for label, key in (("Prototype consistency (soft: mean best-part hit rate): RF box", "consistency_soft_ours"),
+                       ("... upsampling mapping (ProtoPNet)", "consistency_soft_upsample")):
+        assert f"<td>{html.escape(label)}</td><td>{fmt(own[key])}</td>" in page
+    assert "<h2>Prototype metrics by pixel-space mapping</h2>" in page and "alt=\"rot_curves.png\"" in page
     figures = re.findall(r"<figure class='prototype'><img src=\"data:image/png;base64,[^\"]+\"[^>]*><figcaption>"
                          r"prototype (\d+): pushed to training image #(\d+), cell \((\d+), (\d+)\), "
-                         r"RF box x (\d+)-(\d+), y (\d+)-(\d+)</figcaption></figure>", html)
-    assert len(figures) == html.count("<img") == 6 == len(list(tmp_path.glob("prototype_*.png")))
+                         r"RF box x (\d+)-(\d+), y (\d+)-(\d+)</figcaption></figure>", page)
+    assert len(figures) == page.count("<figure") == 6 == len(list((tmp_path / "figures").glob("prototype_*.png")))
     rf = backbone_receptive_fields("tiny_resnet", "layer2", False, 32, 32)
     head = model.head
     for j, sample, h, w, x1, x2, y1, y2 in (tuple(map(int, f)) for f in figures):
@@ -143,3 +152,12 @@ def test_report_shows_each_prototype_with_its_source_rf_box(one_process, tmp_pat
         assert (y1, y2, x1, x2) == tuple(rf.bounds[h, w])
         assert 0 <= x1 < x2 <= 32 and 0 <= y1 < y2 <= 32  # inside the 32 x 32 input
     assert [int(f[0]) for f in figures] == list(range(6))
+
+
+def test_too_many_rot_steps_are_refused_by_the_config_check():
+    from qpm_dist.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"pixpnet.eval.rot_step_fraction: 0.0005 makes 2000 ROT steps .* at most 1000"):
+        PE.PixPNetEvalConfig(rot_step_fraction=0.0005).check("pixpnet.eval")
+    PE.PixPNetEvalConfig(rot_step_fraction=0.001).check("pixpnet.eval")  # 1000 steps: the limit
+    PE.PixPNetEvalConfig(rot_step_fraction=0.0005, rot_samples=0).check("pixpnet.eval")  # no ROT

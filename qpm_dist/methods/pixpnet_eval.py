@@ -68,7 +68,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from qpm_dist.config import Config, DataConfig, bounded, to_dict
+from qpm_dist.config import Config, ConfigError, DataConfig, bounded, to_dict
 from qpm_dist.dist import DistInfo
 from qpm_dist.metrics import prototypes as PM
 from qpm_dist.metrics.collect import attributes_root, evaluate_model, ground_truth_class_similarity
@@ -115,6 +115,15 @@ class PixPNetEvalConfig:
     rot_batch_size: int = bounded(64, ge=1, le=PM.MAX_ROT_BATCH)
     rot_seed: int = bounded(4, ge=0, le=2_000_000_000)
 
+    def check(self, key: str) -> None:
+        """ROT's number of steps is bounded (PM.MAX_ROT_STEPS): refused here, before any training, not at the
+        evaluation."""
+        steps = math.ceil(self.rot_prop_pixels / self.rot_step_fraction - 1e-9)
+        if self.rot_samples and steps > PM.MAX_ROT_STEPS:
+            raise ConfigError(f"{key}.rot_step_fraction: {self.rot_step_fraction} makes {steps} ROT steps "
+                              f"(rot_prop_pixels / rot_step_fraction), expected at most {PM.MAX_ROT_STEPS}: a larger "
+                              f"step fraction")
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Model access: the prototype head's pieces, restricted to the prototypes asked for
@@ -156,9 +165,8 @@ def _padded(images: torch.Tensor, size: int) -> torch.Tensor:
     """`images` and copies of its last image up to `size`, in the same memory format (see the module docstring)."""
     if len(images) == size:
         return images
-    out = torch.empty((size, *images.shape[1:]), dtype=images.dtype, device=images.device)
-    if images.is_contiguous(memory_format=torch.channels_last):
-        out = out.contiguous(memory_format=torch.channels_last)
+    layout = torch.channels_last if images.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    out = torch.empty((size, *images.shape[1:]), dtype=images.dtype, device=images.device, memory_format=layout)
     out[:len(images)] = images
     out[len(images):] = images[-1:]
     return out
