@@ -154,10 +154,13 @@ def test_report_shows_each_prototype_with_its_source_rf_box(one_process, tmp_pat
     assert [int(f[0]) for f in figures] == list(range(6))
 
 
-def test_too_many_rot_steps_are_refused_by_the_config_check():
+def test_too_many_rot_steps_are_refused_before_training():
+    """Steps are counted at the input size as the ROT counts them: at 224 px a fraction of 0.001 rounds to 50-pixel
+    chunks, 1004 steps."""
     from qpm_dist.config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"pixpnet.eval.rot_step_fraction: 0.0005 makes 2000 ROT steps .* at most 1000"):
-        PE.PixPNetEvalConfig(rot_step_fraction=0.0005).check("pixpnet.eval")
-    PE.PixPNetEvalConfig(rot_step_fraction=0.001).check("pixpnet.eval")  # 1000 steps: the limit
-    PE.PixPNetEvalConfig(rot_step_fraction=0.0005, rot_samples=0).check("pixpnet.eval")  # no ROT
+    with pytest.raises(ConfigError, match=r"pixpnet.eval.rot_step_fraction / rot_prop_pixels at data.img_size=224: "
+                                          r"ROT steps .*: got 1004, expected at most 1000"):
+        PE.check_settings(PE.PixPNetEvalConfig(rot_step_fraction=0.001), 224, "pixpnet.eval")
+    PE.check_settings(PE.PixPNetEvalConfig(rot_step_fraction=0.001, rot_prop_pixels=0.99), 224, "pixpnet.eval")
+    PE.check_settings(PE.PixPNetEvalConfig(rot_step_fraction=0.0001, rot_samples=0), 224, "pixpnet.eval")  # no ROT

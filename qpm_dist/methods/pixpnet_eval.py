@@ -45,7 +45,8 @@ the test image's own best-matching cell. One figure per prototype. The push scan
 backends without random access (ffcv, wds) get the heat maps without the source patches, and a note.
 
 API for the method module (pixpnet.py):
-* `PixPNetEvalConfig` — the settings below; nest it in the `pixpnet:` section (e.g. `pixpnet.eval`);
+* `PixPNetEvalConfig` — the settings below; nest it in the `pixpnet:` section (e.g. `pixpnet.eval`), and call
+  `check_settings(cfg.pixpnet.eval, cfg.data.img_size, "pixpnet.eval")` from the method's `validate`;
 * `PixPNetEvaluateStage(final_stage, settings, k, baseline=None, load=artifacts.load_model)` — `settings(cfg)` ->
   PixPNetEvalConfig, `k(cfg)` -> prototypes per class; `load(ctx, stage)` reads a stage's model (pass the method's
   loader while models.io does not rebuild truncated backbones);
@@ -115,14 +116,17 @@ class PixPNetEvalConfig:
     rot_batch_size: int = bounded(64, ge=1, le=PM.MAX_ROT_BATCH)
     rot_seed: int = bounded(4, ge=0, le=2_000_000_000)
 
-    def check(self, key: str) -> None:
-        """ROT's number of steps is bounded (PM.MAX_ROT_STEPS): refused here, before any training, not at the
-        evaluation."""
-        steps = math.ceil(self.rot_prop_pixels / self.rot_step_fraction - 1e-9)
-        if self.rot_samples and steps > PM.MAX_ROT_STEPS:
-            raise ConfigError(f"{key}.rot_step_fraction: {self.rot_step_fraction} makes {steps} ROT steps "
-                              f"(rot_prop_pixels / rot_step_fraction), expected at most {PM.MAX_ROT_STEPS}: a larger "
-                              f"step fraction")
+
+
+def check_settings(settings: PixPNetEvalConfig, img_size: int, key: str) -> None:
+    """For the method's `validate` (it needs data.img_size): ROT's number of steps at this input size is within
+    PM.MAX_ROT_STEPS, so a bad setting is refused before training, not at the evaluation."""
+    if settings.rot_samples == 0:
+        return
+    try:
+        PM.rot_pixel_counts((img_size, img_size), settings.rot_step_fraction, settings.rot_prop_pixels)
+    except PM.PrototypeMetricError as exc:
+        raise ConfigError(f"{key}.rot_step_fraction / rot_prop_pixels at data.img_size={img_size}: {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
