@@ -150,16 +150,9 @@ def input_receptive_fields(model: nn.Module, size: int) -> ReceptiveFields:
     return receptive_fields(model.backbone, size, size)
 
 
-def similarity_maps(model: nn.Module, images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """B x P' x Hz x Wz similarity maps of the prototypes `ids` (P' ids for all images, or B x P' per image) only:
-    the distances of the other prototypes are never computed (spec §7.2)."""
-    head = prototype_head(model)
-    latent = head.latent(model.backbone(images))
-    ids = ids.to(head.prototypes.device)
-    return head.similarity(head.distances(latent, head.prototypes[ids]))
-
-
-def _distances(model: nn.Module, images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def prototype_distances(model: nn.Module, images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """B x P' x Hz x Wz distances (fp32) of the prototypes `ids` only (P' ids for all images, or B x P' per image):
+    the other prototypes' distances are never computed (spec §7.2)."""
     head = prototype_head(model)
     latent = head.latent(model.backbone(images))
     return head.distances(latent, head.prototypes[ids.to(head.prototypes.device)])
@@ -189,7 +182,7 @@ def cell_locator(model: nn.Module, batch_size: int, autocast: Autocast
             n = len(part)
             padded_ids = torch.cat([part_ids, part_ids[-1:].expand(batch_size - n, -1)])
             with autocast():
-                distances = _distances(model, _padded(part, batch_size), padded_ids)[:n]
+                distances = prototype_distances(model, _padded(part, batch_size), padded_ids)[:n]
             cells.append(nearest_cells(distances)[1].cpu())
         flat = torch.cat(cells)
         width = distances.shape[-1]
@@ -205,7 +198,7 @@ def rot_similarity(model: nn.Module, autocast: Autocast) -> Callable[[torch.Tens
     @torch.no_grad()
     def similarity(images: torch.Tensor, ids: list[int]) -> torch.Tensor:
         with autocast():
-            distances = _distances(model, images, torch.tensor(ids))
+            distances = prototype_distances(model, images, torch.tensor(ids))
         return head.similarity(nearest_cells(distances)[0])
 
     return similarity
@@ -223,7 +216,7 @@ def mapping_relevance(model: nn.Module, rf: ReceptiveFields, mapping: str, sigma
     @torch.no_grad()
     def relevance(image: torch.Tensor, ids: torch.Tensor, index: int) -> torch.Tensor:
         with autocast():
-            sims = similarity_maps(model, image[None], ids)[0].float()
+            sims = prototype_head(model).similarity(prototype_distances(model, image[None], ids))[0]
         if mapping == "ours":
             return rf_heat_maps(sims, rf, sigma_factor).max
         return upsample_maps(sims, rf.input_size)
