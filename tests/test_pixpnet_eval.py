@@ -62,6 +62,14 @@ def test_evaluate_stage_writes_the_prototype_metrics_of_every_mapping(one_proces
     assert not any(isinstance(v, (list, dict)) for v in summary["pixpnet"].values())
 
 
+def test_the_stage_key_holds_the_evaluation_settings(one_process):
+    """A changed ROT budget or noise must not reuse a cached evaluation."""
+    cfg = one_process[3].cfg
+    parts = [PE.PixPNetEvaluateStage("pixpnet_train", lambda c, s=s: s, lambda c: 2).config_parts(cfg)
+             for s in (PE.PixPNetEvalConfig(), PE.PixPNetEvalConfig(rot_samples=7), PE.PixPNetEvalConfig(noise_std=0.1))]
+    assert parts[0] != parts[1] and parts[0] != parts[2] and parts[0]["eval"] == parts[1]["eval"]
+
+
 def test_ours_is_the_rf_centre_mapping_of_the_model_layer(one_process):
     """The stage's `ours` numbers are prototype_part_scores with the receptive fields of the model's own layer
     (tiny_resnet layer2 at 32 px), the true class's prototypes and the model's argmin cells."""

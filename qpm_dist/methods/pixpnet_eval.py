@@ -51,7 +51,10 @@ API for the method module (pixpnet.py):
   PixPNetEvalConfig, `k(cfg)` -> prototypes per class; `load(ctx, stage)` reads a stage's model (pass the method's
   loader while models.io does not rebuild truncated backbones);
 * `evaluate_pixpnet(model, data, info, cfg, settings, autocast)` -> the metrics dict of one prototype model;
-* `prototype_metrics(model, data, info, data_cfg, settings, autocast, seed)` -> the consistency/stability/ROT part;
+* `prototype_metrics(model, data, info, data_cfg, settings, autocast, seed)` -> the consistency/stability/ROT part
+  (`rot_metrics` the ROT alone);
+* `prototype_distances(model, images, ids)`, `cell_locator`, `rot_similarity`, `mapping_relevance` — the model
+  callables the metric functions of metrics.prototypes take, computing only the prototypes asked for;
 * `PixPNetReportStage(final_stage, k, load=...)` and `pixpnet_report_sections(inputs)` (MethodSpec.report_sections);
 * `HEADLINE` — the method's headline keys.
 """
