@@ -172,3 +172,23 @@ def test_too_many_rot_steps_are_refused_before_training():
         PE.check_settings(PE.PixPNetEvalConfig(rot_step_fraction=0.001), 224, "pixpnet.eval")
     PE.check_settings(PE.PixPNetEvalConfig(rot_step_fraction=0.001, rot_prop_pixels=0.99), 224, "pixpnet.eval")
     PE.check_settings(PE.PixPNetEvalConfig(rot_step_fraction=0.0001, rot_samples=0), 224, "pixpnet.eval")  # no ROT
+
+
+def test_a_baseline_stage_is_scored_with_every_generic_metric_next_to_the_prototype_model(one_process, tmp_path):
+    """With `baseline`, metrics.json has the dense column as EvaluateStage writes it (incl. the weight-based part
+    recovery, meaningful for a dense head) and the prototype model's without those."""
+    from qpm_dist.models.io import save_classifier
+    from qpm_dist.models.net import build_model
+
+    _, _, model, ctx = one_process
+    torch.manual_seed(0)
+    save_classifier(tmp_path / "dense" / "model.pt", build_model(ctx.cfg.model, 4))
+    ctx = dataclasses.replace(ctx, outputs={"dense": tmp_path / "dense"})
+    stage = PE.PixPNetEvaluateStage("pixpnet_train", lambda c: PE.PixPNetEvalConfig(rot_samples=0), lambda c: 2,
+                                    baseline="dense", load=lambda c, s: model)
+    assert stage.depends == ("dense", "pixpnet_train")
+    stage.run(ctx, tmp_path)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(metrics) == {"dense", "pixpnet"}
+    assert metrics["dense"]["part_recovery"] is not None and "consistency_soft_ours" not in metrics["dense"]
+    assert "part_recovery" not in metrics["pixpnet"] and metrics["pixpnet"]["consistency_soft_ours"] is not None
