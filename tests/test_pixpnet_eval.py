@@ -183,7 +183,8 @@ def test_a_baseline_stage_is_scored_with_every_generic_metric_next_to_the_protot
     _, _, model, ctx = one_process
     torch.manual_seed(0)
     save_classifier(tmp_path / "dense" / "model.pt", build_model(ctx.cfg.model, 4))
-    ctx = dataclasses.replace(ctx, outputs={"dense": tmp_path / "dense"})
+    ctx = dataclasses.replace(ctx, cfg=copy.deepcopy(ctx.cfg), outputs={"dense": tmp_path / "dense"})
+    ctx.cfg.eval.gmm_max_features = 0  # no contrastiveness GMMs: seconds of fitting, not the point here
     stage = PE.PixPNetEvaluateStage("pixpnet_train", lambda c: PE.PixPNetEvalConfig(rot_samples=0), lambda c: 2,
                                     baseline="dense", load=lambda c, s: model)
     assert stage.depends == ("dense", "pixpnet_train")
