@@ -66,7 +66,8 @@ def test_the_stage_key_holds_the_evaluation_settings(one_process):
     """A changed ROT budget or noise must not reuse a cached evaluation."""
     cfg = one_process[3].cfg
     parts = [PE.PixPNetEvaluateStage("pixpnet_train", lambda c, s=s: s, lambda c: 2).config_parts(cfg)
-             for s in (PE.PixPNetEvalConfig(), PE.PixPNetEvalConfig(rot_samples=7), PE.PixPNetEvalConfig(noise_std=0.1))]
+             for s in (PE.PixPNetEvalConfig(), PE.PixPNetEvalConfig(rot_samples=7),
+                       PE.PixPNetEvalConfig(noise_std=0.1))]
     assert parts[0] != parts[1] and parts[0] != parts[2] and parts[0]["eval"] == parts[1]["eval"]
 
 

@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import contextlib
 import html
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator

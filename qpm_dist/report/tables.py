@@ -39,7 +39,8 @@ METRIC_ROWS = [
           ("stability_soft", "Prototype stability under noise (Jaccard of parts hit): RF box"),
           ("rot_area", "Relevance ordering test: area (higher is better): RF heat map"),
           ("rot_pct", "Relevance ordering test: % pixels to the original similarity (lower is better): RF heat map"))
-      for mapping, text in (("ours", ""), ("upsample", "upsampling mapping (ProtoPNet)"), ("random", "random mapping"))],
+      for mapping, text in (("ours", ""), ("upsample", "upsampling mapping (ProtoPNet)"),
+                            ("random", "random mapping"))],
 ]
 
 # metric -> the value it must beat: what the same score gives by chance
