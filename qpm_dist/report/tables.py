@@ -30,7 +30,7 @@ METRIC_ROWS = [
     ("stochastic_pointing", "Stochastic pointing game: Grad-CAM mass within 15 px of the boxes (exact)"),
     ("stochastic_pointing_sampled", "... sampled (100 points per image)"),
     ("content_heatmap", "Content heatmap: Grad-CAM mass inside the object boxes"),
-    # prototype networks (PixPNet, specs/pixpnet.md §4): per pixel-space mapping of a prototype's best cell
+    # prototype networks (specs/pixpnet.md §4): per pixel-space mapping of a prototype's best cell
     *[(f"{metric}_{mapping}", label if mapping == "ours" else f"... {text}")
       for metric, label in (
           ("consistency_hard", "Prototype consistency (share of prototypes on one part in >= 80 % of images): RF box"),
