@@ -26,17 +26,22 @@ MAPPED = [f"{metric}_{m}" for m in PM.MAPPINGS
 ROT = [f"rot_{what}_{m}" for m in PM.MAPPINGS for what in ("area", "pct", "curve")] + ["rot_pct_pixels", "rot_pairs"]
 
 
-@pytest.fixture(scope="module")
-def one_process(tiny_data, tmp_path_factory):
-    """The stage in this process (1 thread: bitwise what a 1-process torchrun run computes)."""
-    from pixpnet_eval_probe import run_stage
-
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """1 thread: bitwise what a 1-process torchrun run computes, and no OpenMP spinning on a busy machine (tiny
+    tensors gain nothing from more)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    try:
-        return run_stage(tiny_data, tmp_path_factory.mktemp("eval1"), dist.init("cpu"))
-    finally:
-        torch.set_num_threads(threads)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def one_process(one_thread, tiny_data, tmp_path_factory):
+    """The stage in this process."""
+    from pixpnet_eval_probe import run_stage
+
+    return run_stage(tiny_data, tmp_path_factory.mktemp("eval1"), dist.init("cpu"))
 
 
 def test_evaluate_stage_writes_the_prototype_metrics_of_every_mapping(one_process):
