@@ -30,6 +30,17 @@ METRIC_ROWS = [
     ("stochastic_pointing", "Stochastic pointing game: Grad-CAM mass within 15 px of the boxes (exact)"),
     ("stochastic_pointing_sampled", "... sampled (100 points per image)"),
     ("content_heatmap", "Content heatmap: Grad-CAM mass inside the object boxes"),
+    # prototype networks (specs/pixpnet.md §4): per pixel-space mapping of a prototype's best cell
+    *[(f"{metric}_{mapping}", label if mapping == "ours" else f"... {text}")
+      for metric, label in (
+          ("consistency_hard", "Prototype consistency (share of prototypes on one part in >= 80 % of images): RF box"),
+          ("consistency_soft", "Prototype consistency (soft: mean best-part hit rate): RF box"),
+          ("stability_hard", "Prototype stability under noise (same parts hit): RF box"),
+          ("stability_soft", "Prototype stability under noise (Jaccard of parts hit): RF box"),
+          ("rot_area", "Relevance ordering test: area (higher is better): RF heat map"),
+          ("rot_pct", "Relevance ordering test: % pixels to the original similarity (lower is better): RF heat map"))
+      for mapping, text in (("ours", ""), ("upsample", "upsampling mapping (ProtoPNet)"),
+                            ("random", "random mapping"))],
 ]
 
 # metric -> the value it must beat: what the same score gives by chance
@@ -44,6 +55,8 @@ SHORT_LABELS = {
     "part_precision": "link precision", "part_coverage": "parts covered (share)",
     "part_localisation": "peaks inside the part's box", "pointing_game": "pointing game",
     "stochastic_pointing": "stochastic pointing game", "content_heatmap": "content heatmap",
+    "consistency_hard_ours": "prototype consistency", "stability_hard_ours": "prototype stability",
+    "rot_area_ours": "relevance ordering area",
 }
 
 
