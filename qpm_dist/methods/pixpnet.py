@@ -35,7 +35,7 @@ Model selection (B4): a seeded, class-stratified `val_fraction` of the training 
 (data.held_out): never trained on, never pushed to, test-transformed. Its accuracy is measured after every
 epoch's hooks (after that epoch's push) and recorded; the stage's model is the LAST one, i.e. right after the
 final push (simplest to make exact: no second copy of the model in checkpoints, no DeepSpeed precision
-question), and `result.json` reports its validation accuracy next to every epoch's. `val_fraction: 0` holds
+question); `result.json` holds every epoch's validation numbers (`task.validation`, the last one the model's). `val_fraction: 0` holds
 nothing out (then no validation numbers). The held-out split needs the folder backend.
 
 Resume: the pushes are a function of the epoch; the trainer runs `on_epoch_end` once per epoch before that
@@ -169,7 +169,8 @@ class PixPNetTask(TrainingTask):
         self.loss = PrototypeLoss(pix.ce, pix.cluster, pix.separation, pix.l1)
         self.push_at = push_epochs(phase.epochs, pix.push_every, pix.push_first)
         self.pushes: list[dict] = []  # {"epoch": e, **PushRecord.summary()}
-        self.validation: list[dict] = []  # {"epoch": e, "acc": ..., "loss": ..., "count": ...}
+        self.validation: list[dict] = []  # {"epoch": e, "pushed": bool, "acc": ..., "loss": ..., "count": ...}
+        self.held_out: dict = {}  # the split's sizes, set by the stage (reported with the records)
 
     def param_groups(self, model: nn.Module) -> list[dict]:
         """Four groups in a fixed order (backbone decayed, backbone no-decay, add-on, prototypes, read-out), every
@@ -226,7 +227,8 @@ class PixPNetTask(TrainingTask):
                                     **{k: val[k] for k in ("acc", "loss", "count")}})
 
     def state_dict(self) -> dict[str, Any]:
-        return {"push_epochs": list(self.push_at), "pushes": self.pushes, "validation": self.validation}
+        return {"push_epochs": list(self.push_at), "held_out": self.held_out, "pushes": self.pushes,
+                "validation": self.validation}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.pushes = list(state.get("pushes", []))
@@ -272,13 +274,10 @@ class PixPNetTrainStage(TrainStage):
         phase = self.phase(cfg)
         setup = TrainerSetup(phase=self.phase_name, cfg=phase, engine=cfg.engine, wandb=cfg.wandb, stage_dir=out_dir,
                              run_name=cfg.run.name, stage=self.name, resume=cfg.run.resume, config_dict=to_dict(cfg))
-        result = Trainer(setup, model, self.task(cfg, phase), data, ctx.info).fit()
-        validation = result.get("task", {}).get("validation", [])
-        if validation:
-            result["val"] = validation[-1]  # the exported (last, just pushed) model's validation numbers
-        result["held_out"] = {"fraction": cfg.pixpnet.val_fraction, "val": int(data.num_samples("val")),
-                              "train": int(data.num_samples("train"))}
-        return result
+        task = self.task(cfg, phase)
+        task.held_out = {"fraction": cfg.pixpnet.val_fraction, "val": int(data.num_samples("val")),
+                         "train": int(data.num_samples("train"))}
+        return Trainer(setup, model, task, data, ctx.info).fit()
 
 
 def evaluation_stages(cfg: Config) -> list[Stage]:
