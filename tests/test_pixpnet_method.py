@@ -197,7 +197,6 @@ def test_pushes_happen_after_the_scheduled_epochs_and_never_to_held_out_images(t
     assert torch.equal(epochs[-1]["head.prototypes"], model.head.prototypes)
 
 
-@pytest.mark.slow
 def test_a_run_stopped_after_a_push_resumes_without_repeating_or_skipping_one(trained, tiny_data, tmp_path):
     """SIGTERM 3 steps into epoch 2 (after epoch 1's push and checkpoint), resume: the model and the push records
     equal the uninterrupted run's bitwise."""
