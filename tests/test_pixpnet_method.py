@@ -238,3 +238,33 @@ def test_two_process_training_steps_equal_the_one_process_steps(tiny_data, tmp_p
                     torch.testing.assert_close(two[f"grads{step}"][name], grad, rtol=1e-4, atol=1e-6)
             for name, value in one[f"params{step}"].items():
                 torch.testing.assert_close(two[f"params{step}"][name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_model_weights_of_the_full_backbone_load_into_the_cut_one(tmp_path, tiny_data):
+    """model.weights (a torchvision-layout file of the whole backbone, fc included) initialises the layers the cut
+    backbone keeps; the layers it drops and the fc are ignored."""
+    from helpers import write_torchvision_weights
+
+    from qpm_dist.config import load_config
+    from qpm_dist.methods.pixpnet import build_pixpnet_model
+
+    backbone, _ = write_torchvision_weights(tmp_path / "w.pth", num_classes=4)
+    cfg = load_config(pix_config(tmp_path / "c.yaml", tiny_data, tmp_path / "runs"),
+                      [f"model.weights={tmp_path / 'w.pth'}"])
+    model = build_pixpnet_model(cfg, 4)
+    full = backbone.state_dict()
+    kept = model.backbone.state_dict()
+    assert set(kept) == {k for k in full if not k.startswith("layer3.")}
+    assert all(torch.equal(kept[k], full[k]) for k in kept)
+
+
+def test_adam_takes_each_groups_coupled_weight_decay():
+    from qpm_dist.config import OptimConfig
+    from qpm_dist.engine.optim import build_optimizer
+
+    w = torch.nn.Parameter(torch.ones(2))
+    optimizer = build_optimizer([{"params": [w], "lr": 0.1, "weight_decay": 0.5}], OptimConfig(name="adam"))
+    assert type(optimizer) is torch.optim.Adam and optimizer.param_groups[0]["weight_decay"] == 0.5
+    w.grad = torch.zeros(2)  # coupled L2: the decay enters the gradient, so Adam's first step is -lr * sign(0.5 w)
+    optimizer.step()
+    torch.testing.assert_close(w.detach(), torch.full((2,), 0.9))
