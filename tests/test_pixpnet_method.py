@@ -48,6 +48,8 @@ def pix_config(path: Path, data_root: Path, out_dir: Path, **pixpnet) -> Path:
     ("pixpnet.prototypes_per_class=0", "pixpnet.prototypes_per_class: expected an integer >= 1"),
     ("engine.strategy=deepspeed", "pixpnet.warmup_epochs: freezing the backbone mid-run is not supported"),
     ("data.backend=wds", "pixpnet.val_fraction: a held-out validation split needs data.backend=folder"),
+    ("model.arch=vgg11_bn", "pixpnet.layer: truncation layer 'layer2' does not exist in vgg11_bn; expected one of "
+                            "conv1, maxpool1, maxpool2, maxpool3, maxpool4, maxpool5"),
 ])
 def test_config_errors_name_the_key(tmp_path, tiny_data, override, expected):
     from qpm_dist.config import ConfigError, load_config
@@ -64,6 +66,8 @@ def test_vgg_is_refused_for_a_method_without_a_prototype_head(tmp_path, tiny_dat
 
     path = pix_config(tmp_path / "c.yaml", tiny_data, tmp_path / "runs")
     load_config(path, ["model.arch=vgg16_bn", "pixpnet.layer=maxpool5"])  # fine for PixPNet
+    with pytest.raises(ConfigError, match="model.norm: vgg16_bn has BatchNorm"):
+        load_config(path, ["model.arch=vgg16_bn", "pixpnet.layer=maxpool5", "model.norm=group"])
     with pytest.raises(ConfigError, match="model.arch: vgg16_bn is available to methods that cut the backbone"):
         load_config(path, ["method=qpm", "model.arch=vgg16_bn"])
 

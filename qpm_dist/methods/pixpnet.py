@@ -299,6 +299,9 @@ def validate(cfg: Config) -> None:
         check_layer(model.arch, resolved_layer(cfg))
     except UnknownLayer as exc:
         raise ConfigError(f"pixpnet.layer: {exc}") from None
+    if model.arch.startswith("vgg") and model.norm == "group":
+        raise ConfigError(f"model.norm: {model.arch} has BatchNorm (torchvision's VGG-BN), got 'group'; use batch or "
+                          f"sync_batch")
     if pix.val_fraction > 0 and cfg.data.backend != "folder":
         raise ConfigError(f"pixpnet.val_fraction: a held-out validation split needs data.backend=folder, got "
                           f"{cfg.data.backend}; set pixpnet.val_fraction=0 (no validation, the last model)")
