@@ -272,3 +272,21 @@ def test_adam_takes_each_groups_coupled_weight_decay():
     w.grad = torch.zeros(2)  # coupled L2: the decay enters the gradient, so Adam's first step is -lr * sign(0.5 w)
     optimizer.step()
     torch.testing.assert_close(w.detach(), torch.full((2,), 0.9))
+
+
+@pytest.mark.slow
+def test_deepspeed_keeps_every_push_and_trains_what_ddp_trains(tiny_data, tmp_path):
+    """Without warm-up (DeepSpeed with a warm-up is refused), ZeRO-1 in fp32 on one process: the pushes write into
+    the module, `parameters_edited` copies them into DeepSpeed's fp32 partition, so the next steps start from the
+    pushed prototypes: the final model equals the DDP run's bitwise."""
+    models = {}
+    for strategy in ("ddp", "deepspeed"):
+        out = tmp_path / strategy
+        path = pix_config(tmp_path / f"{strategy}.yaml", tiny_data, out, warmup_epochs=0)
+        proc = subprocess.run(qpm_command(1, "run", str(path), "--stage", "pixpnet_train",
+                                          f"engine.strategy={strategy}"),
+                              capture_output=True, text=True, timeout=300, env=clean_env(), cwd=REPO)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        models[strategy] = load_weights(stage_dir(out, "pixpnet_train") / "model.pt")
+    a, b = models["ddp"], models["deepspeed"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -35,8 +35,8 @@ Model selection (B4): a seeded, class-stratified `val_fraction` of the training 
 (data.held_out): never trained on, never pushed to, test-transformed. Its accuracy is measured after every
 epoch's hooks (after that epoch's push) and recorded; the stage's model is the LAST one, i.e. right after the
 final push (simplest to make exact: no second copy of the model in checkpoints, no DeepSpeed precision
-question); `result.json` holds every epoch's validation numbers (`task.validation`, the last one the model's). `val_fraction: 0` holds
-nothing out (then no validation numbers). The held-out split needs the folder backend.
+question); `result.json` holds every epoch's validation numbers (`task.validation`, the last one the model's).
+`val_fraction: 0` holds nothing out (then no validation numbers). The held-out split needs the folder backend.
 
 Resume: the pushes are a function of the epoch; the trainer runs `on_epoch_end` once per epoch before that
 epoch's checkpoint, which holds the pushed prototypes and the task's records (`state_dict`): a run resumed
@@ -162,7 +162,7 @@ class PixPNetTask(TrainingTask):
     """PixPNet's training step and epoch hooks (see the module docstring). `records()` / `state_dict()`: the
     pushes done (epoch and PushRecord.summary()) and the validation accuracy after every epoch."""
 
-    unused_parameters = True  # the warm-up freezes the backbone (DDP must not wait for its gradients)
+    unused_parameters = True  # the warm-up freezes the backbone: DDP must not wait for its gradients
 
     def __init__(self, pix: PixPNetConfig, phase: PhaseConfig) -> None:
         self.pix, self.phase = pix, phase
