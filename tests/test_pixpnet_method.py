@@ -290,3 +290,25 @@ def test_deepspeed_keeps_every_push_and_trains_what_ddp_trains(tiny_data, tmp_pa
         models[strategy] = load_weights(stage_dir(out, "pixpnet_train") / "model.pt")
     a, b = models["ddp"], models["deepspeed"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_saved_cut_vgg_model_loads_from_the_config_alone(tmp_path):
+    """The model file names the cut layer: load_classifier rebuilds vgg11_bn cut after maxpool1 with the prototype
+    head, strictly, from `model.*` (a file without the layer would fail: the full VGG has more tensors)."""
+    from qpm_dist.config import ModelConfig
+    from qpm_dist.models.io import load_classifier, save_classifier
+    from qpm_dist.models.net import Classifier
+    from qpm_dist.models.protonet import PrototypeHead
+    from qpm_dist.models.truncation import truncated_backbone
+
+    torch.manual_seed(0)
+    backbone = truncated_backbone("vgg11_bn", "maxpool1")
+    model = Classifier(backbone, PrototypeHead(backbone.num_features, 3, prototypes_per_class=2, dim=4))
+    save_classifier(tmp_path / "model.pt", model)
+    loaded = load_classifier(tmp_path / "model.pt", ModelConfig(arch="vgg11_bn", reduced_strides=False))
+    assert loaded.backbone.layer == "maxpool1"
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    images = torch.rand(2, 3, 16, 16)
+    model.eval(), loaded.eval()
+    assert torch.equal(model(images).logits, loaded(images).logits)
