@@ -165,7 +165,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: Literal["tiny_resnet", "resnet18", "resnet34", "resnet50"] = "resnet50"
+    # vgg11_bn / vgg16_bn (torchvision's VGG-BN features): for methods that cut the backbone at a layer (PixPNet's
+    # prototype head, models.truncation), not for the dense and sparse heads.
+    arch: Literal["tiny_resnet", "resnet18", "resnet34", "resnet50", "vgg11_bn", "vgg16_bn"] = "resnet50"
     # QPM's option: layer3 and layer4 with stride 1 (output stride 8, 28x28 maps at 224 px).
     reduced_strides: bool = True
     # Local file with backbone weights (torchvision layout). Nothing is ever downloaded.
@@ -183,7 +185,8 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["sgd", "adamw"] = "sgd"
+    # adam: torch's Adam with coupled L2 weight decay (PixPNet's reference, spec §2.3); adamw: decoupled decay.
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
     lr: float = bounded(0.005, gt=0)
     # Learning rate of the classification head; None = same as lr.
     head_lr: Optional[float] = bounded(None, gt=0)
@@ -326,6 +329,10 @@ class Config:
         if self.finetune.epochs == 0:
             raise ConfigError("finetune.epochs: expected a positive integer, got 0")
         head = getattr(methods.get(self.method).head, "kind", None)
+        if self.model.arch.startswith("vgg") and head != "prototype":
+            raise ConfigError(f"model.arch: {self.model.arch} is available to methods that cut the backbone at a layer "
+                              f"(a prototype head), not to method {self.method}, whose final head is {head!r}; use "
+                              f"tiny_resnet or a resnet")
         if self.model.pooling != "avg" and head != "dense":
             raise ConfigError(f"model.pooling: {self.model.pooling!r} pools the dense head only, but method "
                               f"{self.method}'s final head is {head!r}, which averages; use model.pooling=avg")

@@ -43,6 +43,8 @@ def build_optimizer(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimiz
         raise ValueError("the model has no trainable parameters")
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    if cfg.name == "adam":  # coupled L2: each group's weight_decay is added to its gradient (spec pixpnet §2.3)
+        return torch.optim.Adam(groups, lr=cfg.lr)
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr)
     raise ValueError(f"optim.name: unknown optimizer {cfg.name!r}")

@@ -46,7 +46,8 @@ class DDPStrategy:
     name = "ddp"
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, info: DistInfo,
-                 precision: str, channels_last: bool, grad_accum: int, clip_grad_norm: float | None) -> None:
+                 precision: str, channels_last: bool, grad_accum: int, clip_grad_norm: float | None,
+                 find_unused_parameters: bool = False) -> None:
         self.device = info.device
         self.precision = effective_precision(precision, info.device)
         self.memory_format = (
@@ -58,7 +59,8 @@ class DDPStrategy:
         self.wrapped: nn.Module = self.module
         if info.world_size > 1:
             device_ids = [info.device.index] if info.device.type == "cuda" else None
-            self.wrapped = DistributedDataParallel(self.module, device_ids=device_ids)
+            self.wrapped = DistributedDataParallel(self.module, device_ids=device_ids,
+                                                   find_unused_parameters=find_unused_parameters)
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=self.precision == "fp16")
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:

@@ -56,6 +56,10 @@ class TrainingTask:
     # None, or where a composite image's negatives come from ("dataset" or "in_batch", see data.composites):
     # then every batch also carries `composites`, `quadrant`, `negative_index` and `same_class_negatives`.
     composites: str | None = None
+    # True if some parameters get no gradient in some epochs (a hook sets requires_grad=False, e.g. PixPNet's
+    # warm-up freezes the backbone): DDP is then built with find_unused_parameters=True, which leaves such
+    # parameters' gradients None (the optimizer skips them) instead of waiting for them.
+    unused_parameters: bool = False
 
     def param_groups(self, model: nn.Module) -> list[dict]:
         """Parameter groups, each with its own `lr` (and `weight_decay`)."""

@@ -112,7 +112,8 @@ class Trainer:
             self.strategy = DeepSpeedStrategy(model, optimizer, scheduler, config_path=setup.engine.deepspeed_config,
                                               micro_batch=self.micro_batch, **common)
         else:
-            self.strategy = DDPStrategy(model, optimizer, scheduler, **common)
+            self.strategy = DDPStrategy(model, optimizer, scheduler, find_unused_parameters=task.unused_parameters,
+                                        **common)
         self.checkpoints = CheckpointManager(setup.stage_dir / "checkpoints", setup.engine.keep_checkpoints)
         self.progress = Progress()
         self.run_id = dist.broadcast_object(new_run_id())

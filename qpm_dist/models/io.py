@@ -7,6 +7,10 @@ options (`models.net.register_head`), so the classifier is rebuilt from the file
     {"format": "qpm-dist/classifier", "version": 1,
      "head": {"kind": "sparse", "options": {"dropout": 0.1, ...}}, "state_dict": {...}}
 
+A model whose backbone is cut at a layer (`models.truncation`, PixPNet) also holds `"backbone": {"layer": name}`:
+the backbone is then `model.arch` cut after that layer, so every stage that loads the model (evaluation,
+streaming, reports) rebuilds it without knowing which method trained it.
+
 Files are read with `torch.load(weights_only=True)`: tensors and plain containers only, no pickled code.
 """
 
@@ -24,6 +28,7 @@ from qpm_dist.models.backbones import build_backbone
 from qpm_dist.models.net import HEAD_TYPES, Classifier
 from qpm_dist.models.protonet import PrototypeHead
 from qpm_dist.models.sparse import SparseHead
+from qpm_dist.models.truncation import TruncatedBackbone, truncated_backbone
 from qpm_dist.utils import atomic_open
 
 FORMAT, VERSION = "qpm-dist/classifier", 1
@@ -37,8 +42,11 @@ def classifier_file(model: nn.Module, state: dict[str, torch.Tensor] | None = No
     # a view of a larger tensor (e.g. an index_select) is saved contiguous: readers may view it as bytes
     state = {k: v.contiguous() for k, v in state.items()}
     head = model.head
-    return {"format": FORMAT, "version": VERSION, "head": {"kind": head.kind, "options": head.options()},
-            "state_dict": state}
+    saved = {"format": FORMAT, "version": VERSION, "head": {"kind": head.kind, "options": head.options()},
+             "state_dict": state}
+    if isinstance(model.backbone, TruncatedBackbone):
+        saved["backbone"] = {"layer": model.backbone.layer}
+    return saved
 
 
 def save_classifier(path: Path, model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> None:
@@ -70,7 +78,12 @@ def read_classifier_file(path: Path) -> dict[str, Any]:
 
 def classifier_from_file(saved: dict[str, Any], model_cfg: ModelConfig) -> Classifier:
     """Rebuild backbone (from `model_cfg`) and head (from the file), and load the state dict strictly."""
-    backbone = build_backbone(model_cfg.arch, model_cfg.reduced_strides, model_cfg.norm, model_cfg.tiny_width)
+    layer = saved.get("backbone", {}).get("layer")
+    if layer is not None:
+        backbone = truncated_backbone(model_cfg.arch, layer, model_cfg.reduced_strides, model_cfg.norm,
+                                      model_cfg.tiny_width)
+    else:
+        backbone = build_backbone(model_cfg.arch, model_cfg.reduced_strides, model_cfg.norm, model_cfg.tiny_width)
     state = saved["state_dict"]
     head_state = {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}
     head = HEAD_TYPES[saved["head"]["kind"]].from_state(saved["head"]["options"], head_state)
