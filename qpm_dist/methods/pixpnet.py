@@ -6,8 +6,10 @@ pixpnet_train     Classifier(backbone cut at `pixpnet.layer`, PrototypeHead) tra
                   model.weights, a full-backbone file loaded into the cut backbone) with `PixPNetTask`, phase
                   `pixpnet.train`; writes model.pt like every training stage (the file names the cut layer, so
                   `models.io.load_classifier` rebuilds it from the run's config alone)
-pixpnet_evaluate  accuracy and the prototype metrics (methods.pixpnet_eval, another part of issue 16)
-pixpnet_report    the HTML report (ditto)
+pixpnet_evaluate  accuracy, the metrics of every classifier and the prototype metrics: consistency, stability and
+                  the relevance ordering test of the receptive-field, upsampling and random mappings
+                  (methods.pixpnet_eval, settings `pixpnet.eval`)
+pixpnet_report    the HTML report: each class's prototypes with the training patch they were pushed to
 
 Training (spec §2), one phase with epoch hooks (engine.task):
 * warm-up, epochs 1..warmup_epochs: the backbone's parameters have requires_grad=False (no gradient, no Adam
@@ -65,18 +67,15 @@ from qpm_dist.engine.task import TrainingTask
 from qpm_dist.engine.trainer import Trainer, TrainerSetup
 from qpm_dist.losses.prototypes import PrototypeLoss
 from qpm_dist.methods import MethodSpec, register
+from qpm_dist.methods.pixpnet_eval import (HEADLINE, PixPNetEvalConfig, PixPNetEvaluateStage, PixPNetReportStage,
+                                           check_settings, pixpnet_report_sections)
 from qpm_dist.methods.pixpnet_push import push_prototypes
 from qpm_dist.models.net import Classifier
 from qpm_dist.models.protonet import PrototypeHead
 from qpm_dist.models.truncation import UnknownLayer, backbone_layers, check_layer, truncated_backbone_from_config
-from qpm_dist.stages.evaluate import EvaluateStage
-from qpm_dist.stages.report import ReportStage
 from qpm_dist.stages.runner import RunContext, Stage
 from qpm_dist.stages.train import TrainStage, prepare_for_training, seed_rank_streams
 from qpm_dist.utils import log
-
-HEADLINE = ("accuracy",)
-
 
 def _train_defaults() -> PhaseConfig:
     """Spec §2.3: 20 epochs, batch 64, Adam (coupled L2), backbone lr 1e-4 / wd 1e-3, read-out lr 1e-4, cosine."""
@@ -119,6 +118,8 @@ class PixPNetConfig:
     prototype_weight_decay: float = bounded(0.0, ge=0)
     # The training phase: epochs, global batch, optimizer (backbone lr/wd), schedule (see the module docstring).
     train: PhaseConfig = field(default_factory=_train_defaults)
+    # pixpnet_evaluate's prototype metrics (consistency, stability, ROT): their budgets and constants
+    eval: PixPNetEvalConfig = field(default_factory=PixPNetEvalConfig)
 
     def check(self, key: str) -> None:
         if self.layer is not None and not self.layer.strip():
@@ -243,6 +244,7 @@ def task_key(cfg: Config) -> dict[str, Any]:
     """What the task reads beyond the phase (the phase is in TrainStage's key already); the layer resolved."""
     key = to_dict(cfg.pixpnet)
     key.pop("train")
+    key.pop("eval")  # read by pixpnet_evaluate only
     key["layer"] = resolved_layer(cfg)
     return key
 
@@ -280,17 +282,10 @@ class PixPNetTrainStage(TrainStage):
         return Trainer(setup, model, task, data, ctx.info).fit()
 
 
-def evaluation_stages(cfg: Config) -> list[Stage]:
-    """pixpnet_evaluate and pixpnet_report.
-    TODO(lead): replace by the EvaluateStage/ReportStage subclasses of qpm_dist.methods.pixpnet_eval (branch
-    i16-eval2, imported here lazily); until it is merged, the generic stages (accuracy and the metrics of every
-    classifier, no dense baseline) stand in."""
-    k = lambda c: c.pixpnet.prototypes_per_class  # noqa: E731
-    return [EvaluateStage("pixpnet", "pixpnet_train", k, baseline=None), ReportStage("pixpnet", "pixpnet_train", k)]
-
-
 def stages(cfg: Config) -> list[Stage]:
-    return [PixPNetTrainStage(), *evaluation_stages(cfg)]
+    k = lambda c: c.pixpnet.prototypes_per_class  # noqa: E731
+    return [PixPNetTrainStage(), PixPNetEvaluateStage("pixpnet_train", lambda c: c.pixpnet.eval, k),
+            PixPNetReportStage("pixpnet_train", k)]
 
 
 def validate(cfg: Config) -> None:
@@ -305,6 +300,7 @@ def validate(cfg: Config) -> None:
     if pix.val_fraction > 0 and cfg.data.backend != "folder":
         raise ConfigError(f"pixpnet.val_fraction: a held-out validation split needs data.backend=folder, got "
                           f"{cfg.data.backend}; set pixpnet.val_fraction=0 (no validation, the last model)")
+    check_settings(pix.eval, cfg.data.img_size, "pixpnet.eval")
     if pix.warmup_epochs > 0 and cfg.engine.strategy == "deepspeed":
         raise ConfigError("pixpnet.warmup_epochs: freezing the backbone mid-run is not supported with "
                           "engine.strategy=deepspeed (untested); use ddp, or warmup_epochs=0")
@@ -312,5 +308,5 @@ def validate(cfg: Config) -> None:
 
 SPEC = register(MethodSpec(
     name="pixpnet", label="PixPNet", sections={"pixpnet": PixPNetConfig}, stages=stages, head=PrototypeHead,
-    validate=validate, order=60, headline=HEADLINE,
+    validate=validate, order=60, headline=HEADLINE, report_sections=pixpnet_report_sections,
 ))
