@@ -30,6 +30,9 @@ METRIC_ROWS = [
     ("stochastic_pointing", "Stochastic pointing game: Grad-CAM mass within 15 px of the boxes (exact)"),
     ("stochastic_pointing_sampled", "... sampled (100 points per image)"),
     ("content_heatmap", "Content heatmap: Grad-CAM mass inside the object boxes"),
+    ("iis", "IIS of the backbone (area under accuracy retention, first concept library)"),
+    ("iis_normalised", "IIS / width of the ratio grid"),
+    ("iis_dense_probe", "IIS: the backbone's dense linear probe (%)"),
 ]
 
 # metric -> the value it must beat: what the same score gives by chance
