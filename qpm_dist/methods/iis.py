@@ -364,7 +364,7 @@ class HeadsStage:
                 record = read_json(job_path(out_dir, i))
             if record is None and not ctx.cfg.iis.heads.array:
                 record = train_job(ctx, i)
-                on_main(write_json, job_path(out_dir, i), record)  # a rerun resumes after the last finished job
+                write_json(job_path(out_dir, i), record)  # rank 0 writes, all wait; a rerun resumes after the last finished job
                 trained += 1
             if record is None:
                 missing.append(f"job {i} ({job.library}, ratio {job.ratio}, lr {job.lr:g})")
@@ -409,9 +409,9 @@ class ScoreStage:
         if len(scores) > 1:
             metrics.update({f"iis_{lib}": s.iis for lib, s in scores.items()})
         backbone = {"name": self.backbone.name, "stage": self.backbone.stage, "key": ctx.keys[self.backbone.stage]}
-        on_main(write_json, out_dir / SCORES, {lib: s.as_dict() for lib, s in scores.items()})
-        on_main(write_json, out_dir / "metrics.json", {self.backbone.name: metrics})
-        on_main(write_json, out_dir / "backbone.json", backbone)
+        write_json(out_dir / SCORES, {lib: s.as_dict() for lib, s in scores.items()})
+        write_json(out_dir / "metrics.json", {self.backbone.name: metrics})
+        write_json(out_dir / "backbone.json", backbone)
         return {"backbone": self.backbone.name, **{f"iis_{lib}": s.iis for lib, s in scores.items()}}
 
 
@@ -438,8 +438,8 @@ def write_report(score_dir: Path, out_dir: Path) -> Path:
 
     from qpm_dist.report import figures
 
-    scores = read_json(Path(score_dir) / SCORES)
-    backbone = read_json(Path(score_dir) / "backbone.json")
+    scores = scores_of(score_dir)  # rank 0 alone runs this: plain reads, no collective (read_json is one)
+    backbone = json.loads((Path(score_dir) / "backbone.json").read_text())
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for lib, s in scores.items():
         ax.plot(s["ratios"], s["arr"], marker="o", label=f"{lib}: IIS {s['iis']:.3f}")
