@@ -124,3 +124,22 @@ def test_sweep_file_lists_every_job(iis_run, tmp_path, capsys):
     runs = [line for line in sweep.read_text().splitlines() if line and not line.startswith("#")]
     assert runs == [f"iis.heads.job={i}" for i in range(GRID)]
     assert f"sbatch --array=0-{GRID - 1} slurm/sweep_array.sbatch {sweep}" in capsys.readouterr().out
+
+
+def test_two_process_iis_run_finishes_with_every_job(iis_run, tmp_path):
+    """`qpm-dist iis` under torchrun with 2 ranks: every stage's collectives line up (rank 0's file writes inside
+    a collective once deadlocked the heads and the report stages) and the grid is complete."""
+    import subprocess
+
+    from helpers import clean_env, qpm_command
+    from qpm_dist.iis.score import read_manifest
+
+    config = iis_run[0]
+    proc = subprocess.run(qpm_command(2, "iis", str(config), "--backbone", "random", f"run.out_dir={tmp_path}",
+                                      "iis.heads.epochs=1"),
+                          env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "IIS of random init (tiny_resnet), prototype concepts:" in proc.stdout and "report: " in proc.stdout
+    (heads,) = (tmp_path / "t").glob("iis_heads-*")
+    assert len(read_manifest(heads / "manifest.json")) == GRID
+    assert all(r["world_size"] == 2 for r in read_manifest(heads / "manifest.json"))
