@@ -1,7 +1,7 @@
 """IIS's representation pass (qpm_dist.iis.representations, the stage iis_features): throughput with 2 processes vs
 1 on the demo data (issue 17: "representation-pass throughput with 2 processes vs 1"), and optionally the wall time
-of one whole IIS evaluation (`--whole`: `qpm-dist iis` of the demo's trained dense model, issue 17's "wall time of
-one whole IIS evaluation on the demo data").
+of one whole IIS evaluation (`--whole`: `qpm-dist iis` of the demo's trained dense model on 2 processes, every IIS stage afresh
+from a copy of runs/demo's dense stage; issue 17's "wall time of one whole IIS evaluation on the demo data").
 
 The pass is the real stage run by the real CLI: `qpm-dist run configs/demo_iis.yaml --stage iis_features
 iis.backbone=random` in a fresh run folder per measurement (the random-init backbone needs no training and costs
@@ -11,7 +11,7 @@ into the rows written (train + test). Both runs must write the same representati
 fp16, exactly), or the bench stops: the 2-process pass is the 1-process pass, split.
 
     OMP_NUM_THREADS=1 python bench/iis_bench.py [--data data/synthetic] [--rounds 2] [--whole]
-        [--out bench/out/iis.json]
+        [--out bench/out/iis.json] [overrides of the --whole run]
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -71,6 +72,7 @@ def main() -> None:
     parser.add_argument("--whole", action="store_true", help="also time `qpm-dist iis configs/demo_iis.yaml` "
                                                               "(2 processes; runs/demo's dense stage is reused)")
     parser.add_argument("--out", default=str(REPO / "bench/out/iis.json"))
+    parser.add_argument("overrides", nargs="*", help="config overrides of the --whole run (e.g. iis.heads.batch_size=64)")
     args = parser.parse_args()
     result: dict = {"machine": machine(), "data": args.data, "pass": {}}
     reference = None
@@ -95,14 +97,25 @@ def main() -> None:
     result["same_representations"] = True
     print(f"2 processes vs 1: {result['speedup_2_vs_1']:.2f}x (identical representations)")
     if args.whole:
-        start = time.perf_counter()
-        proc = subprocess.run(qpm(2, "iis", "configs/demo_iis.yaml", f"data.root={args.data}",
-                                  "engine.progress=false"), cwd=REPO, env=env(), capture_output=True, text=True)
-        if proc.returncode:
-            raise SystemExit(f"qpm-dist iis failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
-        result["whole_iis_seconds"] = time.perf_counter() - start
+        dense = sorted((REPO / "runs/demo").glob("dense-*/stage.json"))
+        if not dense:
+            raise SystemExit("--whole: no finished runs/demo/dense-*; run `torchrun --nproc-per-node 2 -m qpm_dist run "
+                             "configs/demo.yaml --stage dense` first")
+        with tempfile.TemporaryDirectory() as tmp:  # the trained dense stage only: every IIS stage runs afresh
+            shutil.copytree(dense[-1].parent, Path(tmp) / "demo" / dense[-1].parent.name)
+            start = time.perf_counter()
+            proc = subprocess.run(qpm(2, "iis", "configs/demo_iis.yaml", f"data.root={args.data}",
+                                      f"run.out_dir={tmp}", "engine.progress=false", *args.overrides),
+                                  cwd=REPO, env=env(), capture_output=True, text=True)
+            if proc.returncode:
+                raise SystemExit(f"qpm-dist iis failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+            result["whole_iis_seconds"] = time.perf_counter() - start
+            result["whole_iis_stage_seconds"] = {
+                p.parent.name.split("-")[0]: json.loads(p.read_text())["seconds"]
+                for p in sorted((Path(tmp) / "demo").glob("iis_*/stage.json"))}
         result["whole_iis_output"] = proc.stdout.strip().splitlines()
-        print(f"one whole IIS evaluation (2 processes): {result['whole_iis_seconds']:.1f} s\n{proc.stdout}")
+        print(f"one whole IIS evaluation (2 processes, from the trained dense stage): "
+              f"{result['whole_iis_seconds']:.1f} s; stages {result['whole_iis_stage_seconds']}\n{proc.stdout}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"written {args.out}")

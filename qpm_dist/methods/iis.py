@@ -448,6 +448,7 @@ def write_report(score_dir: Path, out_dir: Path) -> Path:
     ax.set_title(f"IIS of {backbone['name']}")
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
     figures.save(fig, Path(out_dir) / "arr.png")
     rows = "".join(
         f"<tr><td>{html.escape(lib)}</td><td>{s['iis']:.4f}</td><td>{s['iis_normalised'] or 0:.4f}</td>"
