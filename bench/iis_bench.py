@@ -1,7 +1,8 @@
 """IIS's representation pass (qpm_dist.iis.representations, the stage iis_features): throughput with 2 processes vs
 1 on the demo data (issue 17: "representation-pass throughput with 2 processes vs 1"), and optionally the wall time
-of one whole IIS evaluation (`--whole`: `qpm-dist iis` of the demo's trained dense model on 2 processes, every IIS stage afresh
-from a copy of runs/demo's dense stage; issue 17's "wall time of one whole IIS evaluation on the demo data").
+of one whole IIS evaluation (`--whole`: `qpm-dist iis` of the demo's trained dense model on 2 processes, every IIS
+stage afresh from a copy of runs/demo's dense stage; issue 17's "wall time of one whole IIS evaluation on the demo
+data").
 
 The pass is the real stage run by the real CLI: `qpm-dist run configs/demo_iis.yaml --stage iis_features
 iis.backbone=random` in a fresh run folder per measurement (the random-init backbone needs no training and costs
@@ -72,7 +73,7 @@ def main() -> None:
     parser.add_argument("--whole", action="store_true", help="also time `qpm-dist iis configs/demo_iis.yaml` "
                                                               "(2 processes; runs/demo's dense stage is reused)")
     parser.add_argument("--out", default=str(REPO / "bench/out/iis.json"))
-    parser.add_argument("overrides", nargs="*", help="config overrides of the --whole run (e.g. iis.heads.batch_size=64)")
+    parser.add_argument("overrides", nargs="*", help="config overrides of the --whole run (e.g. iis.heads.epochs=5)")
     args = parser.parse_args()
     result: dict = {"machine": machine(), "data": args.data, "pass": {}}
     reference = None

@@ -88,6 +88,7 @@ def execute(cfg, stage: str | None = None, done=None) -> int:
     from qpm_dist.config import save_config
     from qpm_dist.data.integrity import plain_message
     from qpm_dist.data.sources import build_datasets
+    from qpm_dist.errors import BadInput
     from qpm_dist.engine.preemption import PREEMPTED_EXIT_CODE, Preempted
     from qpm_dist.engine.trainer import NonFiniteError
     from qpm_dist.stages.runner import RunContext, run_stages

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -47,7 +46,7 @@ def test_whole_run_gives_every_job_and_an_iis_in_its_bounds(iis_run):
     assert (ctx.outputs["iis_report"] / "arr.png").stat().st_size > 0
 
 
-def test_array_job_writes_exactly_its_record_and_an_incomplete_grid_is_refused(iis_run):
+def test_array_job_writes_exactly_its_record_and_an_incomplete_grid_is_refused(iis_run, capsys):
     from qpm_dist.iis.score import BadManifest, read_manifest, write_manifest
     from qpm_dist.methods.iis import IncompleteGrid, score_manifest
 
@@ -65,6 +64,10 @@ def test_array_job_writes_exactly_its_record_and_an_incomplete_grid_is_refused(i
                                              r"lr 0.01\), job 1 \(prototype, ratio 0.0, lr 0.01\)") as err:
         run_in_process(config, "method=iis", other, "iis.heads.array=true")
     assert "job 3 " not in str(err.value)
+    from qpm_dist.cli import main  # the CLI: the same refusal, one line, exit 2
+
+    assert main(["iis", str(config), other, "iis.heads.array=true"]) == 2
+    assert "qpm-dist: error: iis_heads: 7 of 8 array jobs have not finished" in capsys.readouterr().err
 
     full = read_manifest(ctx.outputs["iis_heads"] / "manifest.json")
     partial = job_ctx.run_dir / "partial.json"
@@ -103,7 +106,7 @@ def test_the_comparison_shows_the_iis_in_the_scored_backbones_column(iis_run):
     (["iis.text.enabled=true"], "iis.text.enabled: the text library is not wired"),
     (["iis.heads.ratios=[0.5,0.5]"], "iis.heads.ratios: expected one or more distinct ratios"),
     (["iis.backbone=null", "model.weights=/x/w.pth"], "model.weights: file not found: /x/w.pth"),
-    (["--backbone", "random", "model.weights=/x/w.pth"], "'random' scores model.arch at random init, but model.weights"),
+    (["--backbone", "random", "model.weights=/x/w.pth"], "'random' scores model.arch at random init, but model"),
 ])
 def test_iis_cli_errors_are_one_line_with_exit_2(iis_run, tmp_path, capsys, args, message):
     from qpm_dist.cli import main

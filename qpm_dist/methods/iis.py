@@ -192,7 +192,8 @@ def resolve_backbone(cfg: Config) -> Backbone:
     owner = _owner(b, cfg)
     if owner is None:
         known = sorted({s.name for spec in all_specs() if spec.name != "iis" for s in spec.stages(cfg)})
-        raise ConfigError(f"iis.backbone: {b!r} is no stage of any method; expected a model stage ({', '.join(known)}), "
+        raise ConfigError(f"iis.backbone: {b!r} is no stage of any method; expected a model stage "
+                          f"({', '.join(known)}), "
                           f"'{RANDOM}', a stage folder path or null (model.weights)")
     method, stages = owner
     needed = _needed(stages, b)
@@ -364,7 +365,7 @@ class HeadsStage:
                 record = read_json(job_path(out_dir, i))
             if record is None and not ctx.cfg.iis.heads.array:
                 record = train_job(ctx, i)
-                write_json(job_path(out_dir, i), record)  # rank 0 writes, all wait; a rerun resumes after the last finished job
+                write_json(job_path(out_dir, i), record)  # rank 0 writes, all wait; a rerun resumes after it
                 trained += 1
             if record is None:
                 missing.append(f"job {i} ({job.library}, ratio {job.ratio}, lr {job.lr:g})")
