@@ -145,9 +145,12 @@ def test_two_process_iis_run_finishes_with_every_job(iis_run, tmp_path):
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:  # a deadlock: end the ranks too, not only torchrun
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+    except subprocess.TimeoutExpired:  # a deadlock: torchrun ends its ranks (own sessions) on SIGTERM, SIGKILL
+        proc.terminate()                # after 30 s; killing torchrun itself would leave them running
+        try:
+            proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail("the 2-process IIS run did not finish within 120 s (ranks waiting in unmatched collectives?)")
     assert proc.returncode == 0, err[-3000:]
     assert "IIS of random init (tiny_resnet), prototype concepts:" in out and "report: " in out
