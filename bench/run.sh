@@ -25,3 +25,5 @@ echo "== pointing metrics: SPG by distance transform vs the reference's per-samp
 python bench/pointing_bench.py --out bench/out/pointing.json
 echo "== PixPNet push: 2 processes vs 1 on demo-sized data; peak memory at 2000 and 8000 training images =="
 python bench/pixpnet_push_bench.py --out bench/out/pixpnet_push.json
+echo "== IIS: representation pass 2 processes vs 1 (same shards checked); one whole IIS evaluation of the demo's dense model =="
+python bench/iis_bench.py --whole --out bench/out/iis.json

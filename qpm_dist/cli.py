@@ -1,4 +1,4 @@
-"""`qpm-dist` command line: run | check | demo | compare | make-synthetic | print-config | launch.
+"""`qpm-dist` command line: run | check | demo | iis | compare | make-synthetic | print-config | launch.
 
 Exit codes: 0 success, 2 bad input (config, paths, files; reported before any training starts; a damaged
 output of a finished stage; only errors naming such input: any other error inside a stage, a missing file
@@ -70,7 +70,7 @@ def _load_config(args: argparse.Namespace, path, overrides):
 
 def cmd_run(args: argparse.Namespace) -> int:
     # Config and paths are checked before any data is read or any process group is formed.
-    from qpm_dist.config import ConfigError, save_config
+    from qpm_dist.config import ConfigError
     from qpm_dist.errors import BadInput
 
     try:
@@ -78,10 +78,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         _preflight(cfg)
     except (ConfigError, BadInput, FileNotFoundError, ImportError) as exc:
         return _fail(str(exc))
+    return execute(cfg, args.stage)
 
+
+def execute(cfg, stage: str | None = None, done=None) -> int:
+    """Run a loaded, checked config's stages (or `stage` and what it needs) in this process group; on success
+    `done(ctx, summaries)` runs before the group is shut down (e.g. to print results). Returns the exit code."""
     from qpm_dist import dist, methods
+    from qpm_dist.config import save_config
     from qpm_dist.data.integrity import plain_message
     from qpm_dist.data.sources import build_datasets
+    from qpm_dist.errors import BadInput
     from qpm_dist.engine.preemption import PREEMPTED_EXIT_CODE, Preempted
     from qpm_dist.engine.trainer import NonFiniteError
     from qpm_dist.stages.runner import RunContext, run_stages
@@ -90,8 +97,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     spec = methods.get(cfg.method)
     stages = spec.stages(cfg)
-    if args.stage is not None and args.stage not in [s.name for s in stages]:
-        return _fail(f"--stage: unknown stage {args.stage!r}; {cfg.method} has: {', '.join(s.name for s in stages)}")
+    if stage is not None and stage not in [s.name for s in stages]:
+        return _fail(f"--stage: unknown stage {stage!r}; {cfg.method} has: {', '.join(s.name for s in stages)}")
 
     info = dist.init(cfg.engine.device, cfg.engine.timeout_s)
     setup_logging(info.rank)
@@ -108,7 +115,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                  info.backend, info.device, data.num_samples("train"), data.num_samples("test"), data.num_classes)
         ctx = RunContext(cfg=cfg, info=info, run_dir=run_dir, data=data, method=spec)
         try:
-            summaries = run_stages(stages, ctx, args.stage)
+            summaries = run_stages(stages, ctx, stage)
         except Preempted as exc:
             log.warning("%s", exc)
             return PREEMPTED_EXIT_CODE
@@ -124,6 +131,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             test = (record.get("summary") or {}).get("test")
             if test:
                 log.info("stage %s: test top-1 %.2f%% (%s)", name, test["acc"], ctx.outputs[name])
+        if done is not None:
+            done(ctx, summaries)
         return 0
     finally:
         dist.shutdown()
@@ -300,6 +309,78 @@ def demo_summary(run_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def iis_config(args: argparse.Namespace):
+    """The config of `qpm-dist iis`: CONFIG and overrides with method=iis, then --backbone: an existing file is
+    model.weights (iis.backbone=null), an existing folder a stage folder with a model.pt, anything else the name of
+    a model stage of the run (or 'random')."""
+    from qpm_dist.config import ConfigError, validate
+
+    cfg = _load_config(args, args.config, [*args.overrides, "method=iis"])
+    if args.backbone is not None:
+        path = Path(args.backbone).expanduser()
+        if path.is_file():
+            cfg.model.weights, cfg.iis.backbone = str(path), None
+        elif path.is_dir():
+            if not (path / "model.pt").is_file():
+                raise ConfigError(f"--backbone: folder {path} has no model.pt; expected a stage folder that wrote a "
+                                  f"model (e.g. runs/demo/dense-<key>)")
+            cfg.iis.backbone = str(path)
+        elif "/" in args.backbone or args.backbone.startswith("."):
+            raise ConfigError(f"--backbone: {args.backbone}: no such file or folder; expected a weights file, a stage "
+                              f"folder, a model stage name or 'random'")
+        else:
+            cfg.iis.backbone = args.backbone
+    if args.job is not None:
+        cfg.iis.heads.job = args.job
+    validate(cfg)
+    return cfg
+
+
+def cmd_iis(args: argparse.Namespace) -> int:
+    """Score a backbone with IIS (qpm_dist.methods.iis); print the IIS per library and where the report is."""
+    from qpm_dist.config import ConfigError
+    from qpm_dist.errors import BadInput
+
+    try:
+        cfg = iis_config(args)
+        _preflight(cfg)
+    except (ConfigError, BadInput, FileNotFoundError, ImportError) as exc:
+        return _fail(str(exc))
+    from qpm_dist.methods.iis import head_jobs, resolve_backbone, scores_of
+
+    if args.sweep_file is not None:
+        jobs = head_jobs(cfg.iis)
+        lines = [f"# IIS grid of {args.config}: one run line per job (iis.heads.job=I), {len(jobs)} jobs"]
+        for i, job in enumerate(jobs):
+            lines += [f"# job {i}: library {job.library}, ratio {job.ratio}, lr {job.lr:g}", f"iis.heads.job={i}"]
+        try:
+            Path(args.sweep_file).write_text("\n".join(lines) + "\n")
+        except OSError as exc:
+            return _fail(f"--sweep-file: cannot write {args.sweep_file} ({exc.strerror})")
+        extra = " ".join(args.overrides)
+        print(f"written {args.sweep_file} ({len(jobs)} jobs); submit the array, then collect and score:\n"
+              f"  sbatch --array=0-{len(jobs) - 1} slurm/sweep_array.sbatch {args.sweep_file} {args.config} "
+              f"method=iis {extra}".rstrip() + "\n"
+              f"  qpm-dist iis {args.config} iis.heads.array=true {extra}".rstrip())
+        return 0
+
+    def done(ctx, summaries) -> None:
+        if not ctx.info.is_main:
+            return
+        if cfg.iis.heads.job is not None:
+            record = summaries["iis_head_job"]["summary"]["record"]
+            print(f"iis job {record['job']}: {record['library']}, ratio {record['ratio']}, lr {record['lr']:g}: "
+                  f"test top-1 {100 * record['accuracy']:.2f}% ({ctx.outputs['iis_head_job']})", flush=True)
+            return
+        name = resolve_backbone(cfg).name
+        for library, score in scores_of(ctx.outputs["iis_score"]).items():
+            print(f"IIS of {name}, {library} concepts: {score['iis']:.4f} (normalised "
+                  f"{score['iis_normalised'] or 0:.4f}; dense probe {100 * score['dense_accuracy']:.2f}%)", flush=True)
+        print(f"report: {ctx.outputs['iis_report'] / 'report.html'}", flush=True)
+
+    return execute(cfg, None, done)
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     """Every method evaluated under an output folder side by side, from its metrics.json files."""
     from qpm_dist import methods
@@ -354,6 +435,18 @@ def build_parser() -> argparse.ArgumentParser:
                            "in registry order: qpm first); each uses its demo config next to --config")
     demo.add_argument("overrides", nargs="*")
     demo.set_defaults(func=cmd_demo)
+
+    iis = sub.add_parser("iis", parents=[plugin],
+                         help="score a backbone with IIS (the run's model stage, a stage folder or a weights file)")
+    iis.add_argument("config", help="YAML config, e.g. configs/demo_iis.yaml (method is set to iis)")
+    iis.add_argument("--backbone", metavar="PATH_OR_STAGE",
+                     help="a weights file, a stage folder with model.pt, a model stage of the run or 'random' "
+                          "(default: the config's iis.backbone)")
+    iis.add_argument("--job", type=int, metavar="I", help="train only job I of the grid (a SLURM array task)")
+    iis.add_argument("--sweep-file", metavar="FILE",
+                     help="write the grid as a sweep file for slurm/sweep_array.sbatch and print the commands")
+    iis.add_argument("overrides", nargs="*")
+    iis.set_defaults(func=cmd_iis)
 
     compare = sub.add_parser("compare", parents=[plugin], help="the metrics of every method run under OUT_DIR side by side")
     compare.add_argument("out_dir", nargs="?", default="runs", help="the runs' run.out_dir (default: runs)")

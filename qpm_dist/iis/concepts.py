@@ -7,7 +7,8 @@ concept_images   a class-balanced, seeded choice of `images_per_class` images pe
 ElementDataset   a loader item = all elements of one chosen image (qpm_dist.iis.elements), each through the test
                  transform: the CPU-heavy SLIC work runs in DataLoader workers.
 element_vectors  the pass of a frozen model over the elements: each element's pooled penultimate vector (the input
-                 of the final linear layer, `glm_stages.raw_features`: the same function as for images; the
+                 of the final linear layer, `representations.HeadInput`: the same function as for images, so a
+                 sparse model's elements are full backbone vectors like its image representations; the
                  reference's HEAD hooked the unpooled layer4 output, spec bug 2). Sharded and resumable:
                  * the chosen images are cut into global chunks of `chunk_images` consecutive images; chunk k is
                    done by rank k mod W; a finished chunk is a file `chunks/c<k>.npz` renamed into place, so a
@@ -42,7 +43,6 @@ from qpm_dist.engine.streaming import model_outputs
 from qpm_dist.errors import BadInput
 from qpm_dist.glm.shards import ShardWriter, read_meta, shard_paths, write_meta
 from qpm_dist.iis.elements import ElementConfig, image_elements
-from qpm_dist.methods.glm_stages import raw_features
 from qpm_dist.stages.artifacts import on_main, write_json
 from qpm_dist.utils import atomic_open, atomic_write_text
 
@@ -176,7 +176,7 @@ def element_vectors(model: torch.nn.Module, data: DatasetBundle, indices: np.nda
     if chunk_images < 1 or batch_size < 1:
         raise BadConceptInput(f"iis concept pass: chunk_images {chunk_images}, batch_size {batch_size}; "
                               "expected both >= 1")
-    dim = int(model.head.class_weights().shape[1])
+    dim = int(model.num_features)  # the full backbone vector (representations.HeadInput), any head type
     plan = _plan(model, data, indices, cfg, chunk_images, dim)
     if (out_dir / "shards" / "meta.json").is_file():
         meta = read_meta(out_dir)
@@ -223,13 +223,19 @@ def _compute_chunks(model, data, indices, cfg, out_dir, info, chunks, batch_size
     dataset = ElementDataset(data.dataset("train", augment=False), indices, cfg, data.cfg.img_size)
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=collate_elements,
                         pin_memory=info.device.type == "cuda")
+    from qpm_dist.iis.representations import HeadInput  # imports glm_stages, which imports much of qpm_dist
+
+    capture = HeadInput(model)
     parts: list[tuple[torch.Tensor, ...]] = []
     outputs = model_outputs(model, loader, info, autocast, desc="iis: element vectors")
-    for b, (output, labels, image, element) in enumerate(outputs):
-        parts.append((raw_features(output).to(torch.float16).cpu(), labels.cpu(), image, element))
-        if b + 1 == len(batches) or owner[b + 1] != owner[b]:
-            _save_chunk(chunk_path(out_dir, owner[b]), parts)
-            parts = []
+    try:
+        for b, (output, labels, image, element) in enumerate(outputs):
+            parts.append((capture(output).to(torch.float16).cpu(), labels.cpu(), image, element))
+            if b + 1 == len(batches) or owner[b + 1] != owner[b]:
+                _save_chunk(chunk_path(out_dir, owner[b]), parts)
+                parts = []
+    finally:
+        capture.handle.remove()
     return len(pending)
 
 

@@ -56,7 +56,46 @@ def find_metrics(out_dir: Path) -> dict[str, dict]:
                 found[method] = (mtime, {"metrics": metrics, "dense": data.get("dense"), "path": str(path),
                                          "dense_key": baseline_key(path.parent) or _content_key(data.get("dense")),
                                          "run": path.parent.parent.name})
-    return {m: v for m, (_, v) in found.items()}
+    result = {m: v for m, (_, v) in found.items()}
+    merge_iis(out_dir, result)
+    return result
+
+
+def find_iis(out_dir: Path) -> dict[str, tuple[dict, dict, str]]:
+    """scored name -> (IIS metrics, backbone.json, path) of the newest iis_score folder scoring that backbone
+    (qpm_dist.methods.iis: metrics.json is {scored name: {"iis": ...}})."""
+    found: dict[str, tuple[float, tuple[dict, dict, str]]] = {}
+    for path in Path(out_dir).glob("*/iis_score-*/metrics.json"):
+        try:
+            data = json.loads(path.read_text())
+            backbone = json.loads((path.parent / "backbone.json").read_text())
+            mtime = path.stat().st_mtime
+        except (OSError, ValueError):
+            continue
+        if not isinstance(data, dict) or not isinstance(backbone, dict):
+            continue
+        for name, metrics in data.items():
+            if isinstance(metrics, dict) and (name not in found or mtime > found[name][0]):
+                found[name] = (mtime, (metrics, backbone, str(path)))
+    return {name: value for name, (_, value) in found.items()}
+
+
+def merge_iis(out_dir: Path, found: dict[str, dict]) -> None:
+    """Put the IIS of every scored backbone into its column of `found` (find_metrics' result): a method's into its
+    metrics, the dense model's into the baseline of every evaluation whose dense stage it scored (same key); a
+    backbone no evaluation shows (random init, a weights file) gets a column of its own."""
+    for name, (metrics, backbone, path) in find_iis(out_dir).items():
+        if name == "dense":
+            matched = [v for v in found.values() if v["dense"] is not None and v["dense_key"] == backbone.get("key")]
+            for v in matched:
+                v["dense"] = {**v["dense"], **metrics}
+            if matched:
+                continue
+        if name in found:
+            found[name]["metrics"] = {**found[name]["metrics"], **metrics}
+        else:
+            found[name] = {"metrics": metrics, "dense": None, "dense_key": None, "path": path,
+                           "run": Path(path).parent.parent.name}
 
 
 def method_columns(out_dir: Path, own: list[Column] | None = None, own_dense_key: str | None = None) -> list[Column]:

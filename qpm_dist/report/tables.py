@@ -41,6 +41,9 @@ METRIC_ROWS = [
           ("rot_pct", "Relevance ordering test: % pixels to the original similarity (lower is better): RF heat map"))
       for mapping, text in (("ours", ""), ("upsample", "upsampling mapping (ProtoPNet)"),
                             ("random", "random mapping"))],
+    ("iis", "IIS of the backbone (area under accuracy retention, first concept library)"),
+    ("iis_normalised", "IIS / width of the ratio grid"),
+    ("iis_dense_probe", "IIS: the backbone's dense linear probe (%)"),
 ]
 
 # metric -> the value it must beat: what the same score gives by chance
