@@ -137,6 +137,10 @@ def check_qpm_dist(argv: list[str]) -> None:
         assert args.data in USER_FILES
     elif command == "compare":
         pass  # NOT_RUN["qpm-dist compare"]
+    elif command == "iis":
+        from qpm_dist import cli
+
+        cli.iis_config(args)  # the config, overrides and --backbone resolved and validated; nothing runs
     else:
         raise AssertionError(f"qpm-dist {command}: not handled by this test")
 
