@@ -32,7 +32,8 @@ from qpm_dist.models.truncation import TruncatedBackbone, truncated_backbone
 from qpm_dist.utils import atomic_open
 
 FORMAT, VERSION = "qpm-dist/classifier", 1
-BUILTIN_HEADS = (SparseHead, PrototypeHead)  # imported here so that their type names are registered wherever models are read
+# imported here so that their type names are registered wherever models are read
+BUILTIN_HEADS = (SparseHead, PrototypeHead)
 
 
 def classifier_file(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
