@@ -73,6 +73,7 @@ from torch import nn
 
 from qpm_dist.config import Config, ConfigError, DataConfig, bounded, to_dict
 from qpm_dist.dist import DistInfo
+from qpm_dist.methods.pixpnet_push import padded_batch
 from qpm_dist.metrics import prototypes as PM
 from qpm_dist.metrics.collect import attributes_root, evaluate_model, ground_truth_class_similarity
 from qpm_dist.metrics.interpretability import finite_or_none
@@ -160,17 +161,6 @@ def prototype_distances(model: nn.Module, images: torch.Tensor, ids: torch.Tenso
     return head.distances(latent, head.prototypes[ids.to(head.prototypes.device)])
 
 
-def _padded(images: torch.Tensor, size: int) -> torch.Tensor:
-    """`images` and copies of its last image up to `size`, in the same memory format (see the module docstring)."""
-    if len(images) == size:
-        return images
-    layout = torch.channels_last if images.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-    out = torch.empty((size, *images.shape[1:]), dtype=images.dtype, device=images.device, memory_format=layout)
-    out[:len(images)] = images
-    out[len(images):] = images[-1:]
-    return out
-
-
 def cell_locator(model: nn.Module, batch_size: int, autocast: Autocast
                  ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """`locate(images, ids B x P')` -> B x P' x 2 argmin cells (h, w), for prototype_part_scores; every forward has
@@ -184,7 +174,7 @@ def cell_locator(model: nn.Module, batch_size: int, autocast: Autocast
             n = len(part)
             padded_ids = torch.cat([part_ids, part_ids[-1:].expand(batch_size - n, -1)])
             with autocast():
-                distances = prototype_distances(model, _padded(part, batch_size), padded_ids)[:n]
+                distances = prototype_distances(model, padded_batch(part, batch_size), padded_ids)[:n]
             cells.append(nearest_cells(distances)[1].cpu())
         flat = torch.cat(cells)
         width = distances.shape[-1]

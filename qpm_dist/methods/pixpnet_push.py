@@ -141,7 +141,7 @@ def scan(model: nn.Module, loader: Iterable, batch_size: int, device: torch.devi
             if labels.min() < 0 or labels.max() >= num_classes:
                 raise ValueError(f"push: labels must lie in [0, {num_classes}), found {labels.min()}..{labels.max()}")
             pad = batch_size - n  # same shapes in every forward: an image's distances do not depend on its batch
-            images = _pad(images, pad) if pad else images
+            images = padded_batch(images, batch_size)
             padded_labels = torch.cat([labels, labels[-1:].expand(pad)]) if pad else labels
             with autocast():
                 latent = head.latent(model.backbone(images.to(device)))
@@ -164,11 +164,14 @@ def scan(model: nn.Module, loader: Iterable, batch_size: int, device: torch.devi
     return candidates, grid
 
 
-def _pad(images: torch.Tensor, pad: int) -> torch.Tensor:
-    """`images` and `pad` copies of its last image, in the same memory format: a loader's channels-last batch
-    (data.loaders.collate) must stay channels-last, or the convolutions take another algorithm (1 ulp apart)."""
+def padded_batch(images: torch.Tensor, size: int) -> torch.Tensor:
+    """`images` and copies of its last image up to `size` images, in the same memory format: every forward then has
+    the same shape (an image's distances do not depend on its batch), and a loader's channels-last batch
+    (data.loaders.collate) stays channels-last, or the convolutions take another algorithm (1 ulp apart)."""
+    if images.shape[0] == size:
+        return images
     channels_last = images.dim() == 4 and images.is_contiguous(memory_format=torch.channels_last)
-    padded = torch.empty((images.shape[0] + pad, *images.shape[1:]), dtype=images.dtype, device=images.device,
+    padded = torch.empty((size, *images.shape[1:]), dtype=images.dtype, device=images.device,
                          memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     padded[:images.shape[0]] = images
     padded[images.shape[0]:] = images[-1:]
