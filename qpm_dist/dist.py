@@ -11,7 +11,9 @@ that asking "did any rank receive SIGTERM?" never forces a GPU stream synchronis
 from __future__ import annotations
 
 import datetime
+import gc
 import os
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -96,10 +98,23 @@ def ensure_group(device: torch.device, timeout_s: int = 1800) -> None:
 
 
 def shutdown() -> None:
+    """Destroy every process group and drop every reference to one.
+
+    A group object that survives `destroy_process_group` (a library's module-level cache, a reference cycle)
+    is destroyed during interpreter finalisation instead, and a gloo group destroyed then aborts the process
+    at exit ("terminate called without an active exception": 7 of 12 two-process runs of a script that only
+    kept one reference, 0 of 12 without it). DeepSpeed caches the world group in `deepspeed.utils.groups`;
+    its own `destroy_process_group` releases that cache. The collection then frees cycles while the
+    interpreter is fully alive."""
     global _control_group, _set_local_rank
     if dist.is_initialized():
-        dist.destroy_process_group()
+        deepspeed_comm = sys.modules.get("deepspeed.comm")
+        if deepspeed_comm is not None and deepspeed_comm.is_initialized():
+            deepspeed_comm.destroy_process_group()
+        else:
+            dist.destroy_process_group()
     _control_group = None
+    gc.collect()
     if _set_local_rank:
         os.environ.pop("LOCAL_RANK", None)
         _set_local_rank = False

@@ -101,6 +101,9 @@ class DDPStrategy:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
+    def close(self) -> None:
+        """Nothing to release: DDP's wrapper and its process-group reference die with this object."""
+
     def parameters_edited(self) -> None:
         """The module's parameters were changed outside the optimizer (a task's epoch hook). DDP's optimizer
         works on the module's own parameters: nothing to do."""
@@ -211,6 +214,14 @@ class DeepSpeedStrategy:
 
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
+
+    def close(self) -> None:
+        """Release the engine at the end of its phase. Its ZeRO optimizer registers gradient hooks on the module's
+        parameters whose closures hold the optimizer, so engine, optimizer and their process group would live on
+        after the phase, past `dist.shutdown()`, until interpreter exit; a gloo group destroyed that late aborts
+        the process at exit ("terminate called without an active exception") in about half the runs.
+        `destroy()` removes the hooks."""
+        self.engine.destroy()
 
     def parameters_edited(self) -> None:
         """The module's parameters were changed outside the optimizer (a task's epoch hook). With ZeRO >= 1

@@ -222,6 +222,7 @@ class Trainer:
             return result
         finally:
             self.logger.close()
+            self.strategy.close()
 
     def _train_epochs(self, stop: StopRequest) -> None:
         while self.progress.epoch < self.cfg.epochs:
