@@ -145,7 +145,7 @@ def test_array_task_of_a_text_job_and_the_keys(text_run):
     before = keys()
     concepts.write_text(CONCEPTS + "\n\n  wings  \n")  # the same concepts after normalisation: same keys
     assert keys() == before
-    concepts.write_text(CONCEPTS + "green beak\n")
+    concepts.write_text(CONCEPTS.replace("small dog", "small cat"))  # as many concepts, one of them another
     try:
         after = keys()
         assert after[0] == before[0] and after[1] != before[1] and after[2] != before[2]
