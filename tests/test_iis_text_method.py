@@ -196,3 +196,59 @@ def test_clip_tower_converts_the_data_normalisation_to_clips():
     assert seen[1].shape == (1, 3, 4, 4)
     assert torch.allclose(seen[1][0, :, 0, 0], (torch.tensor(mean) - torch.tensor(geometry.mean))
                           / torch.tensor(geometry.std), atol=1e-6)
+
+
+@pytest.mark.slow  # ~25 s on the shared 2-core machine (two interpreters importing torch and open_clip)
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
+def test_two_process_text_run_shares_the_jobs_and_reads_by_sample_index(text_run, tmp_path):
+    """`qpm-dist iis` under torchrun, 2 ranks, scoring the 1-process run's dense stage folder: the CLIP image shards
+    (written strided by 2 ranks) equal the 1-process ones by sample, and every text record, trained by whichever rank
+    drew it, equals iis.text.train_text_head recomputed here on the run's own space and features."""
+    import os
+    import signal
+    import subprocess
+
+    import numpy as np
+
+    from helpers import clean_env, qpm_command
+    from qpm_dist.iis.representations import Representations
+    from qpm_dist.iis.score import read_manifest
+    from qpm_dist.iis.text import ConceptSpace, train_text_head
+    from qpm_dist.methods.iis_text import text_head_config
+
+    _, config, _, ctx = text_run
+    proc = subprocess.Popen(qpm_command(2, "iis", str(config), "--backbone", str(ctx.outputs["dense"]),
+                                        f"run.out_dir={tmp_path}"), env=clean_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("the 2-process IIS text run did not finish within 120 s")
+    assert proc.returncode == 0, err[-3000:]
+    run = tmp_path / "t"
+    (images,) = run.glob("iis_text_images-*")
+    two = Representations(images)
+    assert two.world_size_written == 2
+    mine, _ = two.in_sample_order("train")
+    ref, _ = Representations(ctx.outputs["iis_text_images"]).in_sample_order("train")
+    np.testing.assert_allclose(mine.astype(np.float32), ref.astype(np.float32), atol=2e-3)
+
+    (heads,) = run.glob("iis_heads-*")
+    (text,) = run.glob("iis_text-*")
+    (features,) = run.glob("iis_features-*")
+    reps = Representations(features)
+    x, y = reps.in_sample_order("train")
+    xt, yt = reps.in_sample_order("test")
+    space = ConceptSpace.load(text / "text-space.npz")
+    records = [r for r in read_manifest(heads / "manifest.json") if r["library"] == "text"]
+    assert sorted((r["ratio"], r["lr"]) for r in records) == sorted((s, lr) for s in RATIOS for lr in LRS)
+    for r in records:
+        expected = train_text_head(space, torch.from_numpy(x), y, torch.from_numpy(xt), yt, ctx.data.num_classes,
+                                   r["ratio"], r["lr"], text_head_config(ctx.cfg))
+        assert (r["accuracy"], r["heldout_accuracy"], r["best_epoch"]) == (
+            expected["accuracy"], expected["heldout_accuracy"], expected["best_epoch"])
