@@ -103,7 +103,7 @@ def test_the_comparison_shows_the_iis_in_the_scored_backbones_column(iis_run):
     (["--backbone", "./missing.pth"], "--backbone: ./missing.pth: no such file or folder"),
     (["--backbone", "{empty}"], "has no model.pt"),
     (["--job", "8"], "iis.heads.job: 8, but the grid has 8 jobs (0 to 7)"),
-    (["iis.text.enabled=true"], "iis.text.enabled: the text library is not wired"),
+    (["iis.text.enabled=true"], "iis.text.concepts: the text library is enabled but no concept file is named"),
     (["iis.heads.ratios=[0.5,0.5]"], "iis.heads.ratios: expected one or more distinct ratios"),
     (["iis.backbone=null", "model.weights=/x/w.pth"], "model.weights: file not found: /x/w.pth"),
     (["--backbone", "random", "model.weights=/x/w.pth"], "'random' scores model.arch at random init, but model"),

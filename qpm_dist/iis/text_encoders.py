@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -65,14 +66,25 @@ def _require(module: str, package: str):
                                f"{TEXT_EXTRA[package]}") from None
 
 
+@dataclass(frozen=True)
+class ImageInput:
+    """What an image tower expects: `size` x `size` pixels normalised with `mean`, `std` (what `preprocess` does
+    to a PIL image), so a batch already normalised for another model can be converted (methods.iis_text)."""
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
 class TextEncoder:
     """An encoder of concept strings into unit vectors of width `dim` (and, for CLIP, of images too)."""
 
     def __init__(self, name: str, dim: int, encode: Callable[[list[str]], torch.Tensor],
                  encode_images: Callable[[torch.Tensor], torch.Tensor] | None = None, preprocess=None,
-                 identity: str | None = None) -> None:
+                 identity: str | None = None, image_input: ImageInput | None = None) -> None:
         self.name, self.dim = name, dim
         self.identity = identity or name  # what makes its embeddings what they are: the cache key's first part
+        self.image_input = image_input  # the image tower's input geometry (None: text only)
         self._encode, self._encode_images, self.preprocess = encode, encode_images, preprocess
 
     def encode_text(self, concepts: Sequence[str], batch: int = MAX_BATCH) -> torch.Tensor:
@@ -149,8 +161,10 @@ def load_clip(architecture: str, weights: str | Path, device: str = "cpu") -> Te
 
     dim = int(model.text_projection.shape[1]) if hasattr(model, "text_projection") else int(
         encode(["a"]).shape[1])
+    image_input = ImageInput(size if isinstance(size, int) else size[0], tuple(open_clip.OPENAI_DATASET_MEAN),
+                             tuple(open_clip.OPENAI_DATASET_STD))  # image_transform's defaults, as `preprocess`
     return TextEncoder(f"CLIP {architecture}", dim, encode, encode_images, preprocess,
-                       identity=f"CLIP {architecture} sha256={file_sha256(path)}")
+                       identity=f"CLIP {architecture} sha256={file_sha256(path)}", image_input=image_input)
 
 
 def file_sha256(path: Path) -> str:
