@@ -42,6 +42,8 @@ METRIC_ROWS = [
       for mapping, text in (("ours", ""), ("upsample", "upsampling mapping (ProtoPNet)"),
                             ("random", "random mapping"))],
     ("iis", "IIS of the backbone (area under accuracy retention, first concept library)"),
+    *[(f"iis_{library}", f"... IIS with the {text} library") for library, text in (
+        ("prototype", "prototype concepts"), ("cluster", "k-means concepts"), ("text", "text concepts (LF-CBM)"))],
     ("iis_normalised", "IIS / width of the ratio grid"),
     ("iis_dense_probe", "IIS: the backbone's dense linear probe (%)"),
 ]
