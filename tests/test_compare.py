@@ -83,3 +83,50 @@ def test_pointing_game_spg_and_ch_of_every_method_in_one_table(tmp_path):
                                                                                                 "0.800"]
     assert rows["... sampled (100 points per image)"] == ["0.590", "0.690", "0.790"]
     assert rows["Content heatmap: Grad-CAM mass inside the object boxes"] == ["0.500", "0.600", "0.700"]
+
+
+def write_iis(out, run, folder, backbone, metrics, age):
+    """A hand-built iis_score folder: metrics.json {scored name: metrics} and backbone.json (methods.iis)."""
+    path = out / run / f"iis_score-{folder}"
+    path.mkdir(parents=True)
+    (path / "backbone.json").write_text(json.dumps(backbone))
+    (path / "metrics.json").write_text(json.dumps({backbone["name"]: metrics}))
+    os.utime(path / "metrics.json", (1_000_000 + age, 1_000_000 + age))
+
+
+def test_an_iis_joins_a_column_only_if_it_scored_the_model_that_column_evaluates(tmp_path):
+    """Issue 17's bug: `--backbone gc_train` under another config retrained GC (another key) and its IIS landed in
+    the GC column, next to the accuracy of a different model. An IIS joins a column by the scored stage's key."""
+    def evaluation(run, method, stage, key, dense_key, age):
+        path = write_metrics(tmp_path, run, f"{method}_evaluate", {"dense": {"accuracy": 80.0 + age},
+                                                                    method: {"accuracy": 70.0 + age}}, age)
+        (path.parent / "stage.json").write_text(json.dumps({"upstream": {"dense": dense_key, stage: key}}))
+
+    evaluation("demo", "gc", "gc_train", "g1" * 32, "d2" * 32, age=1)
+    evaluation("demo", "qpm", "qpm_finetune", "q1" * 32, "d1" * 32, age=2)
+    iis = lambda value: {"iis": value, "iis_normalised": value + 0.01, "iis_dense_probe": 50.0}  # noqa: E731
+    write_iis(tmp_path, "demo", "same", {"name": "gc", "stage": "gc_train", "key": "g1" * 32}, iis(0.5), age=3)
+    write_iis(tmp_path, "demo", "other", {"name": "gc", "stage": "gc_train", "key": "g9" * 32}, iis(0.9), age=4)
+    write_iis(tmp_path, "demo", "dense", {"name": "dense", "stage": "dense", "key": "d1" * 32}, iis(0.7), age=5)
+    columns = {c.label: c.metrics for c in method_columns(tmp_path)}
+    assert list(columns) == ["dense (QPM)", "dense (GC)", "QPM", "GC", "gc_train @g9g9g9g9 (IIS only)"]
+    assert columns["GC"] == {"accuracy": 71.0, **iis(0.5)}  # same name, same key: merged
+    assert columns["gc_train @g9g9g9g9 (IIS only)"] == iis(0.9)  # same name, another key: a column of its own
+    assert columns["dense (QPM)"] == {"accuracy": 82.0, **iis(0.7)} and columns["dense (GC)"] == {"accuracy": 81.0}
+    assert "iis" not in columns["QPM"]
+    assert "gc_train @g9g9g9g9 (IIS only)" in table_text(method_columns(tmp_path)).splitlines()[0]
+
+    # of two scores of the same model (e.g. other IIS settings) the newest is shown, the other nowhere
+    write_iis(tmp_path, "demo", "newer", {"name": "gc", "stage": "gc_train", "key": "g1" * 32}, iis(0.6), age=6)
+    write_iis(tmp_path, "demo", "older", {"name": "gc", "stage": "gc_train", "key": "g1" * 32}, iis(0.4), age=0)
+    columns = {c.label: c.metrics for c in method_columns(tmp_path)}
+    assert columns["GC"] == {"accuracy": 71.0, **iis(0.6)} and len(columns) == 5
+
+    # a stage folder scored by path (--backbone runs/demo/gc_train-...): its own stage and key identify the model
+    write_iis(tmp_path, "demo", "folder", {"name": "gc", "stage": "iis_backbone", "key": "b1" * 32,
+                                           "model_stage": "gc_train", "model_key": "g1" * 32}, iis(0.3), age=7)
+    write_iis(tmp_path, "demo", "random", {"name": "random init (tiny_resnet)", "stage": "iis_backbone",
+                                           "key": "r1" * 32}, iis(0.1), age=8)
+    columns = {c.label: c.metrics for c in method_columns(tmp_path)}
+    assert columns["GC"] == {"accuracy": 71.0, **iis(0.3)}
+    assert columns["random init (tiny_resnet) @r1r1r1r1 (IIS only)"] == iis(0.1)

@@ -6,10 +6,17 @@
 IIS scores a backbone; it trains no classifier of its own. `iis.backbone` names what is scored:
 * a model stage of the same run folder ("dense", "qpm_finetune", "sldd_finetune", "qsenn_finetune3", "gc_train",
   ...): the stages of the method owning it, up to it, come first (same stages, same content keys as that method's
-  own run, so a finished stage of `runs/<name>/` is reused, not retrained);
+  own run, so a finished stage of `runs/<name>/` is reused, not retrained). The keys come from THIS config: if the
+  run folder holds that stage finished under another key (the IIS config's sections differ from those of the run
+  that trained it), the run is refused before anything trains (BackboneGuard, issue 17), naming both folders and
+  what differs; remedies: the other run's config with iis.* overrides, the folder path as backbone (with the model.*
+  settings it was trained with), or iis.retrain_backbone=true. With no finished folder of that stage, IIS trains it;
 * "random": `model.arch` at random initialisation (seed run.seed), the baseline a trained backbone must beat;
 * null: the local torchvision-style checkpoint `model.weights`;
-* a path to a stage folder holding a model.pt (e.g. runs/demo/dense-<key>), as `qpm-dist iis --backbone` passes it.
+* a path to a stage folder holding a model.pt (e.g. runs/demo/dense-<key>), as `qpm-dist iis --backbone` passes it;
+  the model file carries no strides, so a folder whose record shows other model.arch/reduced_strides/tiny_width
+  than this config is refused (architecture_mismatch); backbone.json names the folder's own stage and key
+  (model_stage, model_key; folder_model) when IIS read its images at the size it was trained at.
 The last three go through the stage `iis_backbone`, which writes the model (keyed by the file's sha256).
 
 iis_features  the representation pass (iis.representations.iis_features): the pooled head input of every train and
@@ -44,8 +51,9 @@ with `array: false` (the default, small data) `iis_heads` trains whatever job ha
 The comparison (`qpm-dist compare`, report.compare): metrics.json of iis_score is {<scored name>: {"iis": ...,
 "iis_normalised": ..., "iis_dense_probe": ...}}, where the scored name is the method owning the backbone stage
 ("qpm" for qpm_finetune, "dense" for dense, "random init", a weights file's or stage folder's name otherwise),
-and its IIS rows are merged into that method's column (the dense baseline's column for "dense", matched by the
-dense stage's key), so the IIS of every method's backbone sits under its accuracy.
+and its IIS rows are merged into the column of the evaluation of THAT model (same stage and key; the dense baseline's
+column by the dense stage's key), so the IIS of every method's backbone sits under its accuracy; an IIS of a model
+no evaluation shows gets an "(IIS only)" column of its own.
 
 Measured on the demo (configs/demo_iis.yaml, 2 CPU processes on a shared 2-core machine, prototype patches,
 K = 200, the spec's 8 ratios x 3 lrs, 30 epochs, heads batch 64): the trained dense backbone (test 86.1%) IIS
@@ -76,9 +84,9 @@ from qpm_dist.config import Config, ConfigError, bounded, to_dict
 from qpm_dist.errors import BadInput
 from qpm_dist.methods import MethodSpec, all_specs, register
 from qpm_dist.models.net import DenseHead
-from qpm_dist.stages.artifacts import (MODEL, RECORD, from_main, load_model, on_main, read_json, read_record,
-                                       save_model, write_json)
-from qpm_dist.stages.runner import RunContext, Stage, _needed, stage_key
+from qpm_dist.stages.artifacts import (MODEL, RECORD, STAGE_CONFIG, from_main, load_model, on_main, read_json,
+                                       read_record, save_model, write_json)
+from qpm_dist.stages.runner import RunContext, Stage, _inputs, _needed, differences, output_key, stage_key
 from qpm_dist.stages.train import data_key
 from qpm_dist.utils import file_sha256, log
 
@@ -92,6 +100,11 @@ HEADLINE = ("iis", "iis_normalised")
 
 class IncompleteGrid(BadInput, ValueError):
     """The array's jobs are not all finished (the message names the missing ones)."""
+
+
+class BackboneMismatch(BadInput, ValueError):
+    """`iis.backbone` names a stage the run folder holds finished under another key: IIS would train a new model and
+    score it instead (the message names both folders, what differs and the remedies)."""
 
 
 @dataclass
@@ -143,6 +156,9 @@ class IISConfig:
     # What is scored: a model stage of the run ("dense", "qpm_finetune", ...), "random" (model.arch at random
     # init), null (the file model.weights) or the path of a stage folder with a model.pt.
     backbone: Optional[str] = "dense"
+    # A backbone stage named by `backbone` whose finished folder in the run folder has another key than this config
+    # gives it is refused (BackboneGuard); true trains and scores a new one anyway.
+    retrain_backbone: bool = False
     features_batch_size: int = bounded(256, ge=1)  # global batch of the representation pass (speed only)
     dtype: Literal["float16", "float32"] = "float16"  # of the representation shards
     concepts: IISConceptsConfig = field(default_factory=IISConceptsConfig)
@@ -236,7 +252,152 @@ def resolve_backbone(cfg: Config) -> Backbone:
                           f"'{RANDOM}', a stage folder path or null (model.weights)")
     method, stages = owner
     needed = _needed(stages, b)
-    return Backbone([s for s in stages if s.name in needed], b, "dense" if b == "dense" else method)
+    chain = [s for s in stages if s.name in needed]
+    return Backbone([BackboneGuard(s, chain, b) for s in chain], b, "dense" if b == "dense" else method)
+
+
+# ------------------------------------------------------------------------- a backbone stage trained anew (issue 17)
+
+
+def finished_records(run_dir: Path, stage: str) -> list[tuple[Path, dict]]:
+    """(folder, record) of every finished `<stage>-<key>` folder of run_dir, newest first (unreadable records are
+    left out: the runner reports a damaged one when it is reused)."""
+    found = []
+    for folder in Path(run_dir).glob(f"{stage}-*"):
+        try:
+            record = json.loads((folder / RECORD).read_text())
+            mtime = (folder / RECORD).stat().st_mtime
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and record.get("stage") == stage:
+            found.append((mtime, folder, record))
+    return [(folder, record) for _, folder, record in sorted(found, key=lambda f: f[0], reverse=True)]
+
+
+def _why(name: str, record: dict, inputs: dict[str, dict], run_dir: Path) -> list[tuple[str, str]]:
+    """What makes this config's `name` differ from the finished one of `record`, root causes first: its own config
+    parts and dataset, and for an input stage whose key differs, that stage's differences (found through the
+    finished folder of the input the record names): (stage, "field: old -> new")."""
+    old = {k: record.get(k) for k in ("config", "dataset", "upstream")}
+    upstream = old["upstream"] if isinstance(old["upstream"], dict) else {}
+    found = []
+    for stage, key in upstream.items():
+        if stage in inputs[name]["upstream"] and inputs[name]["upstream"][stage] != key:  # a DAG: ends
+            parent = next((r for _, r in finished_records(run_dir, stage) if r.get("output_key") == key), None)
+            found += _why(stage, parent, inputs, run_dir) if parent else [(stage, f"its folder is not in {run_dir}")]
+    own = [d for d in differences(old, inputs[name]) if not d.startswith("its input stage")]
+    return found + [(name, d if len(d) <= 120 else d[:117] + "...") for d in own]
+
+
+def _grouped(why: list[tuple[str, str]], limit: int = 6) -> str:
+    """"gc_train: data.img_size: 48 -> 64, model.dropout: 0.0 -> 0.2; ..." of the first `limit` differences."""
+    stages: dict[str, list[str]] = {}
+    for stage, diff in why[:limit]:
+        stages.setdefault(stage, []).append(diff)
+    more = f"; and {len(why) - limit} more" if len(why) > limit else ""
+    return "; ".join(f"{stage}: {', '.join(diffs)}" for stage, diffs in stages.items()) + more
+
+
+def retrain_conflict(chain: list[Stage], target: str, ctx: RunContext) -> str:
+    """Why running `chain` (the stages up to the backbone stage `target`) would train a model other than the one
+    the run folder already holds finished under that stage name ("" if it would not: a finished `target` folder has
+    this config's key, or none exists, so an IIS config trains its own backbone).
+
+    Issue 17: `qpm-dist iis configs/demo_iis.yaml --backbone gc_train` resolved gc_train under demo_iis.yaml, whose
+    sections differ from demo_gc.yaml's, so GC was trained anew at 64 px and its IIS reported as the demo GC's."""
+    probe = dataclasses.replace(ctx, keys=dict(ctx.keys), outputs=dict(ctx.outputs))
+    inputs, folder_keys = {}, {}
+    for stage in chain:  # the keys run_stages gives the chain under this config
+        inputs[stage.name] = _inputs(stage, probe)
+        folder_keys[stage.name] = stage_key(stage, probe)
+        probe.keys[stage.name] = output_key(stage, folder_keys[stage.name], ctx.cfg)
+    records = finished_records(ctx.run_dir, target)
+    if not records or any(r.get("output_key") == probe.keys[target] for _, r in records):
+        return ""
+    folder, record = records[0]
+    why = _grouped(_why(target, record, inputs, ctx.run_dir)) or "nothing its record shows (another code version)"
+    return (f"iis.backbone: {target}: {ctx.run_dir} holds the finished {folder.name}, but this config gives "
+            f"{target} the key {folder_keys[target][:12]} ({why}), so IIS would train a new {target} "
+            f"and score it instead of that model. Run `qpm-dist iis` with the config that trained {folder.name} "
+            f"(iis.* settings as overrides), or score that model's file with --backbone {folder} (under the model.* "
+            f"and data.img_size it was trained with), or set iis.retrain_backbone=true to train and score a new "
+            f"{target}")
+
+
+def _remove_if_unused(folder: Path) -> None:
+    """The folder the runner made for a refused stage, if it holds nothing but the stage_config.json it wrote."""
+    if folder.is_dir() and [p.name for p in folder.iterdir()] == [STAGE_CONFIG]:
+        (folder / STAGE_CONFIG).unlink()
+        folder.rmdir()
+
+
+class BackboneGuard:
+    """A stage of the chain producing the backbone stage `target`, which refuses to run (BackboneMismatch) when that
+    would train a `target` other than the finished one of the run folder (retrain_conflict), unless
+    iis.retrain_backbone. Everything else (name, depends, config_parts, output_parts, extends, ...) is the wrapped
+    stage's, so the keys and folders are exactly those of the owning method's own run.
+
+    The check runs when the runner is about to run a chain stage, i.e. only if some stage of the chain is not
+    finished under this config: reusing the finished backbone costs no check."""
+
+    def __init__(self, stage: Stage, chain: list[Stage], target: str) -> None:
+        self.stage, self.chain, self.target = stage, chain, target
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("stage", "chain", "target"):  # not set yet (copy/pickle): no recursion through self.stage
+            raise AttributeError(name)
+        return getattr(self.stage, name)
+
+    def run(self, ctx: RunContext, out_dir: Path) -> dict:
+        if not ctx.cfg.iis.retrain_backbone:
+            problem = from_main(lambda: retrain_conflict(self.chain, self.target, ctx))
+            if problem:
+                on_main(_remove_if_unused, out_dir)
+                raise BackboneMismatch(problem)
+        return self.stage.run(ctx, out_dir)
+
+
+# The model settings a model file does not carry: classifier_from_file builds the backbone from the config's, so
+# a stage folder read under other values loads (strides hold no weights) as ANOTHER network.
+ARCHITECTURE = ("arch", "reduced_strides", "tiny_width")
+
+
+def _folder_record(folder: Path) -> dict:
+    """The finished record (stage.json) of a stage folder, or {} (not a finished stage folder, unreadable)."""
+    try:
+        record = json.loads((Path(folder) / RECORD).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _trained_with(record: dict, section: str) -> dict:
+    parts = (record.get("config") or {}).get(section)
+    return parts if isinstance(parts, dict) else {}
+
+
+def architecture_mismatch(folder: Path, cfg: Config) -> str:
+    """"model.reduced_strides: False (the folder's) vs True (this config)", ... for every ARCHITECTURE setting the
+    stage folder's record was trained with that this config sets otherwise ("" if none, or the record has none)."""
+    trained = _trained_with(_folder_record(folder), "model")
+    ours = to_dict(cfg.model)
+    return ", ".join(f"model.{k}: {trained[k]} (the folder's) vs {ours[k]} (this config)" for k in ARCHITECTURE
+                     if k in trained and trained[k] != ours[k])
+
+
+def folder_model(folder: Path, sha256: str, cfg: Config) -> dict[str, str] | None:
+    """{"stage", "key"} of the finished stage folder whose model IIS read by path, if its record lists a model.pt
+    with this sha256 (the file the iis_backbone key was made from) and it was trained at this config's
+    data.img_size: the comparison then puts the IIS in the column of the evaluation of that very model
+    (report.compare). None if the folder is no finished stage folder, its model.pt is not the one it wrote, or IIS
+    read its images at another size (then the IIS gets a column of its own)."""
+    record = _folder_record(folder)
+    if (record.get("outputs") or {}).get(MODEL) != sha256:
+        return None
+    if _trained_with(record, "data").get("img_size", cfg.data.img_size) != cfg.data.img_size:
+        return None
+    stage, key = record.get("stage"), record.get("output_key", record.get("key"))
+    return {"stage": stage, "key": key} if isinstance(stage, str) and isinstance(key, str) else None
 
 
 class BackboneStage:
@@ -254,6 +415,11 @@ class BackboneStage:
         if not path.is_file():
             raise BadInput(f"iis.backbone: {path}: no such file (expected "
                            f"{'a stage folder with a ' + MODEL if b.source == 'folder' else 'a weights file'})")
+        mismatch = architecture_mismatch(Path(b.path), cfg) if b.source == "folder" else ""
+        if mismatch:
+            raise BadInput(f"iis.backbone: {b.path} was trained as another network than this config builds "
+                           f"({mismatch}); its weights would be scored in the wrong architecture. Set those model.* "
+                           f"values (or use the config that trained it)")
         return {"source": b.source, "model": model, "weights_key": cfg.model.weights_key,
                 "sha256": file_sha256(path)}
 
@@ -471,6 +637,11 @@ class ScoreStage:
         if len(scores) > 1:
             metrics.update({f"iis_{lib}": s.iis for lib, s in scores.items()})
         backbone = {"name": self.backbone.name, "stage": self.backbone.stage, "key": ctx.keys[self.backbone.stage]}
+        if self.backbone.source == "folder":  # which finished stage's model that is (report.compare matches it)
+            sha256 = read_json(ctx.outputs[BACKBONE_STAGE] / RECORD)["config"].get("sha256")
+            model = from_main(lambda: folder_model(Path(self.backbone.path), sha256, ctx.cfg))
+            if model is not None:
+                backbone.update(model_stage=model["stage"], model_key=model["key"])
         write_json(out_dir / SCORES, {lib: s.as_dict() for lib, s in scores.items()})
         write_json(out_dir / "metrics.json", {self.backbone.name: metrics})
         write_json(out_dir / "backbone.json", backbone)
