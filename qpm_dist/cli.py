@@ -11,11 +11,13 @@ stage restarts), 69 the solver service failed with qpm.solver.fallback_local=fal
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from qpm_dist.launching import EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_UNAVAILABLE
 
@@ -239,15 +241,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not (root / "synthetic.json").is_file():
         print(f"qpm-dist demo: generating the synthetic dataset in {root}", flush=True)
         generate(root, progress=True)
+    iis_file = Path(args.config).parent / DEMO_IIS_CONFIG
+    if args.iis and not iis_file.is_file():
+        return _fail(f"--iis: {iis_file} not found (its iis section sets how the demo scores backbones)")
     env = {**os.environ, **demo_environment(os.environ)}
+    plugins = [f"--plugin={name}" for name in args.plugin]
     for method, path, _ in configs:
-        plugins = [f"--plugin={name}" for name in args.plugin]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
                "-m", "qpm_dist", "run", str(path), *plugins, f"data.root={root}", *args.overrides]
         print(f"qpm-dist demo ({method}):", " ".join(cmd), flush=True)
         code = subprocess.call(cmd, env=env)
         if code != 0:
             return code
+    if args.iis:
+        for path, backbone in demo_iis_runs(configs):
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+                   "-m", "qpm_dist", "iis", str(path), "--backbone", backbone, *plugins, f"data.root={root}",
+                   *iis_overrides(iis_file), *args.overrides]
+            print(f"qpm-dist demo (IIS of {backbone}, {path.name}):", " ".join(cmd), flush=True)
+            code = subprocess.call(cmd, env=env)
+            if code != 0:
+                return code
     method, _, cfg = configs[0]
     print(demo_summary(Path(cfg.run.out_dir) / cfg.run.name), flush=True)
     if len(configs) > 1:
@@ -256,6 +270,47 @@ def cmd_demo(args: argparse.Namespace) -> int:
         text, page = write_comparison(Path(cfg.run.out_dir))
         print(f"\n  methods side by side (also in every report and {page}):\n{text}", flush=True)
     return 0
+
+
+DEMO_IIS_CONFIG = "demo_iis.yaml"  # next to --config: its `iis` section is what `qpm-dist demo --iis` scores with
+
+
+def demo_iis_runs(configs: list[tuple[str, Path, Any]]) -> list[tuple[Path, str]]:
+    """(config, backbone) of every IIS `qpm-dist demo --iis` runs: the first config's architecture at random
+    initialisation, then for each method its evaluated dense baseline (once per distinct dense model: the sparse-head
+    methods share one) and its final model, each under the method's own config, so the IIS scores the very stage
+    the method's evaluation scored (same content key) and its row lands in that column of the comparison."""
+    from qpm_dist import methods
+    from qpm_dist.config import to_dict
+
+    runs, dense_models = [(configs[0][1], "random")], set()
+    for method, path, cfg in configs:
+        for stage in methods.get(method).stages(cfg):
+            final = getattr(stage, "final_stage", None)
+            if stage.name != f"{method}_evaluate" or final is None:
+                continue
+            baseline = getattr(stage, "baseline", None)
+            dense = json.dumps([to_dict(cfg.data), to_dict(cfg.model), to_dict(getattr(cfg, baseline or "dense"))],
+                               sort_keys=True, default=str)
+            if baseline and dense not in dense_models:
+                dense_models.add(dense)
+                runs.append((path, baseline))
+            runs.append((path, final))
+    return runs
+
+
+def iis_overrides(path: Path) -> list[str]:
+    """The `iis` section of `path` (configs/demo_iis.yaml) as dotted overrides, except the backbone it names."""
+    import yaml
+
+    def flat(prefix: str, value: Any) -> list[str]:
+        if isinstance(value, dict):
+            return [line for key, sub in value.items() for line in flat(f"{prefix}.{key}", sub)]
+        return [f"{prefix}={json.dumps(value)}"]
+
+    section = dict((yaml.safe_load(path.read_text()) or {}).get("iis") or {})
+    section.pop("backbone", None)
+    return flat("iis", section)
 
 
 def demo_environment(current: dict) -> dict[str, str]:
@@ -277,8 +332,6 @@ POINTING_NAMES = {"pointing_game": "pointing game", "stochastic_pointing": "stoc
 def demo_summary(run_dir: Path) -> str:
     """Per method: dense vs method accuracy, then its headline interpretability numbers (part recovery vs a random
     assignment; the pointing games and content heatmap), and the report's path."""
-    import json
-
     from qpm_dist import methods
 
     def newest(pattern: str) -> Path | None:
@@ -433,6 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--methods", default="",
                       help="comma-separated, run in this order (default: every method with a demo config, "
                            "in registry order: qpm first); each uses its demo config next to --config")
+    demo.add_argument("--iis", action="store_true",
+                      help="then score every method's dense baseline and final model, and a random init, with IIS "
+                           "(the iis section of demo_iis.yaml next to --config; about 2 minutes each)")
     demo.add_argument("overrides", nargs="*")
     demo.set_defaults(func=cmd_demo)
 

@@ -100,6 +100,30 @@ def test_demo_runs_qpm_then_sldd_and_qsenn_on_sibling_configs():
         demo_configs("configs/demo.yaml", "qpm,no_such_method")
 
 
+def test_demo_iis_scores_random_init_each_distinct_dense_model_and_each_final_model_under_its_own_config():
+    """`qpm-dist demo --iis`: the stage each method's evaluation scored, under that method's config (so the key and
+    the comparison column are the evaluated model's), with the iis section of demo_iis.yaml as overrides."""
+    import yaml
+
+    from qpm_dist.cli import demo_configs, demo_iis_runs, iis_overrides
+    from qpm_dist.config import load_config, to_dict
+
+    configs = [(m, p, load_config(REPO / p)) for m, p in demo_configs("configs/demo.yaml", "")]
+    runs = [(str(p), b) for p, b in demo_iis_runs(configs)]
+    assert runs == [("configs/demo.yaml", "random"), ("configs/demo.yaml", "dense"),
+                    ("configs/demo.yaml", "qpm_finetune"), ("configs/demo_sldd.yaml", "sldd_finetune"),
+                    ("configs/demo_qsenn.yaml", "qsenn_finetune3"),
+                    ("configs/demo_gc.yaml", "dense"), ("configs/demo_gc.yaml", "gc_train")]  # GC: its own baseline
+    overrides = iis_overrides(REPO / "configs/demo_iis.yaml")
+    assert not any(o.startswith("iis.backbone=") for o in overrides)
+    section = yaml.safe_load((REPO / "configs/demo_iis.yaml").read_text())["iis"]
+    scored = to_dict(load_config(REPO / "configs/demo.yaml", [*overrides, "method=iis"]).iis)
+    for part in ("concepts", "heads"):
+        assert {k: scored[part][k] for k in section[part]} == section[part]
+    assert scored["heads"]["batch_size"] == 64 != to_dict(load_config(REPO / "configs/demo.yaml").iis)["heads"][
+        "batch_size"]
+
+
 def test_the_demo_summary_prints_each_methods_headline_numbers(tmp_path):
     """Part recovery for the sparse-head methods, the pointing games and content heatmap for GC (its dense head
     has no 'assignment' to recover links from)."""
