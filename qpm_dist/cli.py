@@ -306,7 +306,7 @@ def iis_overrides(path: Path) -> list[str]:
     def flat(prefix: str, value: Any) -> list[str]:
         if isinstance(value, dict):
             return [line for key, sub in value.items() for line in flat(f"{prefix}.{key}", sub)]
-        return [f"{prefix}={json.dumps(value)}"]
+        return [f"{prefix}={json.dumps(value, separators=(',', ':'))}"]  # no spaces: copyable
 
     section = dict((yaml.safe_load(path.read_text()) or {}).get("iis") or {})
     section.pop("backbone", None)
@@ -357,9 +357,27 @@ def demo_summary(run_dir: Path) -> str:
                 scores = lambda model: " / ".join(f"{model[k]:.3f}" for k in pointing)  # noqa: E731
                 before = f"dense {scores(d)} -> " if d and all(d.get(k) is not None for k in pointing) else ""
                 lines.append(f"    {' / '.join(POINTING_NAMES[k] for k in pointing)}: {before}{label} {scores(q)}")
-        if report:
-            lines.append(f"    report: {report.resolve()}")
+            if report:
+                lines.append(f"    report: {report.resolve()}")
+    lines += iis_summary(run_dir)
     return "\n".join(lines)
+
+
+def iis_summary(run_dir: Path) -> list[str]:
+    """One line per model IIS scored in run_dir (`qpm-dist demo --iis`), in the order they were scored: its IIS
+    (first concept library) and its dense probe's accuracy, which an IIS must be read next to."""
+    from qpm_dist import methods
+    from qpm_dist.report.compare import find_iis
+
+    scored = [s for s in find_iis(run_dir.parent) if Path(s.path).parent.parent == run_dir]
+    if not scored:
+        return []
+    lines = ["  IIS of the backbones (area under accuracy retention; prototype concepts unless configured):"]
+    for s in scored:
+        name = methods.label(s.name) if s.name in methods.names() else s.name
+        lines.append(f"    {name} ({s.stage} @{(s.key or '?')[:8]}): IIS {s.metrics.get('iis', float('nan')):.3f}, "
+                     f"dense probe {s.metrics.get('iis_dense_probe', float('nan')):.1f}%")
+    return lines
 
 
 def iis_config(args: argparse.Namespace):

@@ -145,6 +145,28 @@ def test_the_demo_summary_prints_each_methods_headline_numbers(tmp_path):
     assert ("    pointing game / stochastic pointing game / content heatmap: dense 1.000 / 0.962 / 0.709 -> "
             "GC 0.997 / 0.974 / 0.742") in lines
     assert sum("class-part links recovered by" in line for line in lines) == 1  # QPM's, not GC's
+    assert not any("IIS" in line for line in lines)
+
+
+def test_the_demo_summary_lists_every_iis_score_of_its_run_in_order(tmp_path):
+    """`qpm-dist demo --iis`: one line per scored model of this run (not another run's), oldest first."""
+    import json
+    import os
+
+    from qpm_dist.cli import demo_summary
+
+    scored = [("demo", "iis_score-a", "random init (tiny_resnet)", "iis_backbone", 0.654, 16.9),
+              ("demo", "iis_score-b", "qpm", "qpm_finetune", 0.964, 88.9),
+              ("other", "iis_score-c", "sldd", "sldd_finetune", 0.5, 50.0)]
+    for i, (run, folder, name, stage, iis, probe) in enumerate(scored):
+        out = tmp_path / run / folder
+        out.mkdir(parents=True)
+        (out / "metrics.json").write_text(json.dumps({name: {"iis": iis, "iis_dense_probe": probe}}))
+        (out / "backbone.json").write_text(json.dumps({"name": name, "stage": stage, "key": f"{i}" * 64}))
+        os.utime(out / "metrics.json", (1000 + i, 1000 + i))
+    lines = demo_summary(tmp_path / "demo").splitlines()
+    assert lines[-2:] == ["    random init (tiny_resnet) (iis_backbone @00000000): IIS 0.654, dense probe 16.9%",
+                          "    QPM (qpm_finetune @11111111): IIS 0.964, dense probe 88.9%"]
 
 
 def test_the_demo_pins_threads_and_kernels_unless_the_user_chose(monkeypatch):
