@@ -55,14 +55,15 @@ and its IIS rows are merged into the column of the evaluation of THAT model (sam
 column by the dense stage's key), so the IIS of every method's backbone sits under its accuracy; an IIS of a model
 no evaluation shows gets an "(IIS only)" column of its own.
 
-Measured on the demo (configs/demo_iis.yaml, 2 CPU processes on a shared 2-core machine, prototype patches,
-K = 200, the spec's 8 ratios x 3 lrs, 30 epochs, heads batch 64): the trained dense backbone (test 86.1%) IIS
-0.974 (normalised 0.994, dense probe 86.7%); the same architecture at random init IIS 0.689 (probe 16.9%). One
-whole evaluation from the trained dense stage: 123 s (features 4.1 s, concepts 4.7 s, 27 head jobs 100 s). With the
-spec's heads batch 1024 (2 Adam steps per epoch on the demo's 1,800 rows) the probes are under-trained and the
-random backbone scores HIGHER (1.224 vs 0.990): IIS is a ratio, and the ratio of two near-chance accuracies can
-exceed 1 (the LayerNorm of the prototype head trains faster than the raw linear probe). Read an IIS next to its
-dense-probe accuracy (the comparison's row "iis_dense_probe").
+Measured on the demo (`qpm-dist demo --iis`, 2 CPU processes with the demo's pinned threads and kernels,
+prototype patches, K = 200, the spec's 8 ratios x 3 lrs, 30 epochs, heads batch 64): the trained dense backbone
+(test 86.3%) IIS 0.967 (dense probe 87.1%); the same architecture at random init IIS 0.654 (probe 16.9%); the QPM,
+SLDD, Q-SENN and GC backbones 0.961-0.969 (README, "IIS"). One whole evaluation from a trained stage takes about
+2 minutes, almost all of it the 27 head jobs. Without the pinned kernels (AVX-512) the same runs gave 0.969 and
+0.689: the heads' Adam steps round differently. With the spec's heads batch 1024 (2 Adam steps per epoch on the
+demo's 1,800 rows) the probes are under-trained and the random backbone scores HIGHER (1.224 vs 0.990): IIS is a
+ratio, and the ratio of two near-chance accuracies can exceed 1 (the LayerNorm of the prototype head trains faster
+than the raw linear probe). Read an IIS next to its dense-probe accuracy (the comparison's row "iis_dense_probe").
 
 The text library on tiny data (tests/test_iis_text_method.py: 128 train / 32 test images at 32 px, a random tiny
 TorchScript CLIP, 5 concepts, 2 ratios x 2 lrs, 2 epochs, 1 CPU process): iis_text_images 0.27 s, iis_text 0.30 s,
