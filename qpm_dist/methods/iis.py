@@ -59,8 +59,8 @@ Measured on the demo (`qpm-dist demo --iis`, 2 CPU processes with the demo's pin
 prototype patches, K = 200, the spec's 8 ratios x 3 lrs, 30 epochs, heads batch 64): the trained dense backbone
 (test 86.3%) IIS 0.967 (dense probe 87.1%); the same architecture at random init IIS 0.654 (probe 16.9%); the QPM,
 SLDD, Q-SENN and GC backbones 0.961-0.969 (README, "IIS"). One whole evaluation from a trained stage takes about
-2 minutes, almost all of it the 27 head jobs. Without the pinned kernels (AVX-512) the same runs gave 0.969 and
-0.689: the heads' Adam steps round differently. With the spec's heads batch 1024 (2 Adam steps per epoch on the
+2 minutes, almost all of it the 27 head jobs. The same settings run under plain torchrun (no pinned kernels,
+2026-11-30) gave 0.969 and 0.689: pin them (the demo does) to compare numbers across machines. With the spec's heads batch 1024 (2 Adam steps per epoch on the
 demo's 1,800 rows) the probes are under-trained and the random backbone scores HIGHER (1.224 vs 0.990): IIS is a
 ratio, and the ratio of two near-chance accuracies can exceed 1 (the LayerNorm of the prototype head trains faster
 than the raw linear probe). Read an IIS next to its dense-probe accuracy (the comparison's row "iis_dense_probe").
