@@ -115,6 +115,41 @@ def test_split_parts_gives_the_synthetic_part_boxes_in_input_pixels(tiny_data):
         PM.split_parts(DataConfig(dataset="imagenet"), split)
 
 
+def test_split_parts_keypoints_are_the_own_part_centres_of_part_locs(tiny_data):
+    """synthetic_parts="keypoints": the visible rows of parts/part_locs.txt (each own class part's centre, no
+    distractor) as 1x1 boxes at the squashed point (the CUB protocol, spec §4.1), unmerged part ids."""
+    from PIL import Image
+
+    from qpm_dist.data.cub import load_part_boxes
+    from qpm_dist.data.sources import read_splits
+
+    cfg = DataConfig(dataset="synthetic", root=str(tiny_data), img_size=32)
+    split = read_splits(cfg).test_split
+    num_parts, parts_of = PM.split_parts(cfg, split, "keypoints")
+    assert num_parts == 6
+    locs = np.loadtxt(tiny_data / "parts" / "part_locs.txt", ndmin=2)
+    boxes = load_part_boxes(tiny_data)
+    checked_distractor = False
+    for index in range(len(split.paths)):
+        image_id = int(split.image_ids[index])
+        rows = locs[(locs[:, 0] == image_id) & (locs[:, 4] == 1)]
+        width, height = Image.open(split.image_dir / split.paths[index]).size
+        parts = parts_of(index)
+        if len(rows) == 0:
+            assert parts is None
+            continue
+        assert parts.parts.tolist() == (rows[:, 1] - 1).astype(int).tolist()
+        y, x = rows[:, 3] * 32 / height, rows[:, 2] * 32 / width
+        np.testing.assert_allclose(parts.boxes, np.stack([y, y + 1, x, x + 1], axis=1), atol=1e-9)
+        distractors = boxes[image_id][boxes[image_id][:, 5] == 1, 0] - 1
+        for part in distractors.astype(int):  # a distractor's part type is not among the keypoints
+            assert part not in parts.parts.tolist()
+            checked_distractor = True
+    assert checked_distractor, "the fixture should have an image with a distractor"
+    with pytest.raises(PM.PrototypeMetricError, match="synthetic_parts: got 'centres', expected 'boxes' or"):
+        PM.split_parts(cfg, split, "centres")
+
+
 def test_pre_cropped_images_are_refused_by_name():
     with pytest.raises(PM.PrototypeMetricError, match="data.crop_root"):
         PM.InputGeometry.of(DataConfig(dataset="cub", crop_root="/somewhere"))

@@ -20,8 +20,9 @@ baseline stage is given) with, for the prototype model:
   models.receptive_fields), `upsample` (ProtoPNet's naive cell centre), `random` (a uniform point): keys
   consistency_soft_<m>, consistency_hard_<m>, stability_soft_<m>, stability_hard_<m>, plus part_images,
   consistency_prototypes, stability_prototypes (what the scores are over). Needs part annotations
-  (metrics.prototypes.split_parts: CUB keypoints, the synthetic data's part boxes) and the test split's image list
-  (the folder backend); otherwise skipped, with the reason logged and stored as `prototype_parts_skipped`.
+  (metrics.prototypes.split_parts: CUB keypoints, the synthetic data's part boxes or keypoints, `synthetic_parts`)
+  and the test split's image list (the folder backend); otherwise skipped, with the reason logged and stored as
+  `prototype_parts_skipped`.
 * the relevance ordering test (§4.5; metrics.prototypes.relevance_ordering_test) of the same three mappings'
   relevance maps (`ours`: models.pixel_maps.rf_heat_maps, the max combination; `upsample`: bicubic upsampling of
   the similarity map; `random`: U[0, 1) maps) on the first `rot_samples` test images (loader order, the
@@ -65,7 +66,7 @@ import contextlib
 import html
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Literal
 
 import numpy as np
 import torch
@@ -118,6 +119,10 @@ class PixPNetEvalConfig:
     rot_prop_pixels: float = bounded(1.0, gt=0, le=1)
     rot_batch_size: int = bounded(64, ge=1, le=PM.MAX_ROT_BATCH)
     rot_seed: int = bounded(4, ge=0, le=2_000_000_000)
+    # The synthetic data's part annotations for consistency/stability (metrics.prototypes.split_parts): "boxes"
+    # (every drawn part's box, distractors included) or "keypoints" (each own class part's centre: CUB's protocol,
+    # spec §4.1). CUB always uses its keypoints.
+    synthetic_parts: Literal["boxes", "keypoints"] = "boxes"
 
 
 
@@ -257,7 +262,7 @@ def prototype_metrics(model: nn.Module, data, info: DistInfo, data_cfg: DataConf
         if split is None:
             raise PM.PrototypeMetricError(f"data.backend={data_cfg.backend}: the test split's image list (to join part "
                                           f"annotations on) is read from the folder backend only")
-        num_parts, parts_of = PM.split_parts(data_cfg, split)
+        num_parts, parts_of = PM.split_parts(data_cfg, split, settings.synthetic_parts)
     except PM.PrototypeMetricError as exc:
         log.info("evaluate: consistency and stability skipped: %s", exc)
         result["prototype_parts_skipped"] = str(exc)

@@ -177,18 +177,25 @@ class InputGeometry:
 def load_cub_parts(root: str | Path) -> dict[int, SourceParts]:
     """parts/part_locs.txt (image id, part id 1..15, x, y, visible) -> image id -> its VISIBLE keypoints with the
     merged part index (CUB_MERGED_PARTS). Images without a visible keypoint have no key."""
+    return load_part_locs(root, CUB_PART_TO_MERGED)
+
+
+def load_part_locs(root: str | Path, part_index: np.ndarray) -> dict[int, SourceParts]:
+    """parts/part_locs.txt (image id, part id 1..len(part_index), x, y, visible) -> image id -> its VISIBLE keypoints,
+    part id i mapped to part_index[i - 1] (CUB: the merge into 12 parts; the synthetic data: the identity). Images
+    without a visible keypoint have no key."""
     path = _resolve_root(root) / "parts" / "part_locs.txt"
     table = _load_numeric(path, 5, "'<image_id> <part_id> <x> <y> <visible>' per image and part")
     image_ids = _int_column(table, 0, path, "image id")
     part_ids = _int_column(table, 1, path, "part id")
     visible = _int_column(table, 4, path, "visible")
-    bad = np.flatnonzero((part_ids < 1) | (part_ids > len(CUB_PART_TO_MERGED)) | ((visible != 0) & (visible != 1))
+    bad = np.flatnonzero((part_ids < 1) | (part_ids > len(part_index)) | ((visible != 0) & (visible != 1))
                          | ~np.isfinite(table[:, 2:4]).all(axis=1))
     if len(bad):
         _fail(f"{path}, row {int(bad[0]) + 1}", table[bad[0]].tolist(),
-              f"part id in 1..{len(CUB_PART_TO_MERGED)}, finite x and y, visible 0 or 1")
+              f"part id in 1..{len(part_index)}, finite x and y, visible 0 or 1")
     keep = visible == 1
-    image_ids, parts, xy = image_ids[keep], CUB_PART_TO_MERGED[part_ids[keep] - 1], table[keep, 2:4]
+    image_ids, parts, xy = image_ids[keep], np.asarray(part_index)[part_ids[keep] - 1], table[keep, 2:4]
     return _group(image_ids, parts, np.concatenate([xy, xy], axis=1), points=True)
 
 
@@ -205,11 +212,20 @@ def load_synthetic_parts(root: str | Path, num_parts: int) -> dict[int, SourcePa
     return result
 
 
-def split_parts(cfg: DataConfig, split: Split) -> tuple[int, Callable[[int], ImageParts | None]]:
+def split_parts(cfg: DataConfig, split: Split, synthetic_parts: str = "boxes"
+                ) -> tuple[int, Callable[[int], ImageParts | None]]:
     """(number of parts, parts_of) for a test split: parts_of(index) = the part annotations of image `index` of
     `split` in model-input pixels (None: no annotation), for `prototype_part_scores`. CUB (and TravelingBirds,
     whose images are CUB's: keypoints from data.cub_root) has 12 merged parts; the synthetic data the parts of its
-    parts/parts.txt. The original size is read from the image header when an image is first asked for."""
+    parts/parts.txt, as `synthetic_parts`:
+    * "boxes": parts/part_boxes.txt, every drawn part's box, distractors included (metrics/parts.py's view);
+    * "keypoints": parts/part_locs.txt, the centre of each of the image's own class parts (no distractors) as a
+      keypoint, i.e. the CUB protocol of spec §4.1. With boxes, a patch that touches any pixel of a part counts,
+      and a distractor part that shows in one image of a class makes m / n = 1 / 1 by chance (s_p takes the max
+      over parts), so even random patches score high; keypoints ask where the part is, as on CUB.
+    The original size is read from the image header when an image is first asked for."""
+    if synthetic_parts not in ("boxes", "keypoints"):
+        _fail("synthetic_parts", repr(synthetic_parts), "'boxes' or 'keypoints'")
     if cfg.dataset in ("cub", "travelingbirds"):
         root = cfg.root if cfg.dataset == "cub" else cfg.cub_root
         num_parts, source = len(CUB_MERGED_PARTS), load_cub_parts(root)
@@ -218,7 +234,11 @@ def split_parts(cfg: DataConfig, split: Split) -> tuple[int, Callable[[int], Ima
         if names is None:
             raise PrototypeMetricError(f"data.root: {cfg.root} has no parts/parts.txt, so its part boxes cannot be "
                                        f"read (regenerate it with python -m data_prep make-synthetic)")
-        num_parts, source = len(names), load_synthetic_parts(cfg.root, len(names))
+        num_parts = len(names)
+        if synthetic_parts == "keypoints":
+            source = load_part_locs(cfg.root, np.arange(num_parts))
+        else:
+            source = load_synthetic_parts(cfg.root, num_parts)
     else:
         raise PrototypeMetricError(f"data.dataset: {cfg.dataset} has no part annotations; consistency and stability "
                                    f"need CUB keypoints or the synthetic data's part boxes (spec §4.1)")
