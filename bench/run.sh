@@ -27,3 +27,5 @@ echo "== PixPNet push: 2 processes vs 1 on demo-sized data; peak memory at 2000 
 python bench/pixpnet_push_bench.py --out bench/out/pixpnet_push.json
 echo "== IIS: representation pass 2 processes vs 1 (same shards checked); one whole IIS evaluation of the demo's dense model =="
 python bench/iis_bench.py --whole --out bench/out/iis.json
+echo "== IIS head training: memory beyond the shards at 100k and 400k training rows =="
+python bench/iis_heads_memory.py --n 100000 400000 --dim 512 --k 200 --classes 100 --epochs 1 --out bench/out/iis_heads_memory.json
