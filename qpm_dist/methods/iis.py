@@ -55,15 +55,16 @@ and its IIS rows are merged into the column of the evaluation of THAT model (sam
 column by the dense stage's key), so the IIS of every method's backbone sits under its accuracy; an IIS of a model
 no evaluation shows gets an "(IIS only)" column of its own.
 
-Measured on the demo (`qpm-dist demo --iis`, 2 CPU processes with the demo's pinned threads and kernels,
-prototype patches, K = 200, the spec's 8 ratios x 3 lrs, 30 epochs, heads batch 64): the trained dense backbone
-(test 86.3%) IIS 0.967 (dense probe 87.1%); the same architecture at random init IIS 0.654 (probe 16.9%); the QPM,
-SLDD, Q-SENN and GC backbones 0.961-0.969 (README, "IIS"). One whole evaluation from a trained stage takes about
-2 minutes, almost all of it the 27 head jobs. The same settings run under plain torchrun (no pinned kernels,
-2026-11-30) gave 0.969 and 0.689: pin them (the demo does) to compare numbers across machines. With the spec's heads batch 1024 (2 Adam steps per epoch on the
-demo's 1,800 rows) the probes are under-trained and the random backbone scores HIGHER (1.224 vs 0.990): IIS is a
-ratio, and the ratio of two near-chance accuracies can exceed 1 (the LayerNorm of the prototype head trains faster
-than the raw linear probe). Read an IIS next to its dense-probe accuracy (the comparison's row "iis_dense_probe").
+Measured on the demo (`qpm-dist demo --iis`, 2 CPU processes with the demo's pinned threads and kernels, prototype
+patches, K = 200, the spec's 8 ratios x 3 lrs, 30 epochs, heads batch 64): the trained dense backbone (test 86.3%)
+IIS 0.967 (dense probe 87.1%); the same architecture at random init IIS 0.654 (probe 16.9%); the QPM, SLDD, Q-SENN
+and GC backbones 0.961-0.969 (README, "IIS"). One whole evaluation from a trained stage takes 69 s on the idle
+2-core machine, 57 s of it the 27 head jobs (bench/iis_bench.py --whole). Without the pinned kernels the same
+settings give 0.969 (dense) and 0.689 (random init): pin them (the demo does) to compare numbers across machines.
+With the spec's heads batch 1024 (2 Adam steps per epoch on the demo's 1,800 rows) the probes are under-trained and
+the random backbone scores HIGHER (1.224 vs 0.990): IIS is a ratio, and the ratio of two near-chance accuracies can
+exceed 1 (the LayerNorm of the prototype head trains faster than the raw linear probe). Read an IIS next to its
+dense-probe accuracy (the comparison's row "iis_dense_probe").
 
 The text library on tiny data (tests/test_iis_text_method.py: 128 train / 32 test images at 32 px, a random tiny
 TorchScript CLIP, 5 concepts, 2 ratios x 2 lrs, 2 epochs, 1 CPU process): iis_text_images 0.27 s, iis_text 0.30 s,
