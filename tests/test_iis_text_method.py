@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from helpers import run_in_process, write_test_config
+from helpers import run_in_process, save_torchscript_archive, write_test_config
 
 RATIOS, LRS = [0.0, 0.5], [0.01, 0.1]
 # interpretability_cutoff -1: a random tiny CLIP predicts nothing a filter at 0.45 would keep; the plumbing is tested
@@ -30,17 +30,8 @@ def torchscript_clip(path) -> None:
     from open_clip.model import CLIP
 
     torch.manual_seed(0)
-    model = CLIP(TINY_CLIP["embed_dim"], TINY_CLIP["vision_cfg"], TINY_CLIP["text_cfg"], quick_gelu=True).eval()
-    root = torch.nn.Module()
-    for key, value in model.state_dict().items():
-        *parts, leaf = key.split(".")
-        module = root
-        for part in parts:
-            if not hasattr(module, part):
-                setattr(module, part, torch.nn.Module())
-            module = getattr(module, part)
-        module.register_parameter(leaf, torch.nn.Parameter(value.clone(), requires_grad=False))
-    torch.jit.script(root).save(str(path))
+    save_torchscript_archive(CLIP(TINY_CLIP["embed_dim"], TINY_CLIP["vision_cfg"], TINY_CLIP["text_cfg"],
+                                  quick_gelu=True).eval(), path)
 
 
 @pytest.fixture(scope="module")
