@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -66,6 +67,27 @@ def clean_env() -> dict[str, str]:
 def run_qpm(nproc: int, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(qpm_command(nproc, *args), capture_output=True, text=True, timeout=timeout, env=clean_env(),
                           cwd=REPO)
+
+
+def run_ranks_or_fail(command: list[str], timeout: float, failure: str) -> subprocess.CompletedProcess:
+    """Run a torchrun command (its own session) and return its result; if it has not finished after `timeout`
+    seconds (a deadlock: ranks waiting in unmatched collectives), stop it and fail the test with `failure`.
+    torchrun ends its ranks (own sessions) on SIGTERM, SIGKILL after 30 s; killing torchrun itself would leave
+    them running, so SIGKILL goes to the whole session only if SIGTERM did not end it within 60 s."""
+    import pytest
+
+    proc = subprocess.Popen(command, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(failure)
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
 
 
 def stage_dir(out_dir: Path, stage: str = "dense") -> Path:

@@ -132,28 +132,16 @@ def test_sweep_file_lists_every_job(iis_run, tmp_path, capsys):
 def test_two_process_iis_run_finishes_with_every_job(iis_run, tmp_path):
     """`qpm-dist iis` under torchrun with 2 ranks: every stage's collectives line up (rank 0's file writes inside
     a collective once deadlocked the heads and the report stages) and the grid is complete."""
-    import os
-    import signal
-    import subprocess
-
-    from helpers import clean_env, qpm_command
+    from helpers import qpm_command, run_ranks_or_fail
     from qpm_dist.iis.score import read_manifest
 
     config = iis_run[0]
-    proc = subprocess.Popen(qpm_command(2, "iis", str(config), "--backbone", "random", f"run.out_dir={tmp_path}",
-                                        "iis.heads.epochs=1"), env=clean_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:  # a deadlock: torchrun ends its ranks (own sessions) on SIGTERM, SIGKILL
-        proc.terminate()                # after 30 s; killing torchrun itself would leave them running
-        try:
-            proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("the 2-process IIS run did not finish within 120 s (ranks waiting in unmatched collectives?)")
-    assert proc.returncode == 0, err[-3000:]
-    assert "IIS of random init (tiny_resnet), prototype concepts:" in out and "report: " in out
+    proc = run_ranks_or_fail(qpm_command(2, "iis", str(config), "--backbone", "random", f"run.out_dir={tmp_path}",
+                                         "iis.heads.epochs=1"), 120,
+                             "the 2-process IIS run did not finish within 120 s (ranks waiting in unmatched "
+                             "collectives?)")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "IIS of random init (tiny_resnet), prototype concepts:" in proc.stdout and "report: " in proc.stdout
     (heads,) = (tmp_path / "t").glob("iis_heads-*")
     assert len(read_manifest(heads / "manifest.json")) == GRID
     assert all(r["world_size"] == 2 for r in read_manifest(heads / "manifest.json"))

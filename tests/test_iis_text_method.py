@@ -195,32 +195,19 @@ def test_two_process_text_run_shares_the_jobs_and_reads_by_sample_index(text_run
     """`qpm-dist iis` under torchrun, 2 ranks, scoring the 1-process run's dense stage folder: the CLIP image shards
     (written strided by 2 ranks) equal the 1-process ones by sample, and every text record, trained by whichever rank
     drew it, equals iis.text.train_text_head recomputed here on the run's own space and features."""
-    import os
-    import signal
-    import subprocess
-
     import numpy as np
 
-    from helpers import clean_env, qpm_command
+    from helpers import qpm_command, run_ranks_or_fail
     from qpm_dist.iis.representations import Representations
     from qpm_dist.iis.score import read_manifest
     from qpm_dist.iis.text import ConceptSpace, train_text_head
     from qpm_dist.methods.iis_text import text_head_config
 
     _, config, _, ctx = text_run
-    proc = subprocess.Popen(qpm_command(2, "iis", str(config), "--backbone", str(ctx.outputs["dense"]),
-                                        f"run.out_dir={tmp_path}"), env=clean_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        proc.terminate()
-        try:
-            proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("the 2-process IIS text run did not finish within 120 s")
-    assert proc.returncode == 0, err[-3000:]
+    proc = run_ranks_or_fail(qpm_command(2, "iis", str(config), "--backbone", str(ctx.outputs["dense"]),
+                                         f"run.out_dir={tmp_path}"), 120,
+                             "the 2-process IIS text run did not finish within 120 s")
+    assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "t"
     (images,) = run.glob("iis_text_images-*")
     two = Representations(images)
