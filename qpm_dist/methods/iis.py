@@ -266,12 +266,12 @@ def finished_records(run_dir: Path, stage: str) -> list[tuple[Path, dict]]:
     left out: the runner reports a damaged one when it is reused)."""
     found = []
     for folder in Path(run_dir).glob(f"{stage}-*"):
+        record = _folder_record(folder)
         try:
-            record = json.loads((folder / RECORD).read_text())
             mtime = (folder / RECORD).stat().st_mtime
-        except (OSError, ValueError):
+        except OSError:
             continue
-        if isinstance(record, dict) and record.get("stage") == stage:
+        if record.get("stage") == stage:
             found.append((mtime, folder, record))
     return [(folder, record) for _, folder, record in sorted(found, key=lambda f: f[0], reverse=True)]
 
