@@ -329,9 +329,19 @@ POINTING_NAMES = {"pointing_game": "pointing game", "stochastic_pointing": "stoc
                   "content_heatmap": "content heatmap"}
 
 
+# prototype methods (PixPNet): each score for the receptive-field mapping, ProtoPNet's upsampling and a random one
+MAPPING_HEADLINE = (("consistency_hard", "consistency"), ("stability_hard", "stability"), ("rot_area", "ROT area"))
+MAPPINGS = {"ours": "receptive field", "upsample": "upsampling", "random": "random"}
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def demo_summary(run_dir: Path) -> str:
     """Per method: dense vs method accuracy, then its headline interpretability numbers (part recovery vs a random
-    assignment; the pointing games and content heatmap), and the report's path."""
+    assignment; the pointing games and content heatmap; a prototype method's consistency, stability and relevance
+    ordering area per pixel-space mapping), and the report's path."""
     from qpm_dist import methods
 
     def newest(pattern: str) -> Path | None:
@@ -347,7 +357,7 @@ def demo_summary(run_dir: Path) -> str:
             d, q, label = m.get("dense"), m[spec.name], spec.label
             dense = f"dense {d['accuracy']:.1f}% -> " if d else ""
             lines.append(f"  {label}: test top-1 {dense}{label} {q['accuracy']:.1f}%  "
-                         f"({q['NFfeatures']} features, {q['PerClass']:.1f} per class)")
+                         f"({q['NFfeatures']} {spec.units}, {q['PerClass']:.1f} per class)")
             if "part_recovery" in spec.headline and q.get("part_recovery") is not None:
                 lines.append(f"    ground-truth class-part links recovered by {label}'s assignment: "
                              f"{100 * q['part_recovery']:.1f}% (a random head with the same links per class: "
@@ -357,6 +367,12 @@ def demo_summary(run_dir: Path) -> str:
                 scores = lambda model: " / ".join(f"{model[k]:.3f}" for k in pointing)  # noqa: E731
                 before = f"dense {scores(d)} -> " if d and all(d.get(k) is not None for k in pointing) else ""
                 lines.append(f"    {' / '.join(POINTING_NAMES[k] for k in pointing)}: {before}{label} {scores(q)}")
+            mapped = [(k, name) for k, name in MAPPING_HEADLINE
+                      if any(f"{k}_{m}" in spec.headline and q.get(f"{k}_{m}") is not None for m in MAPPINGS)]
+            if mapped:
+                scores = lambda key: " / ".join(_number(q.get(f"{key}_{m}")) for m in MAPPINGS)  # noqa: E731
+                lines.append(f"    prototypes by mapping, {' / '.join(MAPPINGS.values())}: "
+                             + ", ".join(f"{name} {scores(k)}" for k, name in mapped))
             if report:
                 lines.append(f"    report: {report.resolve()}")
     lines += iis_summary(run_dir)

@@ -90,10 +90,11 @@ def test_overrides_before_and_after_options_are_both_applied(write_config, capsy
 def test_demo_runs_qpm_then_sldd_and_qsenn_on_sibling_configs():
     from qpm_dist.cli import demo_configs, demo_methods
 
-    assert demo_methods() == ["qpm", "sldd", "qsenn", "gc"]  # the registry's order
+    assert demo_methods() == ["qpm", "sldd", "qsenn", "gc", "pixpnet"]  # the registry's order
     runs = demo_configs("configs/demo.yaml", "")
     assert [(m, str(p)) for m, p in runs] == [("qpm", "configs/demo.yaml"), ("sldd", "configs/demo_sldd.yaml"),
-                                              ("qsenn", "configs/demo_qsenn.yaml"), ("gc", "configs/demo_gc.yaml")]
+                                              ("qsenn", "configs/demo_qsenn.yaml"), ("gc", "configs/demo_gc.yaml"),
+                                              ("pixpnet", "configs/demo_pixpnet.yaml")]
     for _, path in runs:
         assert (REPO / path).is_file()
     with pytest.raises(ValueError, match="unknown method 'no_such_method'"):
@@ -113,7 +114,8 @@ def test_demo_iis_scores_random_init_each_distinct_dense_model_and_each_final_mo
     assert runs == [("configs/demo.yaml", "random"), ("configs/demo.yaml", "dense"),
                     ("configs/demo.yaml", "qpm_finetune"), ("configs/demo_sldd.yaml", "sldd_finetune"),
                     ("configs/demo_qsenn.yaml", "qsenn_finetune3"),
-                    ("configs/demo_gc.yaml", "dense"), ("configs/demo_gc.yaml", "gc_train")]  # GC: its own baseline
+                    ("configs/demo_gc.yaml", "dense"), ("configs/demo_gc.yaml", "gc_train"),  # GC: its own baseline
+                    ("configs/demo_pixpnet.yaml", "pixpnet_train")]  # no baseline: its backbone is trained with it
     overrides = iis_overrides(REPO / "configs/demo_iis.yaml")
     assert not any(o.startswith("iis.backbone=") for o in overrides)
     section = yaml.safe_load((REPO / "configs/demo_iis.yaml").read_text())["iis"]
@@ -145,7 +147,27 @@ def test_the_demo_summary_prints_each_methods_headline_numbers(tmp_path):
     assert ("    pointing game / stochastic pointing game / content heatmap: dense 1.000 / 0.962 / 0.709 -> "
             "GC 0.997 / 0.974 / 0.742") in lines
     assert sum("class-part links recovered by" in line for line in lines) == 1  # QPM's, not GC's
-    assert not any("IIS" in line for line in lines)
+    assert not any("IIS" in line or "by mapping" in line for line in lines)
+
+
+def test_the_demo_summary_prints_a_prototype_methods_scores_per_mapping(tmp_path):
+    """PixPNet: its prototypes counted as prototypes, and consistency / stability / ROT area for the receptive-field,
+    upsampling and random mappings side by side; a score the evaluation skipped prints as n/a."""
+    import json
+
+    from qpm_dist.cli import demo_summary
+
+    scores = {"accuracy": 63.5, "NFfeatures": 100, "PerClass": 5.0, "pointing_game": 0.998,
+              "stochastic_pointing": 0.997, "content_heatmap": 0.982}
+    for key, values in (("consistency_hard", (0.96, 0.95, 0.0)), ("stability_hard", (0.918, 0.922, None)),
+                        ("rot_area", (1.003, 0.899, 0.278))):
+        scores.update({f"{key}_{m}": v for m, v in zip(("ours", "upsample", "random"), values)})
+    (tmp_path / "pixpnet_evaluate-0").mkdir()
+    (tmp_path / "pixpnet_evaluate-0" / "metrics.json").write_text(json.dumps({"pixpnet": scores}))
+    lines = demo_summary(tmp_path).splitlines()
+    assert "  PixPNet: test top-1 PixPNet 63.5%  (100 prototypes, 5.0 per class)" in lines
+    assert ("    prototypes by mapping, receptive field / upsampling / random: consistency 0.960 / 0.950 / 0.000, "
+            "stability 0.918 / 0.922 / n/a, ROT area 1.003 / 0.899 / 0.278") in lines
 
 
 def test_the_demo_summary_lists_every_iis_score_of_its_run_in_order(tmp_path):

@@ -312,3 +312,39 @@ def test_a_saved_cut_vgg_model_loads_from_the_config_alone(tmp_path):
     images = torch.rand(2, 3, 16, 16)
     model.eval(), loaded.eval()
     assert torch.equal(model(images).logits, loaded(images).logits)
+
+
+# ------------------------------------------------------------------------------------------ ProtoPNet
+
+
+def test_protopnet_runs_pixpnets_stages_under_its_own_names_and_settings(tiny_data, tmp_path):
+    """methods.protopnet: the config's method picks the stage names (protopnet_*), the metrics key and the
+    comparison column; the `pixpnet` section's ProtoPNet settings build the last-layer model with the linear
+    read-out. The shipped demo config is demo_pixpnet.yaml with exactly ProtoPNet's settings changed."""
+    from helpers import run_in_process
+
+    from qpm_dist.config import load_config, to_dict
+    from qpm_dist.models.io import load_classifier
+    from qpm_dist.report.compare import method_columns
+
+    path = pix_config(tmp_path / "c.yaml", tiny_data, tmp_path / "runs", layer=None, readout="linear", cluster=0.8,
+                      separation=0.08, push_every=1, eval={"rot_samples": 2, "rot_step_fraction": 0.25},
+                      **{"train": {**PIX["train"], "epochs": 1}})
+    text = path.read_text().replace("method: pixpnet", "method: protopnet")
+    path.write_text(text)
+    records, ctx = run_in_process(path)
+    assert list(records) == ["protopnet_train", "protopnet_evaluate", "protopnet_report"]
+    model = load_classifier(stage_dir(tmp_path / "runs", "protopnet_train") / "model.pt", ctx.cfg.model)
+    assert model.backbone.layer == "layer3" and model.head.readout_kind == "linear"  # tiny_resnet's last layer
+    metrics = json.loads((stage_dir(tmp_path / "runs", "protopnet_evaluate") / "metrics.json").read_text())
+    assert set(metrics) == {"protopnet"}
+    assert {"consistency_hard_upsample", "consistency_hard_ours", "rot_area_upsample"} <= set(metrics["protopnet"])
+    assert "ProtoPNet" in [c.label for c in method_columns(tmp_path / "runs")]
+    assert not list((tmp_path / "runs").glob("*/pixpnet_*"))
+
+    pix, proto = (to_dict(load_config(REPO / "configs" / f"demo_{m}.yaml")) for m in ("pixpnet", "protopnet"))
+    assert (pix.pop("method"), proto.pop("method")) == ("pixpnet", "protopnet")
+    changed = {k for k in pix["pixpnet"] if pix["pixpnet"][k] != proto["pixpnet"][k]}
+    assert changed == {"layer", "readout", "cluster", "separation"}
+    assert (proto["pixpnet"]["layer"], proto["pixpnet"]["readout"]) == (None, "linear")
+    assert {k: v for k, v in pix.items() if k != "pixpnet"} == {k: v for k, v in proto.items() if k != "pixpnet"}

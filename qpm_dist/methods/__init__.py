@@ -37,6 +37,7 @@ class MethodSpec:
     headline: tuple[str, ...] = ("accuracy",)
     validate: Callable[[Any], None] | None = None  # cross-field checks of a config that runs this method
     demo_config: str | None = None  # file in configs/ that `qpm-dist demo` runs for this method
+    units: str = "features"  # what the final model's NFfeatures / PerClass count ("prototypes" for PixPNet)
     order: int = 100  # position in comparisons and in the demo (smaller first)
 
 

@@ -53,7 +53,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import torch
 from torch import nn
@@ -250,10 +250,11 @@ def task_key(cfg: Config) -> dict[str, Any]:
 
 
 class PixPNetTrainStage(TrainStage):
-    """`pixpnet_train`: TrainStage with PixPNet's model and the training data minus the held-out split."""
+    """`pixpnet_train` (or `<method>_train` for a method built from these stages, see `method_stages`): TrainStage
+    with PixPNet's model and the training data minus the held-out split."""
 
-    def __init__(self) -> None:
-        super().__init__("pixpnet_train", "pixpnet.train", lambda cfg: cfg.pixpnet.train, model_stage=None,
+    def __init__(self, name: str = "pixpnet_train") -> None:
+        super().__init__(name, "pixpnet.train", lambda cfg: cfg.pixpnet.train, model_stage=None,
                          task=pixpnet_task, task_key=task_key)
 
     def extends(self, record: dict, cfg: Config, folder: Path) -> str:
@@ -282,10 +283,21 @@ class PixPNetTrainStage(TrainStage):
         return Trainer(setup, model, task, data, ctx.info).fit()
 
 
-def stages(cfg: Config) -> list[Stage]:
-    k = lambda c: c.pixpnet.prototypes_per_class  # noqa: E731
-    return [PixPNetTrainStage(), PixPNetEvaluateStage("pixpnet_train", lambda c: c.pixpnet.eval, k),
-            PixPNetReportStage("pixpnet_train", k)]
+def method_stages(method: str) -> Callable[[Config], list[Stage]]:
+    """The stage list of `method` built from PixPNet's stages under its own names (`<method>_train`,
+    `<method>_evaluate` writing metrics {method: ...}, `<method>_report`), all reading the `pixpnet` section:
+    PixPNet itself, and ProtoPNet (methods.protopnet), the same model family under ProtoPNet's settings."""
+
+    def stages(cfg: Config) -> list[Stage]:
+        k = lambda c: c.pixpnet.prototypes_per_class  # noqa: E731
+        train = f"{method}_train"
+        return [PixPNetTrainStage(train), PixPNetEvaluateStage(train, lambda c: c.pixpnet.eval, k, method=method),
+                PixPNetReportStage(train, k, method=method)]
+
+    return stages
+
+
+stages = method_stages("pixpnet")
 
 
 def validate(cfg: Config) -> None:
@@ -309,4 +321,5 @@ def validate(cfg: Config) -> None:
 SPEC = register(MethodSpec(
     name="pixpnet", label="PixPNet", sections={"pixpnet": PixPNetConfig}, stages=stages, head=PrototypeHead,
     validate=validate, order=60, headline=HEADLINE, report_sections=pixpnet_report_sections,
+    demo_config="demo_pixpnet.yaml", units="prototypes",
 ))
