@@ -90,10 +90,11 @@ def test_overrides_before_and_after_options_are_both_applied(write_config, capsy
 def test_demo_runs_qpm_then_sldd_and_qsenn_on_sibling_configs():
     from qpm_dist.cli import demo_configs, demo_methods
 
-    assert demo_methods() == ["qpm", "sldd", "qsenn", "gc", "pixpnet"]  # the registry's order
+    assert demo_methods() == ["qpm", "sldd", "qsenn", "gc", "protopnet", "pixpnet"]  # the registry's order
     runs = demo_configs("configs/demo.yaml", "")
     assert [(m, str(p)) for m, p in runs] == [("qpm", "configs/demo.yaml"), ("sldd", "configs/demo_sldd.yaml"),
                                               ("qsenn", "configs/demo_qsenn.yaml"), ("gc", "configs/demo_gc.yaml"),
+                                              ("protopnet", "configs/demo_protopnet.yaml"),
                                               ("pixpnet", "configs/demo_pixpnet.yaml")]
     for _, path in runs:
         assert (REPO / path).is_file()
@@ -115,7 +116,8 @@ def test_demo_iis_scores_random_init_each_distinct_dense_model_and_each_final_mo
                     ("configs/demo.yaml", "qpm_finetune"), ("configs/demo_sldd.yaml", "sldd_finetune"),
                     ("configs/demo_qsenn.yaml", "qsenn_finetune3"),
                     ("configs/demo_gc.yaml", "dense"), ("configs/demo_gc.yaml", "gc_train"),  # GC: its own baseline
-                    ("configs/demo_pixpnet.yaml", "pixpnet_train")]  # no baseline: its backbone is trained with it
+                    ("configs/demo_protopnet.yaml", "protopnet_train"),  # prototype methods: no dense baseline
+                    ("configs/demo_pixpnet.yaml", "pixpnet_train")]
     overrides = iis_overrides(REPO / "configs/demo_iis.yaml")
     assert not any(o.startswith("iis.backbone=") for o in overrides)
     section = yaml.safe_load((REPO / "configs/demo_iis.yaml").read_text())["iis"]

@@ -96,9 +96,12 @@ def test_every_shipped_config_loads(path):
         pytest.skip(f"data.dataset={dataset!r} is not known to this branch's config (knows {known})")
     overrides = ["model.weights=/somewhere/resnet50.pth"]
     cfg = load_config(path, overrides)
-    section = getattr(cfg, cfg.method)
-    if hasattr(section, "n_per_class"):
-        assert section.n_per_class <= section.n_features, path
+    from qpm_dist import methods
+
+    for name in methods.get(cfg.method).sections:  # ProtoPNet's is PixPNet's `pixpnet` section
+        section = getattr(cfg, name)
+        if hasattr(section, "n_per_class"):
+            assert section.n_per_class <= section.n_features, path
     # <dataset>_<method>[_<variant>].yaml runs <method>; demo.yaml runs QPM
     assert cfg.method in path.stem.split("_") or path.stem == "demo", path
 
