@@ -323,7 +323,7 @@ def test_protopnet_runs_pixpnets_stages_under_its_own_names_and_settings(tiny_da
     read-out. The shipped demo config is demo_pixpnet.yaml with exactly ProtoPNet's settings changed."""
     from helpers import run_in_process
 
-    from qpm_dist.config import load_config, to_dict
+    from qpm_dist.config import ConfigError, load_config, to_dict
     from qpm_dist.models.io import load_classifier
     from qpm_dist.report.compare import method_columns
 
@@ -342,6 +342,8 @@ def test_protopnet_runs_pixpnets_stages_under_its_own_names_and_settings(tiny_da
     assert "ProtoPNet" in [c.label for c in method_columns(tmp_path / "runs")]
     assert not list((tmp_path / "runs").glob("*/pixpnet_*"))
 
+    with pytest.raises(ConfigError, match="pixpnet.readout: method protopnet has ProtoPNet's linear read-out"):
+        load_config(path, ["pixpnet.readout=proto"])
     pix, proto = (to_dict(load_config(REPO / "configs" / f"demo_{m}.yaml")) for m in ("pixpnet", "protopnet"))
     assert (pix.pop("method"), proto.pop("method")) == ("pixpnet", "protopnet")
     changed = {k for k in pix["pixpnet"] if pix["pixpnet"][k] != proto["pixpnet"][k]}

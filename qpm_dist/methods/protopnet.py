@@ -20,13 +20,25 @@ RF vs upsampling) and the layer (PixPNet's shallow cut vs ProtoPNet's last layer
 
 from __future__ import annotations
 
-from qpm_dist.methods import MethodSpec, register
-from qpm_dist.methods.pixpnet import PixPNetConfig, method_stages, validate
+from qpm_dist.config import Config, ConfigError
+from qpm_dist.methods import MethodSpec, pixpnet, register
+from qpm_dist.methods.pixpnet import PixPNetConfig, method_stages
 from qpm_dist.methods.pixpnet_eval import pixpnet_report_sections
 from qpm_dist.models.protonet import PrototypeHead
 
 HEADLINE = ("accuracy", "consistency_hard_upsample", "stability_hard_upsample", "rot_area_upsample", "pointing_game",
             "stochastic_pointing", "content_heatmap")
+
+
+def validate(cfg: Config) -> None:
+    """PixPNet's checks, and the read-out: PixPNet's parameter-free `proto` sum is not ProtoPNet's (the section's
+    default is PixPNet's, so a ProtoPNet config must say so)."""
+    pixpnet.validate(cfg)
+    if cfg.pixpnet.readout != "linear":
+        raise ConfigError(f"pixpnet.readout: method protopnet has ProtoPNet's linear read-out, got "
+                          f"{cfg.pixpnet.readout!r}; set pixpnet.readout=linear (configs/demo_protopnet.yaml has "
+                          f"ProtoPNet's settings) or run method pixpnet")
+
 
 SPEC = register(MethodSpec(
     name="protopnet", label="ProtoPNet", sections={"pixpnet": PixPNetConfig}, stages=method_stages("protopnet"),
