@@ -23,8 +23,8 @@ PIX = {"layer": "layer2", "prototypes_per_class": 3, "dim": 8, "warmup_epochs": 
 STEPS_PER_EPOCH = 14
 
 
-def pix_config(path: Path, data_root: Path, out_dir: Path, **pixpnet) -> Path:
-    cfg = {"method": "pixpnet", "run": {"name": "t", "seed": 0, "out_dir": str(out_dir)},
+def pix_config(path: Path, data_root: Path, out_dir: Path, method: str = "pixpnet", **pixpnet) -> Path:
+    cfg = {"method": method, "run": {"name": "t", "seed": 0, "out_dir": str(out_dir)},
            "data": {"dataset": "synthetic", "root": str(data_root), "img_size": 32, "num_workers": 0,
                     "augment": "light"},
            "model": {"arch": "tiny_resnet", "tiny_width": 8, "reduced_strides": False},
@@ -327,11 +327,9 @@ def test_protopnet_runs_pixpnets_stages_under_its_own_names_and_settings(tiny_da
     from qpm_dist.models.io import load_classifier
     from qpm_dist.report.compare import method_columns
 
-    path = pix_config(tmp_path / "c.yaml", tiny_data, tmp_path / "runs", layer=None, readout="linear", cluster=0.8,
-                      separation=0.08, push_every=1, eval={"rot_samples": 2, "rot_step_fraction": 0.25},
-                      **{"train": {**PIX["train"], "epochs": 1}})
-    text = path.read_text().replace("method: pixpnet", "method: protopnet")
-    path.write_text(text)
+    path = pix_config(tmp_path / "c.yaml", tiny_data, tmp_path / "runs", method="protopnet", layer=None,
+                      readout="linear", cluster=0.8, separation=0.08, push_every=1,
+                      eval={"rot_samples": 2, "rot_step_fraction": 0.25}, **{"train": {**PIX["train"], "epochs": 1}})
     records, ctx = run_in_process(path)
     assert list(records) == ["protopnet_train", "protopnet_evaluate", "protopnet_report"]
     model = load_classifier(stage_dir(tmp_path / "runs", "protopnet_train") / "model.pt", ctx.cfg.model)

@@ -21,13 +21,13 @@ RF vs upsampling) and the layer (PixPNet's shallow cut vs ProtoPNet's last layer
 from __future__ import annotations
 
 from qpm_dist.config import Config, ConfigError
-from qpm_dist.methods import MethodSpec, pixpnet, register
+from qpm_dist.methods import MethodSpec, pixpnet, pixpnet_eval, register
 from qpm_dist.methods.pixpnet import PixPNetConfig, method_stages
 from qpm_dist.methods.pixpnet_eval import pixpnet_report_sections
 from qpm_dist.models.protonet import PrototypeHead
 
-HEADLINE = ("accuracy", "consistency_hard_upsample", "stability_hard_upsample", "rot_area_upsample", "pointing_game",
-            "stochastic_pointing", "content_heatmap")
+# PixPNet's headline with ProtoPNet's own mapping (upsampling) in place of the receptive-field one
+HEADLINE = tuple(key.replace("_ours", "_upsample") for key in pixpnet_eval.HEADLINE)
 
 
 def validate(cfg: Config) -> None:
